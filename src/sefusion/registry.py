@@ -1,0 +1,230 @@
+"""One registry of merge methods.
+
+A method is a plain function whose keyword-only parameters are its configuration::
+
+    @register("ties", paper="https://arxiv.org/abs/2306.01708")
+    def ties(base, experts, weights, *, density: Density = 0.2, lambda_: float = 1.0, ...,
+             ctx: TensorContext = DEFAULT_CTX) -> Tensor: ...
+
+* Positional parameters: ``base`` (float32 tensor or None), ``experts`` (list of float32 tensors),
+  ``weights`` (list of floats, one per expert).
+* Keyword-only parameters are the recipe's ``params``. A trailing underscore is dropped from the public
+  name (``lambda_`` is ``lambda`` in a recipe). Annotations may carry pydantic constraints
+  (``Annotated[float, Field(gt=0, le=1)]``); values are validated against them before any tensor is read.
+* ``ctx`` (a :class:`TensorContext`) is not a parameter: the engine fills it per tensor.
+* ``per_expert`` names the parameters that a recipe may set per model (``models[].params``); the
+  function then receives a list with one value per expert.
+
+This module does not import torch, so ``sefusion methods`` and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
+
+from .errors import RecipeError
+
+Kind = Literal["merge", "bundle"]
+
+_CONTEXT_PARAMS = {"ctx"}
+
+
+def public_name(param: str) -> str:
+    """`lambda_` -> `lambda`: Python keywords get a trailing underscore in signatures."""
+    return param[:-1] if param.endswith("_") else param
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # public (recipe) name
+    arg: str  # the function's argument name
+    default: Any
+    annotation: Any
+    per_expert: bool
+
+    def validate(self, value: Any, where: str) -> Any:
+        try:
+            return TypeAdapter(self.annotation).validate_python(value)
+        except ValidationError as exc:
+            reason = "; ".join(e["msg"] for e in exc.errors())
+            raise RecipeError(f"{where}: parameter '{self.name}' = {value!r} is invalid: {reason}") from None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[..., Any]
+    paper: str
+    kind: Kind
+    needs_base: bool
+    summary: str
+    params: dict[str, Param] = field(default_factory=dict)
+    check: Callable[[dict[str, Any]], None] | None = None
+
+    def resolve(
+        self,
+        params: Mapping[str, Any],
+        per_model: list[Mapping[str, Any]] | None = None,
+        where: str = "recipe",
+    ) -> dict[str, Any]:
+        """Validate recipe params (+ per-model overrides) and return keyword arguments for `fn`.
+
+        Unknown names are refused with the list of what exists. A per-expert parameter that any model
+        overrides becomes a list with one value per expert. `check` (cross-parameter rules such as
+        n <= m) runs on the resolved values.
+        """
+        known = ", ".join(self.params) or "(none)"
+        for key in params:
+            if key not in self.params:
+                raise RecipeError(
+                    f"{where}: method '{self.name}' has no parameter '{key}'; its parameters: {known}"
+                )
+        per_model = list(per_model or [])
+        for i, overrides in enumerate(per_model):
+            for key in overrides:
+                if key not in self.params:
+                    raise RecipeError(
+                        f"{where}: models[{i}].params: method '{self.name}' has no parameter '{key}'; "
+                        f"its parameters: {known}"
+                    )
+                if not self.params[key].per_expert:
+                    per = ", ".join(p.name for p in self.params.values() if p.per_expert) or "(none)"
+                    raise RecipeError(
+                        f"{where}: models[{i}].params: '{key}' of method '{self.name}' cannot be set per "
+                        f"model; per-model parameters: {per}"
+                    )
+        kwargs: dict[str, Any] = {}
+        public: dict[str, Any] = {}
+        for p in self.params.values():
+            value = p.validate(params[p.name], where) if p.name in params else p.default
+            if p.per_expert and any(p.name in o for o in per_model):
+                values = [
+                    p.validate(o[p.name], f"{where}: models[{i}]") if p.name in o else value
+                    for i, o in enumerate(per_model)
+                ]
+                kwargs[p.arg] = values
+                public[p.name] = values
+            else:
+                kwargs[p.arg] = value
+                public[p.name] = value
+        if self.check is not None:
+            try:
+                self.check(public)
+            except ValueError as exc:
+                raise RecipeError(f"{where}: method '{self.name}': {exc}") from None
+        return kwargs
+
+    def describe_params(self) -> list[tuple[str, str, str]]:
+        """(name, type, default) rows for `sefusion methods`."""
+        return [
+            (p.name + (" [per model]" if p.per_expert else ""), _type_name(p.annotation), repr(p.default))
+            for p in self.params.values()
+        ]
+
+
+def _type_name(ann: Any) -> str:
+    """`Annotated[float, Gt(gt=0)]` -> 'float Gt(gt=0)'; `Literal['a', 'b']` -> "'a' | 'b'"."""
+    args = typing.get_args(ann)
+    origin = typing.get_origin(ann)
+    if origin is typing.Annotated:
+        return " ".join([_type_name(args[0]), *(str(m) for m in ann.__metadata__)])
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin in (list, dict, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if isinstance(ann, type) and not args:
+        return "None" if ann is type(None) else ann.__name__
+    return str(ann).replace("typing.", "")
+
+
+class Registry:
+    """Name -> MethodSpec. Duplicate names raise; an unknown name lists what exists."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, MethodSpec] = {}
+
+    def add(self, spec: MethodSpec) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"method '{spec.name}' is already registered")
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> MethodSpec:
+        _load_builtin_methods()
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise RecipeError(f"unknown method '{name}'; available: {', '.join(self.names())}") from None
+
+    def names(self) -> list[str]:
+        _load_builtin_methods()
+        return list(self._specs)
+
+    def __iter__(self) -> Iterable[MethodSpec]:
+        _load_builtin_methods()
+        return iter(list(self._specs.values()))
+
+    def __contains__(self, name: str) -> bool:
+        _load_builtin_methods()
+        return name in self._specs
+
+
+METHODS = Registry()
+
+
+def register(
+    name: str,
+    *,
+    paper: str,
+    kind: Kind = "merge",
+    needs_base: bool = True,
+    per_expert: Iterable[str] = (),
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a method function under `name`; its keyword-only parameters become its config."""
+    per_expert = set(per_expert)
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        # Only the keyword-only annotations are evaluated: `Tensor` in the positional ones lives under
+        # TYPE_CHECKING so that listing methods does not import torch.
+        sig = inspect.signature(fn)
+        params: dict[str, Param] = {}
+        for arg, p in sig.parameters.items():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY or arg in _CONTEXT_PARAMS:
+                continue
+            if p.default is inspect.Parameter.empty:
+                raise TypeError(f"method '{name}': parameter '{arg}' needs a default")
+            ann = p.annotation
+            if isinstance(ann, str):
+                ann = eval(ann, fn.__globals__)  # noqa: S307 - our own annotation strings
+            pub = public_name(arg)
+            params[pub] = Param(pub, arg, p.default, ann, pub in per_expert)
+        unknown = per_expert - set(params)
+        if unknown:
+            raise TypeError(f"method '{name}': per_expert names unknown parameters {sorted(unknown)}")
+        doc = inspect.getdoc(fn) or ""
+        summary = doc.splitlines()[0] if doc else ""
+        METHODS.add(MethodSpec(name, fn, paper, kind, needs_base, summary, params, check))
+        fn.spec = METHODS._specs[name]  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+_loaded = False
+
+
+def _load_builtin_methods() -> None:
+    """Import sefusion.methods once, which registers the built-in methods (and imports torch)."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        import sefusion.methods  # noqa: F401
