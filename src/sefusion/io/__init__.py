@@ -1,0 +1,22 @@
+"""Read checkpoints tensor by tensor (safetensors, .bin, PEFT LoRA) and write model folders atomically."""
+
+from __future__ import annotations
+
+from .lora import LoraReader
+from .reader import BinReader, ModelReader, SafetensorsReader, find_aux_files, open_model
+from .util import check_finite, file_sha256, parse_size
+from .writer import ModelWriter, atomic_dir
+
+__all__ = [
+    "BinReader",
+    "LoraReader",
+    "ModelReader",
+    "ModelWriter",
+    "SafetensorsReader",
+    "atomic_dir",
+    "check_finite",
+    "file_sha256",
+    "find_aux_files",
+    "open_model",
+    "parse_size",
+]

@@ -1,0 +1,348 @@
+"""Lazy per-tensor readers over a model folder: safetensors (single, sharded, or any *.safetensors), .bin.
+
+A reader answers names, shapes and dtypes from headers alone and reads one tensor at a time from a
+memory map, so a merge never holds a whole model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+import zipfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import CheckpointError
+from ._header import TensorInfo, read_header
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Files besides the weights that loading a model folder needs (config, tokenizer, chat template).
+AUX_NAMES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+    }
+)
+# Remote-code models need their python files next to config.json.
+AUX_PREFIXES = ("configuration_", "modeling_", "tokenization_")
+
+
+def find_aux_files(folder: Path) -> list[Path]:
+    """The non-weight files of `folder` a loader needs: config, tokenizer files, *.model, chat templates."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file():
+            continue
+        n = p.name
+        if (
+            n in AUX_NAMES
+            or n.endswith(".model")
+            or n.endswith(".tiktoken")
+            or (n.endswith(".py") and n.startswith(AUX_PREFIXES))
+        ):
+            out.append(p)
+    return out
+
+
+class ModelReader(ABC):
+    """Read-only, lazy view of one model's tensors. Use as a context manager or call close()."""
+
+    path: Path
+    kind: str
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Every tensor name, sorted."""
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    @abstractmethod
+    def file_of(self, name: str) -> Path:
+        """The file that holds tensor `name` (for error messages)."""
+
+    @abstractmethod
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor `name` on the CPU in its stored dtype, freshly read (the caller may modify it)."""
+
+    @abstractmethod
+    def weight_files(self) -> list[Path]: ...
+
+    @abstractmethod
+    def __contains__(self, name: object) -> bool: ...
+
+    def aux_files(self) -> list[Path]:
+        folder = self.path if self.path.is_dir() else self.path.parent
+        return find_aux_files(folder)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> ModelReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    def _missing(self, name: str) -> CheckpointError:
+        return CheckpointError(f"no tensor '{name}' in {self.path}")
+
+
+class SafetensorsReader(ModelReader):
+    """One or more safetensors files seen as one model; a name held by two files is an error."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: Path, files: list[Path], *, index: dict[str, str] | None = None) -> None:
+        self.path = path
+        self._files = sorted(files)
+        self._info: dict[str, TensorInfo] = {}
+        for f in self._files:
+            for name, info in read_header(f).items():
+                if name in self._info:
+                    raise CheckpointError(f"tensor '{name}' is in two files: {self._info[name].file} and {f}")
+                self._info[name] = info
+        if index is not None:
+            for name, fname in index.items():
+                info = self._info.get(name)
+                if info is None or info.file.name != fname:
+                    where = f"it is in {info.file}" if info else "no shard holds it"
+                    raise CheckpointError(f"{path / SAFE_INDEX} maps tensor '{name}' to {fname}, but {where}")
+        self._names = sorted(self._info)
+        self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def _entry(self, name: str) -> TensorInfo:
+        try:
+            return self._info[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name).dtype
+
+    def file_of(self, name: str) -> Path:
+        return self._entry(name).file
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._info
+
+    def weight_files(self) -> list[Path]:
+        return list(self._files)
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._entry(name).file
+        try:
+            with self._lock:
+                h = self._handles.get(f)
+                if h is None:
+                    h = self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            # safetensors >= 0.6 hands out a view of its memory map, the same one on every call: copy, or
+            # a caller's in-place op would change what the next get() of this name returns.
+            return h.get_tensor(name).clone()
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read tensor '{name}' from {f}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._handles.clear()
+
+
+class BinReader(ModelReader):
+    """PyTorch pickles (`pytorch_model.bin`, maybe sharded), loaded weights_only and memory-mapped,
+    one file at a time on first use."""
+
+    kind = "bin"
+
+    def __init__(self, path: Path, files: list[Path], *, index: dict[str, str] | None = None) -> None:
+        self.path = path
+        self._files = sorted(files)
+        self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._where: dict[str, Path] = {}
+        if index is not None:
+            self._where = {name: path / fname for name, fname in index.items()}
+        else:
+            for f in self._files:
+                for name in self._load(f):
+                    if name in self._where:
+                        raise CheckpointError(f"tensor '{name}' is in two files: {self._where[name]} and {f}")
+                    self._where[name] = f
+        self._names = sorted(self._where)
+
+    def _load(self, f: Path) -> dict[str, torch.Tensor]:
+        with self._lock:
+            sd = self._loaded.get(f)
+            if sd is not None:
+                return sd
+            try:
+                try:
+                    obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    # The legacy (pre-1.6, non-zip) format cannot be memory-mapped; read it plainly.
+                    if "mmap" not in str(exc) or not f.is_file():
+                        raise
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(
+                    f"{f} is not a plain state dict of tensors (weights_only load refused it: "
+                    f"{str(exc).splitlines()[0]})"
+                ) from None
+            except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise CheckpointError(f"cannot read {f} (corrupt or truncated?): {msg}") from None
+            if not isinstance(obj, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+            ):
+                raise CheckpointError(f"{f} does not hold a flat state dict {{name: tensor}}")
+            self._loaded[f] = obj
+            return obj
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        f = self._where.get(name)
+        if f is None:
+            raise self._missing(name)
+        sd = self._load(f)
+        if name not in sd:
+            raise CheckpointError(f"index of {self.path} maps tensor '{name}' to {f}, which does not hold it")
+        return sd[name]
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensor(name).shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensor(name).dtype
+
+    def file_of(self, name: str) -> Path:
+        f = self._where.get(name)
+        if f is None:
+            raise self._missing(name)
+        return f
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def weight_files(self) -> list[Path]:
+        return list(self._files)
+
+    def get(self, name: str) -> torch.Tensor:
+        # A copy: mmap'd storages may be shared between tied names, and the caller may modify the result.
+        t = self._tensor(name)
+        try:
+            return t.clone()
+        except RuntimeError as exc:
+            raise CheckpointError(f"cannot read tensor '{name}' from {self.file_of(name)}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+
+
+def _read_index(index_file: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index_file.read_text())
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_file} is not a valid index (needs a 'weight_map'): {exc}") from None
+    return weight_map
+
+
+def _index_files(index_file: Path, weight_map: dict[str, str]) -> list[Path]:
+    folder = index_file.parent
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index_file} lists {len(shards)} shards but {len(missing)} are missing: {', '.join(missing)}"
+        )
+    return [folder / s for s in shards]
+
+
+def open_model(path: str | Path, *, base: ModelReader | None = None) -> ModelReader:
+    """Open a model folder (or one .safetensors file) for lazy per-tensor reading.
+
+    Detection, first match wins: `adapter_config.json` (PEFT LoRA adapter, merged onto `base` on
+    read), `model.safetensors.index.json`, `model.safetensors`, any `*.safetensors`,
+    `pytorch_model.bin.index.json`, `pytorch_model.bin`.
+    """
+    p = Path(path)
+    if p.is_file():
+        if p.suffix == ".safetensors":
+            return SafetensorsReader(p, [p])
+        if p.suffix == ".bin":
+            return BinReader(p, [p])
+        raise CheckpointError(f"{p} is neither a model folder nor a .safetensors or .bin file")
+    if not p.exists():
+        raise CheckpointError(f"model folder {p} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is not a model folder")
+
+    if (p / ADAPTER_CONFIG).is_file():
+        if base is None:
+            raise CheckpointError(
+                f"{p} is a LoRA adapter; it needs the base model (set `base:` in the recipe)"
+            )
+        from .lora import LoraReader
+
+        return LoraReader(p, base)
+    if (p / SAFE_INDEX).is_file():
+        wm = _read_index(p / SAFE_INDEX)
+        return SafetensorsReader(p, _index_files(p / SAFE_INDEX, wm), index=wm)
+    if (p / SAFE_SINGLE).is_file():
+        return SafetensorsReader(p, [p / SAFE_SINGLE])
+    safes = sorted(f for f in p.glob("*.safetensors") if f.is_file())
+    if any(f.name.startswith("adapter_model.") for f in safes):
+        raise CheckpointError(f"{p} holds adapter weights but no {ADAPTER_CONFIG}; cannot read the adapter")
+    if safes:
+        return SafetensorsReader(p, safes)
+    if (p / BIN_INDEX).is_file():
+        wm = _read_index(p / BIN_INDEX)
+        return BinReader(p, _index_files(p / BIN_INDEX, wm), index=wm)
+    if (p / BIN_SINGLE).is_file():
+        return BinReader(p, [p / BIN_SINGLE])
+    if (p / "adapter_model.bin").is_file():
+        raise CheckpointError(f"{p} holds adapter weights but no {ADAPTER_CONFIG}; cannot read the adapter")
+    raise CheckpointError(
+        f"no model weights in {p}: looked for {SAFE_INDEX}, {SAFE_SINGLE}, *.safetensors, {BIN_INDEX}, "
+        f"{BIN_SINGLE} and {ADAPTER_CONFIG}"
+    )

@@ -1,0 +1,225 @@
+"""Write a model folder atomically: sharded safetensors + index + config/tokenizer files + model card.
+
+Everything is written into a temporary folder beside the output and renamed into place at the end, so
+an interrupted or failed run leaves either the old output or nothing, never half a model.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import OutputExistsError, SefusionError
+from .reader import ModelReader, find_aux_files
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"output folder {out} exists; pass --overwrite to replace it")
+
+
+def _make_tmp(out: Path, overwrite: bool) -> Path:
+    _refuse_existing(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _remove(p: Path) -> None:
+    if p.is_symlink() or p.is_file():
+        p.unlink(missing_ok=True)
+    elif p.exists():
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename `tmp` to `out`; an existing `out` (overwrite) is renamed aside first and removed after."""
+    _refuse_existing(out, overwrite)  # again: it may have appeared while we were writing
+    if out.exists() or out.is_symlink():
+        aside = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, aside)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(aside, out)
+            raise
+        _remove(aside)
+    else:
+        os.rename(tmp, out)
+
+
+def _disk_full(out: Path, exc: OSError) -> SefusionError:
+    return SefusionError(f"disk full while writing {out}; nothing was written ({exc.strerror})")
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it becomes `out`, on any exception it is removed.
+
+    Raises OutputExistsError when `out` exists and not `overwrite`.
+    """
+    out = Path(out)
+    tmp = _make_tmp(out, overwrite)
+    try:
+        yield tmp
+        _move_into_place(tmp, out, overwrite)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno == errno.ENOSPC:
+            raise _disk_full(out, exc) from exc
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+class ModelWriter:
+    """Collect tensors into safetensors shards of at most `shard_size` bytes and publish them atomically.
+
+    with ModelWriter(out, aux_from=base_reader, model_card=card) as w:
+        for name, t in ...: w.add(name, t)
+        w.commit()
+
+    Leaving the block without commit(), or with an exception, removes everything written.
+    At most one shard's worth of tensors (`shard_size` bytes) is held in memory.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        overwrite: bool = False,
+        shard_size: int = 5 * 10**9,
+        aux_from: ModelReader | Path | str | None = None,
+        model_card: str | None = None,
+    ) -> None:
+        if shard_size <= 0:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self.shard_size = int(shard_size)
+        self.aux_from = aux_from
+        self.model_card = model_card
+        self.tmp_path: Path | None = None  # set on enter; extra files may be written here
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._seen: set[str] = set()
+        self._total = 0
+        self._committed = False
+
+    def __enter__(self) -> ModelWriter:
+        self.tmp_path = _make_tmp(self.out, self.overwrite)
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._committed and self.tmp_path is not None:
+            _remove(self.tmp_path)
+        self._buffer.clear()
+
+    def _tmp(self) -> Path:
+        if self.tmp_path is None:
+            raise RuntimeError("ModelWriter must be used as a context manager (with ModelWriter(...) as w)")
+        if self._committed:
+            raise RuntimeError(f"ModelWriter for {self.out} is already committed")
+        return self.tmp_path
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data added so far."""
+        return self._total
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; a shard is written when the next tensor would not fit in it."""
+        self._tmp()
+        if name in self._seen:
+            raise ValueError(f"tensor '{name}' was added twice to {self.out}")
+        t = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses views and tensors that share storage: give each its own compact copy.
+        if (
+            t.storage_offset() != 0
+            or t.untyped_storage().nbytes() != t.nbytes
+            or any(
+                t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                for b in self._buffer.values()
+            )
+        ):
+            t = t.clone()
+        size = t.nbytes
+        if self._buffer and self._buffer_bytes + size > self.shard_size:
+            self._flush()
+        self._seen.add(name)
+        self._buffer[name] = t
+        self._buffer_bytes += size
+        self._total += size
+
+    def _flush(self) -> None:
+        if not self._buffer and self._shards:
+            return
+        f = self._tmp() / f".shard-{len(self._shards) + 1:05d}.safetensors"
+        try:
+            save_file(self._buffer, str(f), metadata={"format": "pt"})
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise _disk_full(self.out, exc) from exc
+            raise
+        except Exception as exc:  # safetensors reports I/O failures as its own error type
+            if "No space left" in str(exc):
+                raise SefusionError(f"disk full while writing {self.out}; nothing was written") from exc
+            raise
+        self._shards.append((f, list(self._buffer)))
+        self._buffer = {}
+        self._buffer_bytes = 0
+
+    def commit(self) -> Path:
+        """Write the last shard, the index, aux files and model card, then move the folder into place."""
+        tmp = self._tmp()
+        try:
+            self._flush()
+            n = len(self._shards)
+            weight_map: dict[str, str] = {}
+            for i, (f, names) in enumerate(self._shards, start=1):
+                final = SAFE_SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+                f.rename(tmp / final)
+                weight_map.update(dict.fromkeys(names, final))
+            if n > 1:
+                index = {
+                    "metadata": {"total_size": self._total},
+                    "weight_map": dict(sorted(weight_map.items())),
+                }
+                (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            for src in self._aux_files():
+                if not (tmp / src.name).exists():  # files the caller wrote into tmp_path win
+                    shutil.copy2(src, tmp / src.name)
+            if self.model_card is not None:
+                (tmp / "README.md").write_text(self.model_card)
+            _move_into_place(tmp, self.out, self.overwrite)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise _disk_full(self.out, exc) from exc
+            raise
+        self._committed = True
+        return self.out
+
+    def _aux_files(self) -> list[Path]:
+        src = self.aux_from
+        if src is None:
+            return []
+        if isinstance(src, ModelReader):
+            return src.aux_files()
+        return find_aux_files(Path(src))
