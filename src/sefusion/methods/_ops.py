@@ -1,0 +1,538 @@
+"""Building blocks shared by the methods (METHODS.md, "Notation and shared rules").
+
+Named like the papers: `trim` / `topk_mask` (top-k by magnitude), `elect_sign` and `disjoint_merge`
+(TIES), `dare` (DARE), `tall_masks_of` (TALL-Masks), `balanced_mask` (CABS n:m), plus the exact
+model-wide threshold of TIES `density_scope: model` (`ModelTopK`, `model_thresholds`).
+
+Every block works on flattened tensors, task vectors stacked as (T, n), so that any shape (0-d
+included) takes the same path; the methods reshape at the end. Selection (kthvalue), never a sort.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from annotated_types import Ge, Gt, Le
+
+from .._lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# Parameter types. registry.register evaluates the methods' (string) annotations in the method
+# module's globals, so every alias is a module-level name that the method files import. The
+# constraints are annotated-types markers, which pydantic enforces like Field(gt=...) and which print
+# readably in `sefusion methods` ("float Gt(gt=0) Le(le=1)").
+Density = Annotated[float, Gt(0), Le(1)]
+Share = Annotated[float, Gt(0), Le(1)]  # q, rho
+TaskLambda = Annotated[float, Ge(0)]
+Lambdas = TaskLambda | list[TaskLambda] | dict[str, TaskLambda]
+NonNegInt = Annotated[int, Ge(0)]
+PosInt = Annotated[int, Ge(1)]
+ScaleCap = Annotated[float, Ge(1)]
+Merge = Literal["mean", "sum"]
+BaseMerge = Literal["task_arithmetic", "ties"]
+DensityScope = Literal["tensor", "model"]
+Stat = Literal["absmax", "quantile"]
+
+DEFAULT_LAMBDA = 0.4  # TALL-Masks / Consensus / Scaling-Masks lambda_t for a task a map leaves out
+MTL_TIES_DENSITY = 0.2  # base_merge: ties
+
+
+@dataclass
+class ModelThreshold:
+    """Model-wide top-k threshold of one expert (TIES `density_scope: model`).
+
+    Keep every |x| > `value`; of the entries with |x| == `value` (non-zero), keep the first
+    `equal_left` in (engine tensor order, flat index) order. The engine hands the same object to every
+    tensor in order; `take_equal` consumes the budget.
+    """
+
+    value: float
+    equal_left: int
+
+    def take_equal(self, available: int) -> int:
+        """Take up to `available` of the remaining ties (this tensor's count); returns how many."""
+        take = min(available, self.equal_left)
+        self.equal_left -= take
+        return take
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What the engine knows about the tensor being merged; not a recipe parameter."""
+
+    name: str = ""
+    seed: int = 0
+    task_names: tuple[str, ...] = ()
+    model_thresholds: list[ModelThreshold] | None = field(default=None, compare=False)
+
+
+DEFAULT_CTX = TensorContext()
+
+
+@dataclass(frozen=True)
+class BundleTensor:
+    """One tensor of a bundle: the merged vector (tau_MTL or tau'), per-task masks, per-task scales.
+
+    Task t's tensor is theta0 + (masks[t] * vector) / scales[t]  (scales None means all 1).
+    vector: float32, the tensor's shape. masks: bool, (T, *shape). scales: float32 (T,) or None.
+    """
+
+    vector: Tensor
+    masks: Tensor
+    scales: Tensor | None = None
+
+
+# --------------------------------------------------------------------------- inputs and parameters
+
+
+def task_vectors(base: Tensor | None, experts: list[Tensor], weights: list[float], method: str):
+    """tau_t = theta_t - theta0, flattened and stacked: returns (taus (T, n), w (T,)) in float32."""
+    if base is None:
+        raise ValueError(f"method '{method}' needs a base model (task vectors are theta_t - theta0)")
+    check_experts(experts, weights, method, base.shape)
+    taus = torch.stack([e.reshape(-1) for e in experts]) - base.reshape(1, -1)  # (T, n)
+    return taus, weight_tensor(weights, taus)
+
+
+def check_experts(experts: list[Tensor], weights: list[float], method: str, shape: Any = None) -> None:
+    if not experts:
+        raise ValueError(f"method '{method}' needs at least one expert")
+    if len(weights) != len(experts):
+        raise ValueError(f"method '{method}': {len(weights)} weights for {len(experts)} experts")
+    shape = experts[0].shape if shape is None else shape
+    for i, e in enumerate(experts):
+        if e.shape != shape:
+            raise ValueError(
+                f"method '{method}': expert {i} has shape {tuple(e.shape)}, expected {tuple(shape)}"
+            )
+
+
+def weight_tensor(weights: Sequence[float] | Tensor, like: Tensor) -> Tensor:
+    return torch.as_tensor(weights, dtype=torch.float32, device=like.device)
+
+
+def apply(base: Tensor, delta: Tensor) -> Tensor:
+    """theta0 + delta, delta flat (n,), in the base's shape."""
+    return base + delta.reshape(base.shape)
+
+
+def per_expert(value: float | Sequence[float], count: int, what: str) -> list[float]:
+    """A per-expert parameter as one value per expert (a scalar is broadcast)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{what}: {len(value)} values for {count} experts")
+        return [float(v) for v in value]
+    return [float(value)] * count
+
+
+def check_density(density: float, what: str = "density") -> None:
+    if not 0 < density <= 1:
+        raise ValueError(f"{what} must be in (0, 1], got {density}")
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def task_names(ctx: TensorContext, count: int) -> tuple[str, ...]:
+    """The experts' task names from the engine; "0", "1", ... when the function is called directly."""
+    if not ctx.task_names:
+        return tuple(str(i) for i in range(count))
+    if len(ctx.task_names) != count:
+        raise ValueError(f"{len(ctx.task_names)} task names {list(ctx.task_names)} for {count} experts")
+    return ctx.task_names
+
+
+def resolve_per_task(
+    value: float | Sequence[float] | Mapping[str, float],
+    task_names: Sequence[str],
+    what: str,
+    default: float | None = None,
+) -> list[float]:
+    """One value per task (recipe order) from a scalar, a list in recipe order, or a {task: value} map.
+
+    A map may leave tasks out when `default` is given (they take it). An unknown task name is an
+    error that names it and lists the known ones.
+    """
+    names = list(task_names)
+    known = ", ".join(names) or "(none)"
+    if isinstance(value, Mapping):
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            raise ValueError(f"{what}: unknown task name(s) {', '.join(map(repr, unknown))}; tasks: {known}")
+        missing = [n for n in names if n not in value]
+        if missing and default is None:
+            raise ValueError(f"{what}: no value for task(s) {', '.join(map(repr, missing))}")
+        return [float(value.get(n, default)) for n in names]
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(names):
+            raise ValueError(f"{what}: {len(value)} values for {len(names)} tasks ({known})")
+        return [float(v) for v in value]
+    return [float(value)] * len(names)
+
+
+def resolve_order(order: Sequence[str] | None, task_names: Sequence[str]) -> list[int]:
+    """Task names in processing order -> expert indices; None is recipe order. Must name every task once."""
+    names = list(task_names)
+    if order is None:
+        return list(range(len(names)))
+    unknown = [o for o in order if o not in names]
+    if unknown:
+        raise ValueError(
+            f"order: unknown task name(s) {', '.join(map(repr, unknown))}; tasks: {', '.join(names) or '(none)'}"
+        )
+    if sorted(order) != sorted(names):
+        raise ValueError(
+            f"order must name every task exactly once; got {list(order)}, tasks: {', '.join(names)}"
+        )
+    return [names.index(o) for o in order]
+
+
+# --------------------------------------------------------------------------- top-k by magnitude
+
+
+def keep_count(density: float, n: int) -> int:
+    """k = ceil(density * n), density read as the decimal it is written as.
+
+    The float product rounds (0.07 * 100 == 7.000000000000001, whose ceil is 8); the shortest decimal
+    that round-trips the float (repr) is what a recipe says, so k is exact: ceil(7/100 * 100) = 7.
+    """
+    return math.ceil(Fraction(repr(float(density))) * n)
+
+
+def _take_first(keep: Tensor, equal: Tensor, quota: Any) -> Tensor:
+    """keep | the first (quota - count(keep)) entries of `equal` along the last dim, lowest index first."""
+    need = quota - keep.sum(-1, keepdim=True)
+    return keep | (equal & (equal.cumsum(-1) <= need))
+
+
+def topk_mask(x: Tensor, k: int) -> Tensor:
+    """Exact top-k by magnitude: exactly min(k, nnz) entries, ties by lowest flat index, zeros never.
+
+    Every |x| above the k-th largest |x|, then entries equal to it in flat (row-major) order.
+    """
+    a = x.reshape(-1).abs()
+    n = a.numel()
+    nonzero = a != 0
+    if k >= n:
+        return nonzero.reshape(x.shape)
+    if k <= 0:
+        return torch.zeros_like(nonzero).reshape(x.shape)
+    kth = torch.kthvalue(a, n - k + 1).values  # k-th largest, by selection
+    keep = a > kth
+    equal = (a == kth) & nonzero
+    if int(equal.sum()) > k - int(keep.sum()):  # more ties than room: lowest indices first
+        return _take_first(keep, equal, k).reshape(x.shape)
+    return (keep | equal).reshape(x.shape)
+
+
+def trim(x: Tensor, density: float) -> Tensor:
+    """TIES trim: x with all but its top ceil(density * n) magnitudes set to 0."""
+    check_density(density)
+    return torch.where(topk_mask(x, keep_count(density, x.numel())), x, 0.0)
+
+
+def trim_each(taus: Tensor, densities: Sequence[float]) -> Tensor:
+    """(T, n) -> (T, n): trim row t with densities[t]."""
+    return torch.stack([trim(tau, d) for tau, d in zip(taus, densities, strict=True)])
+
+
+def trim_model_scope(taus: Tensor, thresholds: list[ModelThreshold] | None) -> Tensor:
+    """(T, n) -> (T, n): trim row t with the model-wide threshold of expert t (consumes its ties)."""
+    if thresholds is None:
+        raise ValueError(
+            "density_scope 'model' needs the model-wide thresholds (ctx.model_thresholds), found in a pass "
+            "over the whole model before merging (sefusion.methods._ops.model_thresholds); the merge "
+            "engine runs it, a direct call must pass them"
+        )
+    if len(thresholds) != taus.shape[0]:
+        raise ValueError(f"{len(thresholds)} model thresholds for {taus.shape[0]} experts")
+    out = []
+    for tau, thr in zip(taus, thresholds, strict=True):
+        a = tau.abs()
+        keep = a > thr.value
+        if thr.equal_left > 0:
+            equal = (a == thr.value) & (a != 0)
+            take = thr.take_equal(int(equal.sum()))
+            keep = keep | (equal & (equal.cumsum(0) <= take))
+        out.append(torch.where(keep, tau, 0.0))
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- TIES elect + merge
+
+
+def elect_sign(trimmed: Tensor, weights: Sequence[float] | Tensor) -> Tensor:
+    """gamma = sign(sum_t w_t tau_hat_t); trimmed (T, n) -> (n,), 0 where the sum is 0."""
+    w = weight_tensor(weights, trimmed)[:, None]
+    return torch.sign((w * trimmed).sum(0))
+
+
+def disjoint_merge(trimmed: Tensor, weights: Sequence[float] | Tensor, sign: Tensor, merge: str) -> Tensor:
+    """TIES disjoint merge over A = {t : tau_hat_t != 0, sign tau_hat_t = gamma}; (T, n) -> (n,).
+
+    mean: sum_A w_t tau_hat_t / sum_A w_t (0 where A is empty); sum: sum_A w_t tau_hat_t.
+    """
+    check_choice(merge, ("mean", "sum"), "merge")
+    w = weight_tensor(weights, trimmed)[:, None]  # (T, 1)
+    agree = trimmed * sign > 0  # (T, n): non-zero and of the elected sign (gamma = 0 elects nobody)
+    total = (torch.where(agree, trimmed, 0.0) * w).sum(0)
+    if merge == "sum":
+        return total
+    den = (agree * w).sum(0)
+    return torch.where(den != 0, total / den, 0.0)
+
+
+def ties_merge(trimmed: Tensor, weights: Sequence[float] | Tensor, merge: str) -> Tensor:
+    """Elect + disjoint merge of already trimmed (or DARE'd) task vectors: (T, n) -> tau_m (n,)."""
+    return disjoint_merge(trimmed, weights, elect_sign(trimmed, weights), merge)
+
+
+# --------------------------------------------------------------------------- DARE
+
+
+def dare_seed(seed: int, tensor_name: str, expert_index: int) -> int:
+    """A 63-bit seed from (recipe seed, tensor name, expert index): independent of order, threads, device."""
+    digest = hashlib.sha256(f"{seed}\x00{tensor_name}\x00{expert_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def dare(x: Tensor, density: float, rescale: bool = True, seed: int = 0) -> Tensor:
+    """DARE(x) = x * b / density, b ~ Bernoulli(density) (rescale false: x * b). density 1 is the identity.
+
+    b is drawn on the CPU from a generator seeded with `seed` (see `dare_seed`), so it is the same bits
+    on any device.
+    """
+    check_density(density)
+    if density == 1:
+        return x
+    gen = torch.Generator().manual_seed(seed)
+    keep = (torch.rand(x.shape, generator=gen) < density).to(x.device)
+    kept = torch.where(keep, x, 0.0)
+    return kept / density if rescale else kept
+
+
+# --------------------------------------------------------------------------- TALL-Masks
+
+
+def mtl_vector(taus: Tensor, base_merge: str) -> Tensor:
+    """tau_MTL of (weighted) task vectors (T, n) -> (n,): their sum, or TIES (density 0.2, sum, lambda 1)."""
+    check_choice(base_merge, ("task_arithmetic", "ties"), "base_merge")
+    if base_merge == "task_arithmetic":
+        return taus.sum(0)
+    ones = torch.ones(taus.shape[0])
+    return ties_merge(trim_each(taus, [MTL_TIES_DENSITY] * taus.shape[0]), ones, "sum")
+
+
+def tall_mask(tau_t: Tensor, tau_mtl: Tensor, lam: float) -> Tensor:
+    """m_t = 1[ |tau_t| > lambda_t * |tau_MTL - tau_t| ] (strict)."""
+    return tau_t.abs() > lam * (tau_mtl - tau_t).abs()
+
+
+def tall_masks_of(taus: Tensor, tau_mtl: Tensor, lambdas: Sequence[float]) -> Tensor:
+    """Every task's TALL mask at once: (T, n), (n,) -> bool (T, n)."""
+    lam = weight_tensor(lambdas, taus)[:, None]
+    return taus.abs() > lam * (tau_mtl - taus).abs()
+
+
+# --------------------------------------------------------------------------- Scaling-Masks range
+
+
+def quantile_abs(x: Tensor, q: float) -> float:
+    """The q-quantile of |x| with numpy's default (linear) interpolation, by selection.
+
+    torch.quantile refuses inputs above 16M elements; two kthvalue calls do not.
+    """
+    a = x.reshape(-1).abs()
+    n = a.numel()
+    if n == 0:
+        return 0.0
+    h = (n - 1) * q
+    lo = math.floor(h)
+    v_lo = float(torch.kthvalue(a, lo + 1).values)
+    if h == lo:
+        return v_lo
+    v_hi = float(torch.kthvalue(a, lo + 2).values)
+    return v_lo + (h - lo) * (v_hi - v_lo)
+
+
+def range_stat(x: Tensor, stat: str, q: float) -> float:
+    """r = max |x| (absmax) or the q-quantile of |x| (quantile)."""
+    check_choice(stat, ("absmax", "quantile"), "stat")
+    if x.numel() == 0:
+        return 0.0
+    return float(x.abs().max()) if stat == "absmax" else quantile_abs(x, q)
+
+
+# --------------------------------------------------------------------------- CABS n:m
+
+
+def _rowwise_top(score: Tensor, q: int) -> Tensor:
+    """Per row of score (B, w), the q largest entries >= 0 (-1 marks ineligible), ties by lower index."""
+    eligible = score >= 0
+    width = score.shape[-1]
+    if q >= width:
+        return eligible
+    kth = torch.kthvalue(score, width - q + 1, dim=-1, keepdim=True).values  # (B, 1), q-th largest
+    return _take_first(score > kth, (score == kth) & eligible, q)
+
+
+def balanced_mask(x: Tensor, n: int, m: int, taken: Tensor | None = None) -> Tensor:
+    """CABS n:m mask of flat x: in every block of m entries the n largest |x| among free positions.
+
+    Ties by lower index; a trailing block of length L < m keeps ceil(n*L/m); positions in `taken`
+    (bool, like x) are never chosen, and a block with fewer free positions gives all it has. Zeros are
+    not taken: they add nothing to this expert and would block later ones.
+    """
+    if n > m:
+        raise ValueError(f"n ({n}) must be <= m ({m})")
+    size = x.numel()
+    free = x != 0 if taken is None else (x != 0) & ~taken
+    score = torch.where(free, x.abs(), -1.0)
+    full = size // m * m
+    mask = torch.zeros(size, dtype=torch.bool, device=x.device)
+    if full:
+        mask[:full] = _rowwise_top(score[:full].reshape(-1, m), n).reshape(-1)
+    if full < size:
+        tail = size - full
+        mask[full:] = _rowwise_top(score[full:].reshape(1, tail), -(-n * tail // m)).reshape(-1)
+    return mask
+
+
+def cabs_masks(taus: Tensor, n: int, m: int, order: Sequence[int]) -> Tensor:
+    """Conflict-aware balanced masks (T, n_entries): experts in `order`, each on positions still free."""
+    taken = torch.zeros(taus.shape[1], dtype=torch.bool, device=taus.device)
+    masks = torch.zeros(taus.shape, dtype=torch.bool, device=taus.device)
+    for t in order:
+        masks[t] = balanced_mask(taus[t], n, m, taken)
+        taken |= masks[t]
+    return masks
+
+
+# --------------------------------------------------------------------------- model-wide threshold
+
+_HI_BINS = 1 << 15  # |x| has sign bit 0: the high 16 bits of its pattern are < 2**15
+_LO_BINS = 1 << 16
+
+
+def _abs_bits(x: Tensor) -> Tensor:
+    """Bit patterns of |x| (float32) as int32: for non-negative floats their order is the values' order."""
+    return x.detach().reshape(-1).to(torch.float32).abs().contiguous().view(torch.int32)
+
+
+def _kth_bin(hist: Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest (1-based) of a histogram, and the count in higher bins."""
+    from_top = hist.flip(0).cumsum(0)
+    i = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    b = hist.numel() - 1 - i
+    return b, int(from_top[i]) - int(hist[b])
+
+
+class ModelTopK:
+    """Exact model-wide k-th largest |tau_t| per expert in two streaming passes (radix select).
+
+    k_t = ceil(density_t * N), N the entries of every mergeable tensor. Non-negative float32 values
+    order like their bit patterns read as int32, so the k-th largest is found 16 bits at a time:
+    pass 1 counts the high halves, pass 2 the low halves of the entries in the chosen high bin.
+    Memory: two histograms per expert (32768 + 65536 int64), whatever the model size.
+
+    Driving it (the engine)::
+
+        finder = ModelTopK(n_experts, density)
+        for _ in range(ModelTopK.PASSES):
+            for name in mergeable_names:             # any order; any chunking of a tensor is fine
+                finder.update([tau_1, ..., tau_T])    # this tensor's task vectors, any device
+            finder.end_pass()
+        ctx_thresholds = finder.thresholds()         # list[ModelThreshold], one per expert
+
+    Each pass must see every entry exactly once, with the same tau values the merge will trim
+    (float32 theta_t - theta0, as `task_vectors` computes them).
+    """
+
+    PASSES = 2
+
+    def __init__(self, n_experts: int, density: float | Sequence[float]) -> None:
+        self.densities = per_expert(density, n_experts, "density")
+        for d in self.densities:
+            check_density(d)
+        self.n_experts = n_experts
+        self._pass = 0
+        self._hist: list[Tensor | None] = [None] * n_experts
+        self._count = [0] * n_experts
+        self._zeros = [0] * n_experts
+        self._k = [0] * n_experts
+        self._bin: list[int | None] = [None] * n_experts  # chosen high 16 bits (None: keep all non-zero)
+        self._above = [0] * n_experts  # entries in higher bins
+        self._result: list[ModelThreshold] | None = None
+
+    def update(self, taus: Sequence[Tensor]) -> None:
+        """Count one tensor (or chunk) of every expert's task vector for the current pass."""
+        if len(taus) != self.n_experts:
+            raise ValueError(f"{len(taus)} task vectors for {self.n_experts} experts")
+        if self._pass >= self.PASSES:
+            raise ValueError("ModelTopK: both passes are done; call thresholds()")
+        for t, tau in enumerate(taus):
+            bits = _abs_bits(tau)
+            if self._pass == 0:
+                digits = bits >> 16
+                self._count[t] += bits.numel()
+                self._zeros[t] += int((bits == 0).sum())
+            elif self._bin[t] is None:
+                continue
+            else:
+                digits = bits[(bits >> 16) == self._bin[t]] & 0xFFFF
+            counts = torch.bincount(digits, minlength=_HI_BINS if self._pass == 0 else _LO_BINS).cpu()
+            self._hist[t] = counts if self._hist[t] is None else self._hist[t] + counts
+
+    def end_pass(self) -> None:
+        """Close the current pass: pick the high bin (pass 1) or the exact threshold (pass 2)."""
+        empty = torch.zeros(_HI_BINS if self._pass == 0 else _LO_BINS, dtype=torch.int64)
+        hists = [empty if h is None else h for h in self._hist]
+        if self._pass == 0:
+            for t in range(self.n_experts):
+                self._k[t] = keep_count(self.densities[t], self._count[t])
+                if self._k[t] < self._count[t] - self._zeros[t]:  # else: keep every non-zero
+                    self._bin[t], self._above[t] = _kth_bin(hists[t], self._k[t])
+        else:
+            self._result = []
+            for t in range(self.n_experts):
+                if self._bin[t] is None:
+                    self._result.append(ModelThreshold(0.0, 0))
+                    continue
+                low, above_low = _kth_bin(hists[t], self._k[t] - self._above[t])
+                bits = (self._bin[t] << 16) | low
+                value = struct.unpack("<f", struct.pack("<I", bits))[0]
+                self._result.append(ModelThreshold(value, self._k[t] - self._above[t] - above_low))
+        self._hist = [None] * self.n_experts
+        self._pass += 1
+
+    def thresholds(self) -> list[ModelThreshold]:
+        if self._result is None:
+            raise ValueError(f"ModelTopK: {self.PASSES} passes needed, {self._pass} done")
+        return self._result
+
+
+def model_thresholds(
+    passes: Callable[[], Iterable[Sequence[Tensor]]], n_experts: int, density: float | Sequence[float]
+) -> list[ModelThreshold]:
+    """Exact model-wide top-k thresholds, one per expert, for TIES `density_scope: model`.
+
+    `passes()` is called twice (ModelTopK.PASSES); each call yields, for every mergeable tensor, the
+    list of its task vectors tau_1..tau_T. Put the result in TensorContext.model_thresholds and merge
+    the tensors in engine order, each once: the threshold objects count down the ties they keep.
+    """
+    finder = ModelTopK(n_experts, density)
+    for _ in range(ModelTopK.PASSES):
+        for taus in passes():
+            finder.update(taus)
+        finder.end_pass()
+    return finder.thresholds()

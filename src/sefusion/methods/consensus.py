@@ -1,0 +1,54 @@
+"""`consensus`: keep the entries of tau_MTL that at least k TALL masks select (Consensus merging)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import torch
+from ..registry import register
+from ._ops import (
+    DEFAULT_CTX,
+    DEFAULT_LAMBDA,
+    BaseMerge,
+    Lambdas,
+    NonNegInt,
+    TensorContext,
+    apply,
+    mtl_vector,
+    resolve_per_task,
+    tall_masks_of,
+    task_names,
+    task_vectors,
+)
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@register("consensus", paper="https://arxiv.org/abs/2405.07813")
+def consensus(
+    base: Tensor | None,
+    experts: list[Tensor],
+    weights: list[float],
+    *,
+    lambdas: Lambdas = DEFAULT_LAMBDA,
+    k: NonNegInt = 2,
+    alpha: float = 1.0,
+    base_merge: BaseMerge = "task_arithmetic",
+    ctx: TensorContext = DEFAULT_CTX,
+) -> Tensor:
+    """Consensus merging: drop the entries of tau_MTL that fewer than k tasks rely on.
+
+    tau_t = w_t (theta_t - theta0);  tau_MTL = sum_t tau_t  (base_merge ties: TIES, density 0.2, sum)
+    m_t = 1[ |tau_t| > lambda_t * |tau_MTL - tau_t| ];  c = 1[ sum_t m_t >= k ]
+    theta = theta0 + alpha * (c * tau_MTL)      (k = 0: tau_MTL itself; k > T: theta0)
+    Wang et al. 2024, https://arxiv.org/abs/2405.07813
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    taus, w = task_vectors(base, experts, weights, "consensus")
+    taus = taus * w[:, None]  # (T, n)
+    lam = resolve_per_task(lambdas, task_names(ctx, len(experts)), "lambdas", DEFAULT_LAMBDA)
+    mtl = mtl_vector(taus, base_merge)  # (n,)
+    votes = tall_masks_of(taus, mtl, lam).sum(0)  # (n,)
+    return apply(base, alpha * torch.where(votes >= k, mtl, 0.0))

@@ -1,0 +1,77 @@
+"""`dare_linear` and `dare_ties`: DARE (drop and rescale) task vectors, then add or TIES-merge them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import torch
+from ..registry import register
+from ._ops import (
+    DEFAULT_CTX,
+    Density,
+    Merge,
+    TensorContext,
+    apply,
+    dare,
+    dare_seed,
+    per_expert,
+    task_vectors,
+    ties_merge,
+)
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+_PAPER = "https://arxiv.org/abs/2311.03099"
+
+
+def _dare_all(taus: Tensor, density: float | list[float], rescale: bool, ctx: TensorContext) -> Tensor:
+    """DARE(tau_t) for every expert, each seeded from (seed, tensor name, expert index): (T, n)."""
+    densities = per_expert(density, taus.shape[0], "density")
+    return torch.stack(
+        [
+            dare(tau, d, rescale, dare_seed(ctx.seed, ctx.name, t))
+            for t, (tau, d) in enumerate(zip(taus, densities, strict=True))
+        ]
+    )
+
+
+@register("dare_linear", paper=_PAPER, per_expert=("density",))
+def dare_linear(
+    base: Tensor | None,
+    experts: list[Tensor],
+    weights: list[float],
+    *,
+    density: Density = 0.5,
+    lambda_: float = 1.0,
+    rescale: bool = True,
+    ctx: TensorContext = DEFAULT_CTX,
+) -> Tensor:
+    """DARE each task vector, then task arithmetic.
+
+    theta = theta0 + lambda * sum_t w_t DARE(tau_t),  DARE(tau) = tau * b / density, b ~ Bernoulli(density)
+    (rescale false: tau * b). Yu et al. 2023, https://arxiv.org/abs/2311.03099
+    """
+    taus, w = task_vectors(base, experts, weights, "dare_linear")  # (T, n), (T,)
+    return apply(base, lambda_ * (w[:, None] * _dare_all(taus, density, rescale, ctx)).sum(0))
+
+
+@register("dare_ties", paper=_PAPER, per_expert=("density",))
+def dare_ties(
+    base: Tensor | None,
+    experts: list[Tensor],
+    weights: list[float],
+    *,
+    density: Density = 0.5,
+    lambda_: float = 1.0,
+    merge: Merge = "mean",
+    ctx: TensorContext = DEFAULT_CTX,
+) -> Tensor:
+    """DARE each task vector, then TIES sign election and disjoint merge (no magnitude trim).
+
+    tau^_t = DARE(tau_t);  gamma = sign(sum_t w_t tau^_t);  A = {t : tau^_t != 0, sign tau^_t = gamma}
+    theta = theta0 + lambda * tau_m, tau_m the TIES mean (or sum) over A.
+    Yu et al. 2023, https://arxiv.org/abs/2311.03099
+    """
+    taus, w = task_vectors(base, experts, weights, "dare_ties")  # (T, n), (T,)
+    return apply(base, lambda_ * ties_merge(_dare_all(taus, density, True, ctx), w, merge))

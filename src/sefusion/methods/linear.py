@@ -1,0 +1,39 @@
+"""`linear`: the weighted average of the experts (model soups)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import torch
+from ..registry import register
+from ._ops import DEFAULT_CTX, TensorContext, check_experts, weight_tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@register("linear", paper="https://arxiv.org/abs/2203.05482", needs_base=False)
+def linear(
+    base: Tensor | None,
+    experts: list[Tensor],
+    weights: list[float],
+    *,
+    normalize: bool = True,
+    ctx: TensorContext = DEFAULT_CTX,
+) -> Tensor:
+    """Weighted average of the experts' weights; the base is not used.
+
+    theta = sum_t w_t theta_t / sum_t w_t      (normalize false: theta = sum_t w_t theta_t)
+    Wortsman et al. 2022, "Model soups", https://arxiv.org/abs/2203.05482
+    """
+    check_experts(experts, weights, "linear")
+    total = sum(weights)
+    if normalize and total == 0:
+        raise ValueError(
+            "linear: the weights sum to 0, cannot normalize; change them or set normalize: false"
+        )
+    thetas = torch.stack([e.reshape(-1) for e in experts])  # (T, n)
+    merged = (weight_tensor(weights, thetas)[:, None] * thetas).sum(0)
+    if normalize:
+        merged = merged / total
+    return merged.reshape(experts[0].shape)

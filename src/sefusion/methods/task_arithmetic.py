@@ -1,0 +1,29 @@
+"""`task_arithmetic`: add the weighted sum of task vectors to the base."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..registry import register
+from ._ops import DEFAULT_CTX, TensorContext, apply, task_vectors
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@register("task_arithmetic", paper="https://arxiv.org/abs/2212.04089")
+def task_arithmetic(
+    base: Tensor | None,
+    experts: list[Tensor],
+    weights: list[float],
+    *,
+    lambda_: float = 1.0,
+    ctx: TensorContext = DEFAULT_CTX,
+) -> Tensor:
+    """Task arithmetic: the base plus lambda times the weighted sum of task vectors.
+
+    theta = theta0 + lambda * sum_t w_t tau_t,   tau_t = theta_t - theta0
+    Ilharco et al. 2023, "Editing models with task arithmetic", https://arxiv.org/abs/2212.04089
+    """
+    taus, w = task_vectors(base, experts, weights, "task_arithmetic")  # (T, n), (T,)
+    return apply(base, lambda_ * (w[:, None] * taus).sum(0))
