@@ -1,0 +1,609 @@
+"""The recipe: which experts to merge, with which method and parameters; and a reader of mergekit's YAML.
+
+A recipe (YAML or a dict) looks like this (METHODS.md, "Recipe (YAML)")::
+
+    method: ties
+    base: path/to/base
+    models:
+      - {path: path/to/expert-a, name: defect-python, weight: 1.0}
+      - {path: path/to/expert-b, name: search-python, params: {density: 0.3}}
+    params: {density: 0.2, lambda: 1.0}
+    exclude: ["classifier.*"]
+    dtype: bfloat16
+    seed: 0
+
+Unknown keys are refused with their name, and `load_recipe` checks the method's parameters against its
+signature (sefusion.registry), so a typo or a bad value fails before any tensor is read. A mergekit recipe
+(it has `merge_method:`) is converted by `from_mergekit` for the methods both tools have; what cannot be
+reproduced is refused with the reason, and what differs in a small documented way is kept in
+`Recipe.notes`. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from .errors import RecipeError
+from .registry import METHODS
+
+__all__ = ["DType", "ModelEntry", "Recipe", "from_mergekit", "load_recipe"]
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+_DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def _canonical_dtype(value: Any) -> Any:
+    """'fp16', 'half', 'torch.float16' -> 'float16'; anything else is left for the Literal to refuse."""
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        return _DTYPE_ALIASES.get(key, value)
+    return value
+
+
+class ModelEntry(BaseModel):
+    """One expert: its folder, its task name (default: the folder's name), weight and per-expert params."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1)] | None = None
+    weight: Annotated[float, Field(allow_inf_nan=False)] = 1.0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        # Task names become folder names and bundle keys (tasks/<name>/...).
+        if v is not None and ("/" in v or "\\" in v or v.strip() != v or v in (".", "..")):
+            raise ValueError(f"a task name is a plain word (no slashes or surrounding spaces), got {v!r}")
+        return v
+
+    @property
+    def task_name(self) -> str:
+        if self.name is not None:
+            return self.name
+        return Path(self.path).name or Path(self.path).absolute().name
+
+
+class Recipe(BaseModel):
+    """A merge recipe (METHODS.md, "Recipe (YAML)"). Frozen; unknown keys are refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Annotated[str, Field(min_length=1)]
+    base: Annotated[str, Field(min_length=1)] | None = None
+    models: Annotated[list[ModelEntry], Field(min_length=1)]
+    params: dict[str, Any] = Field(default_factory=dict)
+    exclude: list[str] = Field(default_factory=list)
+    dtype: DType | None = None
+    seed: Annotated[int, Field(ge=0)] = 0
+
+    # Conversion notes (from a mergekit recipe): what differs from mergekit, shown to the user.
+    _notes: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v: Any) -> Any:
+        return _canonical_dtype(v)
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _one_glob(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self._notes
+
+    @property
+    def task_names(self) -> list[str]:
+        """One name per model: `name`, else the model folder's name. Duplicates raise RecipeError."""
+        names = [m.task_name for m in self.models]
+        seen: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            seen.setdefault(n, []).append(i)
+        dups = {n: idx for n, idx in seen.items() if len(idx) > 1}
+        if dups:
+            detail = "; ".join(
+                f"'{n}' is used by " + ", ".join(f"models[{i}]" for i in idx) for n, idx in dups.items()
+            )
+            raise RecipeError(f"task names must be unique: {detail}; give those models distinct `name:`s")
+        return names
+
+    def resolved(self, root: str | Path) -> Recipe:
+        """A copy whose relative paths (base, models[].path) are made absolute against `root`
+        (the recipe file's folder). `~` is expanded; absolute paths are kept as they are."""
+        root = Path(root).expanduser().absolute()
+
+        def fix(p: str) -> str:
+            q = Path(p).expanduser()
+            return str(q if q.is_absolute() else root / q)
+
+        models = [m.model_copy(update={"path": fix(m.path)}) for m in self.models]
+        base = fix(self.base) if self.base is not None else None
+        return self.model_copy(update={"base": base, "models": models})
+
+    def is_excluded(self, tensor_name: str) -> bool:
+        """Whether a tensor name matches one of the `exclude` globs (fnmatch, case-sensitive)."""
+        return any(fnmatch.fnmatchcase(tensor_name, pat) for pat in self.exclude)
+
+    def to_yaml(self) -> str:
+        """The recipe in sefusion's schema (for the model card); notes come first as comments."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for m in data["models"]:
+            if not m["params"]:
+                del m["params"]
+        for key in ("params", "exclude"):
+            if not data[key]:
+                del data[key]
+        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
+        comments = "".join(f"# note: {n}\n" for n in self.notes)
+        return comments + text
+
+    def with_notes(self, notes: tuple[str, ...] | list[str]) -> Recipe:
+        """A copy carrying `notes` (conversion notes are not part of the schema)."""
+        out = self.model_copy()
+        out._notes = tuple(notes)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        if isinstance(key, (str, int, float, bool)):
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.exists():
+        raise RecipeError(f"recipe file {path} does not exist")
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder; give the recipe's YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        raise RecipeError(
+            f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+        ) from None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    model = ModelEntry if loc[:1] == ("models",) and len(loc) == 2 else Recipe
+    return list(model.model_fields)
+
+
+def _format_errors(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc, kind = tuple(e["loc"]), e["type"]
+        if kind == "extra_forbidden":
+            key, parent = str(loc[-1]), loc[:-1]
+            known = _known_keys(parent)
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            place = f" in {_loc(parent)}" if parent else " at the top level"
+            parts.append(f"unknown key '{key}'{place}{hint}; known keys: {', '.join(known)}")
+        elif kind == "missing":
+            place = f" in {_loc(loc[:-1])}" if len(loc) > 1 else ""
+            parts.append(f"missing key '{loc[-1]}'{place}")
+        elif kind == "too_short" and loc == ("models",):
+            parts.append("models: list at least one model to merge")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            value = e.get("input")
+            got = f" (got {value!r})" if isinstance(value, (str, int, float, bool)) or value is None else ""
+            parts.append(f"{_loc(loc) or 'recipe'}: {msg}{got}")
+    return "; ".join(parts)
+
+
+def _validate(data: Mapping[str, Any], where: str) -> Recipe:
+    try:
+        return Recipe.model_validate(dict(data))
+    except ValidationError as exc:
+        raise RecipeError(f"{where}: invalid recipe: {_format_errors(exc)}") from None
+
+
+def check_params(recipe: Recipe, where: str = "recipe") -> None:
+    """Validate the recipe's method and parameters against the method's signature (no tensor is read)."""
+    try:
+        spec = METHODS.get(recipe.method)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+    spec.resolve(recipe.params, [m.params for m in recipe.models], where=where)
+    if spec.needs_base and recipe.base is None:
+        raise RecipeError(f"{where}: method '{spec.name}' needs a base model: set `base:` in the recipe")
+
+
+def load_recipe(src: str | Path | Mapping[str, Any] | Recipe, *, validate_params: bool = True) -> Recipe:
+    """Read a recipe from a YAML file or a dict (sefusion's schema, or mergekit's for the methods both have).
+
+    From a file, relative paths are resolved against the file's folder; from a dict they are kept as given.
+    With `validate_params`, the method must exist and its params (and per-model params) must be valid.
+    Every mistake raises RecipeError naming the file and the key.
+    """
+    root: Path | None = None
+    if isinstance(src, Recipe):
+        recipe, where = src, "recipe"
+    else:
+        if isinstance(src, Mapping):
+            data: Any = src
+            where = "recipe"
+        elif isinstance(src, (str, os.PathLike)):
+            path = Path(src)
+            where, root = str(path), path.parent
+            data = _read_yaml(path)
+        else:
+            raise RecipeError(f"a recipe is a YAML file path or a mapping, got {type(src).__name__}")
+        if not isinstance(data, Mapping):
+            got = "an empty file" if data is None else f"a {type(data).__name__}"
+            raise RecipeError(
+                f"{where}: a recipe is a YAML mapping with `method:` and `models:` (or mergekit's "
+                f"`merge_method:`), got {got}"
+            )
+        recipe = from_mergekit(data, where=where) if "merge_method" in data else _validate(data, where)
+        if root is not None:
+            recipe = recipe.resolved(root)
+    try:
+        recipe.task_names  # noqa: B018 - raises on duplicates
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+    if validate_params:
+        check_params(recipe, where)
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# mergekit 0.1.5
+
+
+_MK_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+_MK_TOP_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "random_seed",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "slices",
+    "modules",
+)
+_MK_GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+# What each mergekit method reads: global `parameters` (tensor params may be given there too, as defaults
+# for every model) and per-model `parameters`.
+_MK_GLOBAL = {"linear": ("normalize", "weight")} | {
+    m: ("normalize", "rescale", "lambda", "int8_mask", "weight", "density") for m in _MK_GTA
+}
+_MK_PER_MODEL = {"linear": ("weight",)} | {m: ("weight", "density") for m in _MK_GTA}
+# mergekit's defaults (merge_methods/registry.py): normalize per method, rescale true for DARE only.
+_MK_NORMALIZE = {
+    "linear": True,
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_linear": False,
+    "dare_ties": False,
+}
+_MK_RESCALE = {"task_arithmetic": False, "ties": False, "dare_linear": True, "dare_ties": True}
+_BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
+
+
+def _mk_scalar(value: Any, key: str, place: str, where: str) -> Any:
+    """mergekit settings may be gradients or filter conditions; sefusion takes one value per recipe."""
+    if isinstance(value, Mapping) or (isinstance(value, list) and any(isinstance(v, Mapping) for v in value)):
+        kind = (
+            "a list of {filter, value} conditions"
+            if isinstance(value, list)
+            else "a {filter, value} condition"
+        )
+    elif isinstance(value, list):
+        kind = "a gradient (a list interpolated across layers)"
+    else:
+        kind = None
+    if kind is not None:
+        raise RecipeError(
+            f"{where}: mergekit {place} '{key}' is {kind}: {value!r}; sefusion applies one value to every "
+            "tensor, so give a plain value"
+        )
+    if key in _BOOL_PARAMS:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: mergekit {place} '{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecipeError(f"{where}: mergekit {place} '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _mk_model_ref(value: Any, place: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{where}: mergekit {place} must be a model path, got {value!r}")
+    if "+" in value:
+        raise RecipeError(
+            f"{where}: mergekit {place} '{value}' is the 'model+LoRA' form; sefusion does not apply a LoRA "
+            "inside a recipe: merge the adapter into its model first (peft merge_and_unload) and give that folder"
+        )
+    return value
+
+
+def _same_model(a: str, b: str | None) -> bool:
+    return b is not None and (a == b or os.path.normpath(a) == os.path.normpath(b))
+
+
+def _mk_top_level(data: Mapping[str, Any], where: str) -> None:
+    """Refuse the top-level keys sefusion cannot honour, each with its reason."""
+    for key in data:
+        if key not in _MK_TOP_KEYS:
+            raise RecipeError(
+                f"{where}: unknown mergekit key '{key}'; the mergekit keys sefusion reads: "
+                "merge_method, base_model, models, parameters, dtype, out_dtype, random_seed, "
+                "tokenizer_source: base"
+            )
+    if data.get("slices") is not None or data.get("modules") is not None:
+        key = "slices" if data.get("slices") is not None else "modules"
+        raise RecipeError(
+            f"{where}: mergekit `{key}` (stitching layer ranges or modules of several models) cannot be "
+            "expressed: sefusion merges whole models tensor by tensor; list the models under `models:`"
+        )
+    if data.get("chat_template") is not None:
+        raise RecipeError(
+            f"{where}: mergekit `chat_template` is not supported: sefusion copies the base's config and "
+            "tokenizer files as they are; remove the key and edit tokenizer_config.json of the output"
+        )
+    source = data.get("tokenizer_source")
+    tok = data.get("tokenizer")
+    if tok is not None:
+        if not isinstance(tok, Mapping) or set(tok) - {"source", "tokens"} or tok.get("tokens"):
+            raise RecipeError(
+                f"{where}: mergekit `tokenizer` {tok!r} is not supported: sefusion copies the base's tokenizer "
+                "and does not add or rebuild tokens"
+            )
+        source = tok.get("source", source)
+    if source is not None and source != "base":
+        raise RecipeError(
+            f"{where}: mergekit `tokenizer_source: {source}` is not supported: sefusion copies the base's "
+            "tokenizer files and does not build a merged ('union') vocabulary or permute embeddings; "
+            "use `tokenizer_source: base` or remove the key"
+        )
+
+
+def _mk_global(data: Mapping[str, Any], method: str, where: str) -> dict[str, Any]:
+    """Top-level `parameters`: the method's own, plus defaults for every model's weight and density."""
+    raw = data.get("parameters") or {}
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{where}: mergekit `parameters` must be a mapping, got {raw!r}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _MK_GLOBAL[method]:
+            raise RecipeError(
+                f"{where}: mergekit's {method} has no parameter '{key}' (in `parameters`), so sefusion cannot "
+                f"honour it; {method} reads: {', '.join(_MK_GLOBAL[method])}"
+            )
+        out[key] = _mk_scalar(value, key, "parameter", where)
+    return out
+
+
+def _mk_models(
+    data: Mapping[str, Any], method: str, base: str | None, glob: dict[str, Any], where: str, notes: list[str]
+) -> list[dict[str, Any]]:
+    """`models:` -> [{path, own (its own parameters), place}], with the base handled as mergekit does."""
+    raw_models = data.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise RecipeError(f"{where}: mergekit `models` must list the models to merge, got {raw_models!r}")
+    entries: list[dict[str, Any]] = []
+    for i, item in enumerate(raw_models):
+        place = f"models[{i}]"
+        if not isinstance(item, Mapping) or "model" not in item:
+            raise RecipeError(f"{where}: mergekit {place} must be a mapping with `model:`, got {item!r}")
+        for key in item:
+            if key not in ("model", "parameters"):
+                raise RecipeError(
+                    f"{where}: unknown mergekit key '{key}' in {place}; known keys: model, parameters"
+                )
+        path = _mk_model_ref(item["model"], f"{place}.model", where)
+        raw = item.get("parameters") or {}
+        if not isinstance(raw, Mapping):
+            raise RecipeError(f"{where}: mergekit {place}.parameters must be a mapping, got {raw!r}")
+        own: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in _MK_PER_MODEL[method]:
+                raise RecipeError(
+                    f"{where}: mergekit's {method} has no per-model parameter '{key}' (in {place}.parameters), "
+                    f"so sefusion cannot honour it; per-model parameters: {', '.join(_MK_PER_MODEL[method])}"
+                )
+            own[key] = _mk_scalar(value, key, f"{place}.parameters", where)
+        if method in _MK_GTA and _same_model(path, base):
+            # Task-vector methods skip the base when it is listed among the models, as mergekit does.
+            if own:
+                notes.append(f"{place} is the base model; its parameters {own} are ignored, as in mergekit")
+            continue
+        entries.append({"path": path, "own": own, "place": place})
+
+    if method == "linear" and base is not None and not any(_same_model(e["path"], base) for e in entries):
+        # mergekit adds base_model to the averaged models, with the global weight (it fails without one).
+        if "weight" not in glob:
+            raise RecipeError(
+                f"{where}: mergekit's linear also averages base_model, which then needs a weight: list it "
+                "under `models` with a weight, or remove `base_model`"
+            )
+        entries.append({"path": base, "own": {}, "place": "base_model"})
+        notes.append(
+            f"base_model is averaged as one more model with weight {glob['weight']:g}, as in mergekit"
+        )
+    return entries
+
+
+def _mk_params(
+    method: str, glob: dict[str, Any], entries: list[dict[str, Any]], models: list[dict[str, Any]],
+    where: str, notes: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """The method's params with mergekit's defaults made explicit; may rescale `models`' weights."""
+    normalize = glob.get("normalize", _MK_NORMALIZE[method])
+    if method == "linear":
+        return {"normalize": normalize}
+    params: dict[str, Any] = {}
+    if method != "task_arithmetic":
+        params["density"] = glob.get("density", 1.0)
+        if "density" not in glob and any("density" not in e["own"] for e in entries):
+            notes.append(
+                "density defaults to 1.0 (no sparsification) as in mergekit; sefusion's default differs"
+            )
+    params["lambda"] = glob.get("lambda", 1.0)
+    if method in ("ties", "dare_ties"):
+        params["merge"] = "mean" if normalize else "sum"
+    elif normalize:
+        # mergekit divides the weighted sum of task vectors by the sum of the weights (left as is where that
+        # sum is ~0); dividing each weight by that sum is the same.
+        total = sum(m["weight"] for m in models)
+        if abs(total) >= 1e-8:
+            for m in models:
+                m["weight"] = m["weight"] / total
+            notes.append(f"normalize: true: each weight divided by the sum of the weights ({total:g})")
+    if glob.get("int8_mask"):
+        notes.append("int8_mask only saves memory in mergekit; ignored")
+
+    rescale = glob.get("rescale", _MK_RESCALE[method])
+    if method == "task_arithmetic":
+        ignored = [k for k in ("density", "rescale") if k in glob]
+        ignored += [f"{e['place']}.density" for e in entries if "density" in e["own"]]
+        if ignored:
+            notes.append(f"{', '.join(ignored)}: no effect in mergekit's task_arithmetic (no sparsification)")
+    elif method == "ties":
+        if rescale:
+            raise RecipeError(
+                f"{where}: mergekit's ties with `rescale: true` rescales each trimmed task vector to its "
+                "original L1 norm; sefusion's ties does not rescale: remove `rescale` or use dare_ties"
+            )
+        if params["density"] < 1 or any(e["own"].get("density", 1) < 1 for e in entries):
+            notes.append(
+                "ties keeps ceil(density*n) entries per tensor, ties broken by index, in float32; mergekit "
+                "keeps max(1, floor(density*n)) and elects signs in the output dtype: results differ slightly"
+            )
+    else:  # DARE
+        if method == "dare_linear":
+            params["rescale"] = rescale
+        elif not rescale:
+            raise RecipeError(
+                f"{where}: mergekit's dare_ties with `rescale: false` cannot be reproduced: sefusion's "
+                "dare_ties always divides the kept entries by density (DARE paper); use dare_linear with "
+                "`rescale: false`, or remove `rescale`"
+            )
+        if rescale:
+            notes.append(
+                "DARE rescale: sefusion divides the kept entries by density (as the DARE paper does); "
+                "mergekit rescales them to match the task vector's L1 norm"
+            )
+    return params
+
+
+def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
+    """Convert a mergekit 0.1.5 recipe to sefusion's, for linear, task_arithmetic, ties, dare_linear and
+    dare_ties (METHODS.md, "mergekit 0.1.5 conventions").
+
+    mergekit's defaults are made explicit (density 1.0; normalize and rescale per method), so the converted
+    recipe computes what mergekit computes up to the documented differences (top-k count and tie breaking,
+    DARE's rescale), which `Recipe.notes` lists. A method, key or parameter value sefusion cannot honour
+    raises RecipeError with the reason; nothing is dropped silently.
+    """
+    method = data.get("merge_method")
+    if method not in _MK_METHODS:
+        raise RecipeError(
+            f"{where}: mergekit merge_method {method!r} has no sefusion equivalent; the mergekit methods "
+            f"sefusion reads: {', '.join(_MK_METHODS)} (sefusion's own methods need a sefusion recipe: "
+            "`method:`, `models:`)"
+        )
+    _mk_top_level(data, where)
+    notes: list[str] = []
+    glob = _mk_global(data, method, where)
+    base = data.get("base_model")
+    base = _mk_model_ref(base, "base_model", where) if base is not None else None
+    entries = _mk_models(data, method, base, glob, where, notes)
+
+    # Per-model values win over the top-level ones, as in mergekit's ConfigReader.
+    models: list[dict[str, Any]] = []
+    unweighted = []
+    for e in entries:
+        weight = e["own"].get("weight", glob.get("weight"))
+        if weight is None:
+            unweighted.append(e["place"])
+            weight = 1.0
+        entry: dict[str, Any] = {"path": e["path"], "weight": weight}
+        if "density" in e["own"] and method != "task_arithmetic":
+            entry["params"] = {"density": e["own"]["density"]}
+        models.append(entry)
+    if unweighted:
+        notes.append(f"{', '.join(unweighted)}: no weight (mergekit requires one); used 1.0")
+    params = _mk_params(method, glob, entries, models, where, notes)
+
+    # mergekit's `dtype` is the dtype it computes in (and writes, unless `out_dtype` is given).
+    dtype_key = "out_dtype" if data.get("out_dtype") is not None else "dtype"
+    dtype = data.get(dtype_key)
+    if dtype is not None and _canonical_dtype(dtype) not in _DTYPE_ALIASES.values():
+        raise RecipeError(
+            f"{where}: mergekit `{dtype_key}: {dtype}` is not one sefusion writes: float32, float16, bfloat16"
+        )
+    compute = data.get("dtype")
+    if compute is not None and _canonical_dtype(compute) != "float32":
+        notes.append(f"mergekit computes in {compute}; sefusion computes in float32 and writes {dtype}")
+    seed = data.get("random_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise RecipeError(f"{where}: mergekit `random_seed` must be a non-negative integer, got {seed!r}")
+
+    recipe: dict[str, Any] = {"method": method, "models": models, "params": params}
+    if base is not None:
+        recipe["base"] = base
+    if dtype is not None:
+        recipe["dtype"] = dtype
+    if seed is not None:
+        recipe["seed"] = seed
+    return _validate(recipe, where).with_notes(notes)
