@@ -1,0 +1,282 @@
+"""TALL-Masks / Scaling-Masks bundles: one artefact that serves every task.
+
+A bundle folder holds
+  bundle.json                  method, params, tasks, the base (path + sha256), tensor shapes and dtypes
+  model*.safetensors (+index)  tensors under prefixed keys:
+                                 vector/<name>        float32, the merged vector (tau_MTL or tau')
+                                 masks/<name>         uint8 (T, ceil(n/8)), task masks packed 8 per byte
+                                                      (flat row-major order, little-endian bits)
+                                 scales/<name>        float32 (T,), Scaling-Masks' s_t (absent for TALL)
+                                 tasks/<task>/<name>  each task's own copy of excluded tensors (heads)
+  tasks/<task>/                config and tokenizer files of that task's expert
+Task t's tensor is theta0 + (m_t * vector) / s_t, computed in float32 and cast once to the tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from ._lazy import torch
+from .errors import CheckpointError, SefusionError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from .engine import Plan, TensorSource
+    from .io import ModelReader
+    from .recipe import Recipe
+    from .registry import MethodSpec
+
+FORMAT = "sefusion-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+
+
+def pack_masks(masks: Tensor) -> Tensor:
+    """(T, *shape) bool -> (T, ceil(n/8)) uint8, flat row-major order, bit i of a byte = entry 8j+i."""
+    import numpy as np
+
+    flat = masks.reshape(masks.shape[0], -1).cpu().numpy()
+    return torch.from_numpy(np.packbits(flat, axis=1, bitorder="little"))
+
+
+def unpack_mask(packed_row: Tensor, shape: Sequence[int]) -> Tensor:
+    """One task's row of packed bits -> bool tensor of `shape`."""
+    import numpy as np
+
+    n = math.prod(shape)
+    bits = np.unpackbits(packed_row.cpu().numpy(), count=n, bitorder="little")
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+
+
+def rebuild(base: Tensor, vector: Tensor, mask: Tensor, scale: float | None) -> Tensor:
+    """theta_t = theta0 + (m_t * vector) / s_t in float32."""
+    delta = torch.where(mask, vector.float(), torch.zeros((), dtype=torch.float32, device=vector.device))
+    if scale is not None and scale != 1.0:
+        delta = delta / scale
+    return base.float() + delta
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def write_bundle(
+    out: Path,
+    recipe: Recipe,
+    spec: MethodSpec,
+    kwargs: Mapping[str, Any],
+    weights: Sequence[float],
+    base: ModelReader | None,
+    experts: Sequence[ModelReader],
+    plan: Plan,
+    source: TensorSource,
+    *,
+    overwrite: bool,
+    shard_size: int,
+    device: Any,
+    quiet: bool,
+) -> None:
+    """Stream every mergeable tensor through a bundle method and store vector, packed masks and scales."""
+    from .engine import _progress, _target_dtype, compute_tensor
+    from .io import ModelWriter, file_sha256
+
+    if base is None:
+        raise SefusionError(f"bundle method '{spec.name}' needs a base model")
+    tasks = recipe.task_names
+    tensors: dict[str, dict[str, Any]] = {}
+    public_params = {p.name: _jsonable(kwargs[p.arg]) for p in spec.params.values()}
+    card = (
+        f"# sefusion bundle ({spec.name})\n\nServes {len(tasks)} tasks: {', '.join(tasks)}.\n"
+        f"Rebuild one with `sefusion extract {out.name} TASK OUT`.\n\n"
+        "## Recipe\n\n```yaml\n" + recipe.to_yaml() + "```\n"
+    )
+    with ModelWriter(out, overwrite=overwrite, shard_size=shard_size, model_card=card) as w:
+        has_scales = False
+        bar = _progress(len(plan.merged), spec.name, quiet)
+        for name, b, xs in source.stream(plan.merged):
+            res = compute_tensor(
+                spec, kwargs, weights, name, b, xs, seed=recipe.seed, task_names=tasks, device=device
+            )
+            w.add(f"vector/{name}", res.vector.float().cpu().contiguous())
+            w.add(f"masks/{name}", pack_masks(res.masks))
+            if res.scales is not None:
+                has_scales = True
+                w.add(f"scales/{name}", res.scales.float().cpu().contiguous())
+            tensors[name] = {
+                "shape": list(base.shape(name)),
+                "dtype": _dtype_name(_target_dtype(recipe, base.dtype(name))),
+            }
+            bar.update()
+        bar.close()
+        for task, ex in zip(tasks, experts, strict=True):
+            for name in plan.per_task:
+                w.add(f"tasks/{task}/{name}", ex.get(name).to(_target_dtype(recipe, ex.dtype(name))))
+            task_dir = w.tmp_path / "tasks" / task
+            task_dir.mkdir(parents=True, exist_ok=True)
+            for f in ex.aux_files():
+                shutil.copy2(f, task_dir / f.name)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "sefusion_version": __version__,
+            "method": spec.name,
+            "params": public_params,
+            "seed": recipe.seed,
+            "base": {"path": str(Path(base.path).resolve()), "sha256": file_sha256(base.weight_files())},
+            "tasks": [
+                {"name": task, "source": str(m.path), "weight": m.weight}
+                for task, m in zip(tasks, recipe.models, strict=True)
+            ],
+            "has_scales": has_scales,
+            "tensors": tensors,
+            "from_base": {
+                n: {"shape": list(base.shape(n)), "dtype": _dtype_name(_target_dtype(recipe, base.dtype(n)))}
+                for n in plan.from_base
+                if n not in plan.per_task
+            },
+            "per_task": list(plan.per_task),
+            "recipe": recipe.model_dump(mode="json"),
+        }
+        (w.tmp_path / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        w.commit()
+
+
+class Bundle:
+    """A bundle folder opened for reading."""
+
+    def __init__(self, path: str | Path) -> None:
+        from .io import open_model
+
+        self.path = Path(path)
+        mf = self.path / MANIFEST
+        if not mf.is_file():
+            raise CheckpointError(f"{self.path} is not a sefusion bundle (no {MANIFEST})")
+        try:
+            self.manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{mf} is not valid JSON: {exc}") from None
+        if self.manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{mf} is not a sefusion bundle manifest")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{mf} has bundle format version {self.manifest.get('format_version')}; this sefusion reads "
+                f"version {FORMAT_VERSION}"
+            )
+        self.store = open_model(self.path)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t["name"] for t in self.manifest["tasks"]]
+
+    def task_index(self, task: str) -> int:
+        try:
+            return self.tasks.index(task)
+        except ValueError:
+            raise SefusionError(
+                f"bundle {self.path} has no task '{task}'; its tasks: {', '.join(self.tasks)}"
+            ) from None
+
+    def open_base(self, base: str | Path | None = None, *, check_hash: bool = True) -> ModelReader:
+        from .io import file_sha256, open_model
+
+        path = Path(base) if base is not None else Path(self.manifest["base"]["path"])
+        reader = open_model(path)
+        if check_hash:
+            digest = file_sha256(reader.weight_files())
+            if digest != self.manifest["base"]["sha256"]:
+                reader.close()
+                raise CheckpointError(
+                    f"base model at {path} does not match the one bundle {self.path} was built on "
+                    f"(sha256 {digest[:12]}... vs {self.manifest['base']['sha256'][:12]}...); "
+                    "pass --base with the right folder"
+                )
+        return reader
+
+    def task_tensor(self, base: ModelReader, name: str, t: int) -> Tensor:
+        """Task t's float32 tensor `name` rebuilt from the base, the merged vector, its mask and scale."""
+        info = self.manifest["tensors"][name]
+        mask = unpack_mask(self.store.get(f"masks/{name}")[t], info["shape"])
+        scale = float(self.store.get(f"scales/{name}")[t]) if self.manifest["has_scales"] else None
+        return rebuild(base.get(name), self.store.get(f"vector/{name}"), mask, scale)
+
+    def storage(self) -> dict[str, int]:
+        """Bytes of this bundle vs. T separate checkpoints of the same dtype."""
+        bundle_bytes = sum(f.stat().st_size for f in self.store.weight_files())
+        per_model = 0
+        for info in [*self.manifest["tensors"].values(), *self.manifest["from_base"].values()]:
+            per_model += math.prod(info["shape"]) * _itemsize(info["dtype"])
+        for name in self.manifest["per_task"]:
+            key = f"tasks/{self.tasks[0]}/{name}"
+            per_model += math.prod(self.store.shape(key)) * self.store.dtype(key).itemsize
+        return {"bundle_bytes": bundle_bytes, "separate_bytes": per_model * len(self.tasks)}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _itemsize(dtype: str) -> int:
+    return getattr(torch, dtype).itemsize
+
+
+def extract(
+    bundle: str | Path,
+    task: str,
+    out: str | Path,
+    *,
+    base: str | Path | None = None,
+    overwrite: bool = False,
+    shard_size: int | str = "5GB",
+    quiet: bool = True,
+) -> Path:
+    """Write task TASK's model from BUNDLE as a normal model folder (config from the task's expert)."""
+    from .engine import _progress
+    from .io import ModelWriter, parse_size
+
+    out = Path(out)
+    b = Bundle(bundle)
+    t = b.task_index(task)
+    if out.exists() and not overwrite:
+        raise SefusionError(f"output folder {out} exists; pass --overwrite to replace it")
+    size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
+    base_reader = b.open_base(base)
+    task_dir = b.path / "tasks" / task
+    card = (
+        f"# Task '{task}' extracted from a sefusion bundle\n\nMethod: `{b.manifest['method']}`, "
+        f"params: `{json.dumps(b.manifest['params'])}`, sefusion {__version__}.\n"
+    )
+    try:
+        with ModelWriter(out, overwrite=overwrite, shard_size=size, aux_from=task_dir, model_card=card) as w:
+            names = list(b.manifest["tensors"])
+            bar = _progress(len(names), f"extract {task}", quiet)
+            for name in names:
+                dtype = getattr(torch, b.manifest["tensors"][name]["dtype"])
+                w.add(name, b.task_tensor(base_reader, name, t).to(dtype))
+                bar.update()
+            bar.close()
+            per_task = set(b.manifest["per_task"])
+            for name in per_task:
+                w.add(name, b.store.get(f"tasks/{task}/{name}"))
+            for name, info in b.manifest["from_base"].items():
+                w.add(name, base_reader.get(name).to(getattr(torch, info["dtype"])))
+            w.commit()
+    finally:
+        base_reader.close()
+        b.close()
+    return out

@@ -1,0 +1,235 @@
+"""`sefusion` command line: merge | extract | methods | inspect | demo.
+
+Imports stay light at module level so that `--help` and `methods` return fast; torch is loaded only
+by the subcommands that read tensors. A user mistake prints one line and exits 2; Ctrl-C exits 130;
+neither leaves a partial output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("sefusion")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB; e.g. 500MB, 2GiB)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sefusion",
+        description="Model fusion for software-engineering models: merge fine-tuned checkpoints of one base "
+        "into one model or one bundle, streaming one tensor at a time.",
+    )
+    parser.add_argument("--version", action="version", version=f"sefusion {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    verbosity = common.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="print details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "merge",
+        parents=[common],
+        help="merge the experts of a recipe into OUT (a model folder, or a bundle for bundle methods)",
+        description="Merge the experts of RECIPE (sefusion YAML, or mergekit YAML for the methods both "
+        "have) into OUT.",
+    )
+    p.add_argument("recipe", type=Path, help="recipe YAML")
+    p.add_argument("out", type=Path, help="output folder")
+    _add_output_args(p)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda for the methods' arithmetic")
+    p.add_argument("--allow-nonfinite", action="store_true", help="merge even if an input holds NaN/Inf")
+
+    p = sub.add_parser(
+        "extract",
+        parents=[common],
+        help="write one task's model from a bundle",
+        description="Rebuild task TASK's model from BUNDLE (made by tall_masks or scaling_masks) into OUT.",
+    )
+    p.add_argument("bundle", type=Path)
+    p.add_argument("task")
+    p.add_argument("out", type=Path)
+    p.add_argument("--base", type=Path, help="base model folder, if it moved since the bundle was made")
+    _add_output_args(p)
+
+    sub.add_parser(
+        "methods", parents=[common], help="list the merge methods with their parameters and papers"
+    )
+
+    p = sub.add_parser("inspect", parents=[common], help="list the tensors of a model folder, file or bundle")
+    p.add_argument("path", type=Path)
+    p.add_argument("--limit", type=int, default=50, help="tensors to list (0: all; default 50)")
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="prepare small checkpoints, merge them with every method, print what each task keeps",
+    )
+    p.add_argument("--out", type=Path, default=Path("sefusion-demo"), help="folder (default ./sefusion-demo)")
+    return parser
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .engine import merge
+
+    report = merge(
+        args.recipe,
+        args.out,
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+        device=args.device,
+        allow_nonfinite=args.allow_nonfinite,
+        quiet=args.quiet,
+    )
+    for note in report.notes:
+        log.warning("note: %s", note)
+    log.info(
+        "%s: merged %d tensors, copied %d, %d tasks, %.1f s -> %s",
+        report.method,
+        report.n_merged,
+        report.n_copied,
+        len(report.tasks),
+        report.seconds,
+        report.out,
+    )
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .bundle import extract
+
+    out = extract(
+        args.bundle,
+        args.task,
+        args.out,
+        base=args.base,
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+        quiet=args.quiet,
+    )
+    log.info("task '%s' written to %s", args.task, out)
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .registry import METHODS
+
+    for spec in METHODS:
+        print(f"{spec.name}  [{spec.kind}]  {spec.paper}")
+        if spec.summary:
+            print(f"    {spec.summary}")
+        for name, tname, default in spec.describe_params():
+            print(f"    {name:<24} {tname:<40} default {default}")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import math
+
+    from .bundle import MANIFEST, Bundle
+    from .io import open_model
+
+    if (args.path / MANIFEST).is_file():
+        b = Bundle(args.path)
+        try:
+            m = b.manifest
+            st = b.storage()
+            print(f"bundle {args.path}: method {m['method']}, {len(b.tasks)} tasks: {', '.join(b.tasks)}")
+            print(f"params: {m['params']}")
+            print(f"base: {m['base']['path']} (sha256 {m['base']['sha256'][:16]}...)")
+            n = sum(math.prod(i["shape"]) for i in m["tensors"].values())
+            print(
+                f"merged tensors: {len(m['tensors'])} ({n:,} parameters); per-task tensors: {len(m['per_task'])}"
+            )
+            ratio = st["bundle_bytes"] / st["separate_bytes"] if st["separate_bytes"] else float("nan")
+            print(
+                f"bytes: bundle {_human(st['bundle_bytes'])} vs {len(b.tasks)} separate checkpoints "
+                f"{_human(st['separate_bytes'])} ({ratio:.2f}x)"
+            )
+        finally:
+            b.close()
+        return 0
+    reader = open_model(args.path)
+    try:
+        names = reader.names()
+        total = 0
+        by_dtype: dict[str, int] = {}
+        for i, name in enumerate(names):
+            shape = tuple(reader.shape(name))
+            n = math.prod(shape)
+            total += n
+            dt = str(reader.dtype(name)).removeprefix("torch.")
+            by_dtype[dt] = by_dtype.get(dt, 0) + n
+            if args.limit == 0 or i < args.limit:
+                print(f"{name:<60} {dt:<9} {list(shape)}")
+        if args.limit and len(names) > args.limit:
+            print(f"... {len(names) - args.limit} more (--limit 0 lists all)")
+        dts = ", ".join(f"{k} {v:,}" for k, v in by_dtype.items())
+        print(f"{len(names)} tensors, {total:,} parameters ({dts}); {reader.kind} in {reader.path}")
+    finally:
+        reader.close()
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quiet=args.quiet)
+    return 0
+
+
+COMMANDS = {
+    "merge": _cmd_merge,
+    "extract": _cmd_extract,
+    "methods": _cmd_methods,
+    "inspect": _cmd_inspect,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("sefusion").setLevel(level)
+    from .errors import SefusionError
+
+    try:
+        return COMMANDS[args.command](args)
+    except SefusionError as exc:
+        print(f"sefusion: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sefusion: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+    except OSError as exc:  # a file system problem the readers and writers did not name more precisely
+        if args.verbose:
+            raise
+        print(f"sefusion: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
