@@ -189,6 +189,7 @@ def test_disk_full_leaves_nothing(toy, tmp_path, capsys, monkeypatch):
 
     import sefusion.io.writer
 
+    monkeypatch.setattr(sefusion.io.writer, "_pwrite_all", full)
     monkeypatch.setattr(sefusion.io.writer, "save_file", full)
     code, err = run(["merge", str(recipe_for(env, tmp_path)), str(out), "-q"], capsys)
     assert code == 2 and "disk full" in err.lower(), err

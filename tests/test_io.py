@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sefusion.errors import CheckpointError, OutputExistsError, SefusionError
 from sefusion.io import (
@@ -560,3 +560,42 @@ def test_file_sha256(tmp_path):
     assert file_sha256([tmp_path / "a", tmp_path / "b"], chunk=2) == file_sha256(
         [tmp_path / "a", tmp_path / "b"]
     )
+
+
+def test_writer_with_layout_streams_in_any_order(tmp_path):
+    """With a planned layout tensors go straight to disk, in any order, and read back exactly."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(33, 17, generator=g).to(torch.bfloat16),
+        "b.bias": torch.randn(5, generator=g),
+        "c.scalar": torch.tensor(3.5),
+        "d.mask": torch.randint(0, 255, (3, 11), generator=g, dtype=torch.uint8),
+        "e.empty": torch.zeros(0, 4),
+    }
+    layout = [(n, t.shape, t.dtype) for n, t in tensors.items()]
+    out = tmp_path / "out"
+    with ModelWriter(out, shard_size=1000, layout=layout) as w:
+        for name in reversed(list(tensors)):
+            w.add(name, tensors[name])
+        w.commit()
+    assert (out / "model.safetensors.index.json").is_file()
+    got = {}
+    for f in out.glob("*.safetensors"):
+        got.update(load_file(str(f)))
+    assert set(got) == set(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    reader = open_model(out)
+    assert torch.equal(reader.get("a.weight"), tensors["a.weight"])
+
+
+def test_writer_with_layout_refuses_surprises(tmp_path):
+    layout = [("x", (2, 3), torch.float32), ("y", (4,), torch.float32)]
+    with pytest.raises(ValueError, match="'x'"), ModelWriter(tmp_path / "o1", layout=layout) as w:
+        w.add("x", torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="'z'"), ModelWriter(tmp_path / "o2", layout=layout) as w:
+        w.add("z", torch.zeros(4))
+    with pytest.raises(ValueError, match="never added"), ModelWriter(tmp_path / "o3", layout=layout) as w:
+        w.add("x", torch.zeros(2, 3))
+        w.commit()
+    assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())

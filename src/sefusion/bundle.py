@@ -107,8 +107,21 @@ def write_bundle(
         f"Rebuild one with `sefusion extract {out.name} TASK OUT`.\n\n"
         "## Recipe\n\n```yaml\n" + recipe.to_yaml() + "```\n"
     )
-    with ModelWriter(out, overwrite=overwrite, shard_size=shard_size, model_card=card) as w:
-        has_scales = False
+    n_tasks = len(tasks)
+    layout: list[tuple[str, Sequence[int], Any]] = []
+    for name in plan.merged:
+        shape = base.shape(name)
+        layout += [
+            (f"vector/{name}", shape, torch.float32),
+            (f"masks/{name}", (n_tasks, (math.prod(shape) + 7) // 8), torch.uint8),
+            (f"scales/{name}", (n_tasks,), torch.float32),
+        ]
+    for task, ex in zip(tasks, experts, strict=True):
+        layout += [
+            (f"tasks/{task}/{name}", ex.shape(name), _target_dtype(recipe, ex.dtype(name)))
+            for name in plan.per_task
+        ]
+    with ModelWriter(out, overwrite=overwrite, shard_size=shard_size, model_card=card, layout=layout) as w:
         bar = _progress(len(plan.merged), spec.name, quiet)
         for name, b, xs in source.stream(plan.merged):
             res = compute_tensor(
@@ -116,9 +129,9 @@ def write_bundle(
             )
             w.add(f"vector/{name}", res.vector.float().cpu().contiguous())
             w.add(f"masks/{name}", pack_masks(res.masks))
-            if res.scales is not None:
-                has_scales = True
-                w.add(f"scales/{name}", res.scales.float().cpu().contiguous())
+            # TALL-Masks stores s_t = 1 so that every bundle has one format
+            scales = res.scales if res.scales is not None else torch.ones(n_tasks)
+            w.add(f"scales/{name}", scales.float().cpu().contiguous())
             tensors[name] = {
                 "shape": list(base.shape(name)),
                 "dtype": _dtype_name(_target_dtype(recipe, base.dtype(name))),
@@ -144,7 +157,6 @@ def write_bundle(
                 {"name": task, "source": str(m.path), "weight": m.weight}
                 for task, m in zip(tasks, recipe.models, strict=True)
             ],
-            "has_scales": has_scales,
             "tensors": tensors,
             "from_base": {
                 n: {"shape": list(base.shape(n)), "dtype": _dtype_name(_target_dtype(recipe, base.dtype(n)))}
@@ -213,7 +225,7 @@ class Bundle:
         """Task t's float32 tensor `name` rebuilt from the base, the merged vector, its mask and scale."""
         info = self.manifest["tensors"][name]
         mask = unpack_mask(self.store.get(f"masks/{name}")[t], info["shape"])
-        scale = float(self.store.get(f"scales/{name}")[t]) if self.manifest["has_scales"] else None
+        scale = float(self.store.get(f"scales/{name}")[t])
         return rebuild(base.get(name), self.store.get(f"vector/{name}"), mask, scale)
 
     def storage(self) -> dict[str, int]:
@@ -262,15 +274,25 @@ def extract(
         f"params: `{json.dumps(b.manifest['params'])}`, sefusion {__version__}.\n"
     )
     try:
-        with ModelWriter(out, overwrite=overwrite, shard_size=size, aux_from=task_dir, model_card=card) as w:
-            names = list(b.manifest["tensors"])
+        names = list(b.manifest["tensors"])
+        per_task = list(b.manifest["per_task"])
+        layout = sorted(
+            [(n, info["shape"], getattr(torch, info["dtype"])) for n, info in b.manifest["tensors"].items()]
+            + [
+                (n, info["shape"], getattr(torch, info["dtype"]))
+                for n, info in b.manifest["from_base"].items()
+            ]
+            + [(n, b.store.shape(f"tasks/{task}/{n}"), b.store.dtype(f"tasks/{task}/{n}")) for n in per_task]
+        )
+        with ModelWriter(
+            out, overwrite=overwrite, shard_size=size, aux_from=task_dir, model_card=card, layout=layout
+        ) as w:
             bar = _progress(len(names), f"extract {task}", quiet)
             for name in names:
                 dtype = getattr(torch, b.manifest["tensors"][name]["dtype"])
                 w.add(name, b.task_tensor(base_reader, name, t).to(dtype))
                 bar.update()
             bar.close()
-            per_task = set(b.manifest["per_task"])
             for name in per_task:
                 w.add(name, b.store.get(f"tasks/{task}/{name}"))
             for name, info in b.manifest["from_base"].items():

@@ -5,9 +5,11 @@ initialisation, seeded) and four experts whose task vectors have known supports:
 task a fifth as strong, and one weak task a twentieth as strong (weak features are what Scaling-Masks
 targets). Each expert carries its own classification head, excluded from fusion. Every method merges
 them through the same path as `sefusion merge`; bundles are extracted per task with `sefusion extract`.
-The report says, for each task, how much of its task vector the fused model keeps:
-  kept_t = 1 - ||theta_hat_t - theta_t|| / ||theta_t - theta_0||   (1 = the expert itself, 0 = the base),
-over the merged tensors, and how many bytes serving all tasks needs.
+The report says, for each task, how far the fused model serving it is from the task's expert, relative
+to how far the base is:
+  dist_t = ||theta_hat_t - theta_t|| / ||theta_0 - theta_t||   (0 = the expert itself, 1 = no closer than the base),
+over the merged tensors, and how many bytes serving all tasks needs. A single merged model that carries
+the strong tasks' vectors lands far from a weak task's expert (dist > 1): interference, made visible.
 """
 
 from __future__ import annotations
@@ -74,12 +76,12 @@ def _prepare(root: Path) -> dict[str, Path]:
     return paths
 
 
-def _kept(theta_hat: dict[str, Any], expert: dict[str, Any], base: dict[str, Any]) -> float:
+def _distance(theta_hat: dict[str, Any], expert: dict[str, Any], base: dict[str, Any]) -> float:
     num = den = 0.0
     for name, b in base.items():
         num += float((theta_hat[name].double() - expert[name].double()).pow(2).sum())
         den += float((expert[name].double() - b.double()).pow(2).sum())
-    return 1.0 - math.sqrt(num / den) if den > 0 else float("nan")
+    return math.sqrt(num / den) if den > 0 else float("nan")
 
 
 def _folder_bytes(path: Path) -> int:
@@ -110,7 +112,7 @@ def run_demo(out: Path, *, quiet: bool = False) -> dict[str, Any]:
         }
         dest = out / "merged" / label.replace(" ", "_").replace("(", "").replace(")", "")
         merge(recipe, dest, overwrite=True, quiet=True)
-        kept: dict[str, float] = {}
+        dist: dict[str, float] = {}
         if (dest / "bundle.json").is_file():
             b = Bundle(dest)
             storage = b.storage()["bundle_bytes"]
@@ -118,14 +120,14 @@ def run_demo(out: Path, *, quiet: bool = False) -> dict[str, Any]:
             for t in TASKS:
                 task_dir = dest.parent / f"{dest.name}-{t}"
                 extract(dest, t, task_dir, overwrite=True, quiet=True)
-                kept[t] = _kept(body(load_file(task_dir / "model.safetensors")), experts_sd[t], base_sd)
+                dist[t] = _distance(body(load_file(task_dir / "model.safetensors")), experts_sd[t], base_sd)
         else:
             storage = _folder_bytes(dest)
             merged = body(load_file(dest / "model.safetensors"))
-            kept = {t: _kept(merged, experts_sd[t], base_sd) for t in TASKS}
-        rows.append({"method": label, "params": params, "kept": kept, "storage_bytes": storage})
+            dist = {t: _distance(merged, experts_sd[t], base_sd) for t in TASKS}
+        rows.append({"method": label, "params": params, "distance": dist, "storage_bytes": storage})
         if not quiet:
-            log.info("  %-20s %s", label, "  ".join(f"{t} {v:+.3f}" for t, v in kept.items()))
+            log.info("  %-20s %s", label, "  ".join(f"{t} {v:.3f}" for t, v in dist.items()))
     report = {
         "tasks": TASKS,
         "separate_bytes": separate,
@@ -135,11 +137,9 @@ def run_demo(out: Path, *, quiet: bool = False) -> dict[str, Any]:
     (out / "demo.json").write_text(json.dumps(report, indent=1) + "\n")
     table = _table(report)
     (out / "report.md").write_text(
-        "# sefusion demo\n\nShare of each task vector that the fused model keeps "
-        "(1 = the expert, 0 = the base), over the merged tensors.\nTask strengths: "
-        + ", ".join(f"{t} x{s}" for t, s in TASKS.items())
-        + ".\n\n"
-        + table
+        "# sefusion demo\n\nDistance of the model serving each task from that task's expert, relative to "
+        "the base's distance (0 = the expert itself, 1 = no closer than the base), over the merged "
+        "tensors.\nTask strengths: " + ", ".join(f"{t} x{s}" for t, s in TASKS.items()) + ".\n\n" + table
     )
     print(table)
     print(f"report: {out / 'report.md'}  ({report['seconds']:.1f} s)")
@@ -151,10 +151,10 @@ def _table(report: dict[str, Any]) -> str:
     head = "| method | " + " | ".join(tasks) + " | mean | bytes to serve all |\n"
     head += "|---" * (len(tasks) + 3) + "|\n"
     lines = [
-        f"| individual experts | {' | '.join('1.000' for _ in tasks)} | 1.000 | {report['separate_bytes']:,} |"
+        f"| individual experts | {' | '.join('0.000' for _ in tasks)} | 0.000 | {report['separate_bytes']:,} |"
     ]
     for r in report["rows"]:
-        vals = [r["kept"][t] for t in tasks]
+        vals = [r["distance"][t] for t in tasks]
         lines.append(
             f"| {r['method']} | {' | '.join(f'{v:.3f}' for v in vals)} | {sum(vals) / len(vals):.3f} "
             f"| {r['storage_bytes']:,} |"

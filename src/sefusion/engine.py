@@ -123,26 +123,20 @@ def make_plan(
 
 
 def _resolve_task_params(kwargs: dict[str, Any], spec: MethodSpec, task_names: Sequence[str]) -> None:
-    """Turn per-task maps (`lambdas: {task: value}`, `order: [task, ...]`) into per-expert lists, early."""
+    """Check per-task parameters against the task names before any tensor is read: `lambdas` maps become
+    one value per expert; a CABS `order` must name every task once."""
     from .methods import _ops
 
-    for key in ("lambdas",):
-        arg = spec.params[key].arg if key in spec.params else None
-        if arg is not None:
-            try:
-                kwargs[arg] = _ops.resolve_per_task(
-                    kwargs[arg], list(task_names), key, default=_ops.DEFAULT_LAMBDA
-                )
-            except ValueError as exc:
-                raise RecipeError(f"method '{spec.name}': {exc}") from None
-    if "order" in spec.params and kwargs.get("order") is not None:
-        order = list(kwargs["order"])
-        unknown = [t for t in order if t not in task_names]
-        if unknown or sorted(order) != sorted(task_names):
-            raise RecipeError(
-                f"method '{spec.name}': `order` must list every task once; got {order}, tasks are "
-                f"{list(task_names)}" + (f" (unknown: {unknown})" if unknown else "")
+    try:
+        if "lambdas" in spec.params:
+            arg = spec.params["lambdas"].arg
+            kwargs[arg] = _ops.resolve_per_task(
+                kwargs[arg], list(task_names), "lambdas", default=_ops.DEFAULT_LAMBDA
             )
+        if "order" in spec.params:
+            _ops.resolve_order(kwargs[spec.params["order"].arg], list(task_names))
+    except ValueError as exc:
+        raise RecipeError(f"method '{spec.name}': {exc}") from None
 
 
 class TensorSource:
@@ -348,7 +342,13 @@ def _write_merge(
             ", ".join(only_in_experts[:8]) + (" ..." if len(only_in_experts) > 8 else ""),
         )
     card = _model_card(recipe, spec)
-    with ModelWriter(out, overwrite=overwrite, shard_size=shard_size, aux_from=ref, model_card=card) as w:
+    layout = sorted(
+        (name, ref.shape(name), _target_dtype(recipe, ref.dtype(name)))
+        for name in plan.merged + plan.from_base
+    )
+    with ModelWriter(
+        out, overwrite=overwrite, shard_size=shard_size, aux_from=ref, model_card=card, layout=layout
+    ) as w:
         bar = _progress(len(plan.merged) + len(plan.from_base), f"{spec.name}", quiet)
         for name, b, xs in source.stream(plan.merged, with_base=spec.needs_base):
             result = compute_tensor(

@@ -51,6 +51,8 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = 0  # absolute byte offset of the tensor's data in `file`
+    nbytes: int = 0
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -105,7 +107,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path} is truncated: tensor '{name}' ends at byte {end} of the data but the file holds "
                 f"{data_len} bytes of data"
             )
-        out[name] = TensorInfo(path, shape, dtype)
+        out[name] = TensorInfo(path, shape, dtype, 8 + n + begin, end - begin)
         spans.append((begin, end, name))
     spans.sort()
     pos = 0

@@ -7,6 +7,7 @@ memory map, so a merge never holds a whole model in memory.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import threading
 import zipfile
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 from ._header import TensorInfo, read_header
@@ -166,20 +166,34 @@ class SafetensorsReader(ModelReader):
         return list(self._files)
 
     def get(self, name: str) -> torch.Tensor:
-        f = self._entry(name).file
+        """Read one tensor with a positional read into fresh memory.
+
+        Not a memory map: mapped pages stay resident (and count in RSS) for as long as the file is open,
+        so a merge that maps every input would hold the whole models; a plain read keeps memory bounded
+        by the tensors in flight, and the result is the caller's own (safe to modify in place).
+        """
+        info = self._entry(name)
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
         try:
             with self._lock:
-                h = self._handles.get(f)
-                if h is None:
-                    h = self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            # safetensors >= 0.6 hands out a view of its memory map, the same one on every call: copy, or
-            # a caller's in-place op would change what the next get() of this name returns.
-            return h.get_tensor(name).clone()
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot read tensor '{name}' from {f}: {exc}") from None
+                fd = self._handles.get(info.file)
+                if fd is None:
+                    fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+            view = memoryview(out.numpy())
+            done = 0
+            while done < info.nbytes:  # preadv may return short on large reads
+                got = os.preadv(fd, [view[done:]], info.offset + done)
+                if got <= 0:
+                    raise OSError(f"unexpected end of file at byte {info.offset + done}")
+                done += got
+        except OSError as exc:
+            raise CheckpointError(f"cannot read tensor '{name}' from {info.file}: {exc}") from None
+        return out.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
         with self._lock:
+            for fd in self._handles.values():
+                os.close(fd)
             self._handles.clear()
 
 

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from ..errors import OutputExistsError, SefusionError
+from ._header import DTYPES
 from .reader import ModelReader, find_aux_files
 
 SAFE_SINGLE = "model.safetensors"
@@ -86,15 +90,66 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-class ModelWriter:
-    """Collect tensors into safetensors shards of at most `shard_size` bytes and publish them atomically.
+Layout = Sequence[tuple[str, Sequence[int], torch.dtype]]
 
-    with ModelWriter(out, aux_from=base_reader, model_card=card) as w:
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+class _PlannedShard:
+    """A shard whose header is written up front, so tensors go to disk the moment they are added."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        self.path = path
+        self.names = [e[0] for e in entries]
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        self.slots: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        for name, shape, dtype in entries:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+            self.slots[name] = (pos, shape, dtype)
+            pos += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        self.data_start = 8 + len(raw)
+        self.size = self.data_start + pos
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, self.size)
+        _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        pos, shape, dtype = self.slots[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(
+                f"tensor '{name}' is {tuple(t.shape)} {t.dtype}, the planned layout says {shape} {dtype}"
+            )
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        _pwrite_all(self.fd, memoryview(data), self.data_start + pos)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class ModelWriter:
+    """Write tensors into safetensors shards of at most `shard_size` bytes and publish them atomically.
+
+    with ModelWriter(out, aux_from=base_reader, model_card=card, layout=layout) as w:
         for name, t in ...: w.add(name, t)
         w.commit()
 
     Leaving the block without commit(), or with an exception, removes everything written.
-    At most one shard's worth of tensors (`shard_size` bytes) is held in memory.
+    With a `layout` (every (name, shape, dtype) to come, in file order) the shard headers are written
+    first and each tensor goes straight to disk: memory holds no output at all, and tensors may come
+    in any order. Without one, at most one shard's worth of tensors (`shard_size` bytes) is buffered.
     """
 
     def __init__(
@@ -105,6 +160,7 @@ class ModelWriter:
         shard_size: int = 5 * 10**9,
         aux_from: ModelReader | Path | str | None = None,
         model_card: str | None = None,
+        layout: Layout | None = None,
     ) -> None:
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
@@ -120,17 +176,47 @@ class ModelWriter:
         self._seen: set[str] = set()
         self._total = 0
         self._committed = False
+        self._layout = [(n, tuple(int(d) for d in shape), dt) for n, shape, dt in layout] if layout else None
+        self._planned: dict[str, _PlannedShard] = {}  # name -> its shard (layout mode)
 
     def __enter__(self) -> ModelWriter:
         self.tmp_path = _make_tmp(self.out, self.overwrite)
+        if self._layout is not None:
+            try:
+                self._plan_shards(self._layout)
+            except BaseException as exc:
+                self.__exit__(None, None, None)
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise _disk_full(self.out, exc) from exc
+                raise
         return self
+
+    def _plan_shards(self, layout: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for entry in layout:
+            nbytes = math.prod(entry[1]) * entry[2].itemsize
+            if groups[-1] and size + nbytes > self.shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += nbytes
+        for i, group in enumerate(groups, start=1):
+            shard = _PlannedShard(self._tmp() / f".shard-{i:05d}.safetensors", group)
+            self._shards.append((shard.path, shard.names))
+            self._planned.update(dict.fromkeys(shard.names, shard))
 
     def __exit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._close_planned()
         if not self._committed and self.tmp_path is not None:
             _remove(self.tmp_path)
         self._buffer.clear()
+
+    def _close_planned(self) -> None:
+        for shard in set(self._planned.values()):
+            shard.close()
 
     def _tmp(self) -> Path:
         if self.tmp_path is None:
@@ -149,6 +235,19 @@ class ModelWriter:
         self._tmp()
         if name in self._seen:
             raise ValueError(f"tensor '{name}' was added twice to {self.out}")
+        if self._layout is not None:
+            shard = self._planned.get(name)
+            if shard is None:
+                raise ValueError(f"tensor '{name}' is not in the planned layout of {self.out}")
+            try:
+                shard.write(name, tensor)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise _disk_full(self.out, exc) from exc
+                raise
+            self._seen.add(name)
+            self._total += tensor.nbytes
+            return
         t = tensor.detach().to("cpu").contiguous()
         # safetensors refuses views and tensors that share storage: give each its own compact copy.
         if (
@@ -189,8 +288,16 @@ class ModelWriter:
     def commit(self) -> Path:
         """Write the last shard, the index, aux files and model card, then move the folder into place."""
         tmp = self._tmp()
+        if self._layout is not None:
+            missing = [n for n in self._planned if n not in self._seen]
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} planned tensors were never added to {self.out}: {missing[:5]}"
+                )
+            self._close_planned()
         try:
-            self._flush()
+            if self._layout is None:
+                self._flush()
             n = len(self._shards)
             weight_map: dict[str, str] = {}
             for i, (f, names) in enumerate(self._shards, start=1):
