@@ -98,7 +98,10 @@ def task_vectors(base: Tensor | None, experts: list[Tensor], weights: list[float
     if base is None:
         raise ValueError(f"method '{method}' needs a base model (task vectors are theta_t - theta0)")
     check_experts(experts, weights, method, base.shape)
-    taus = torch.stack([e.reshape(-1) for e in experts]) - base.reshape(1, -1)  # (T, n)
+    flat = base.reshape(-1)
+    taus = torch.empty((len(experts), flat.numel()), dtype=torch.float32, device=base.device)  # (T, n)
+    for t, e in enumerate(experts):  # one pass per expert, no stacked copy
+        torch.sub(e.reshape(-1), flat, out=taus[t])
     return taus, weight_tensor(weights, taus)
 
 
@@ -215,6 +218,14 @@ def _take_first(keep: Tensor, equal: Tensor, quota: Any) -> Tensor:
     return keep | (equal & (equal.cumsum(-1) <= need))
 
 
+def _take_first_flat(keep: Tensor, equal: Tensor, need: int) -> Tensor:
+    """keep | the first `need` True entries of flat `equal` (in place on keep); no cumsum over n."""
+    if need > 0:
+        idx = equal.nonzero().reshape(-1)[:need]  # positions in flat order
+        keep[idx] = True
+    return keep
+
+
 def topk_mask(x: Tensor, k: int) -> Tensor:
     """Exact top-k by magnitude: exactly min(k, nnz) entries, ties by lowest flat index, zeros never.
 
@@ -222,17 +233,52 @@ def topk_mask(x: Tensor, k: int) -> Tensor:
     """
     a = x.reshape(-1).abs()
     n = a.numel()
-    nonzero = a != 0
     if k >= n:
-        return nonzero.reshape(x.shape)
+        return (a != 0).reshape(x.shape)
     if k <= 0:
-        return torch.zeros_like(nonzero).reshape(x.shape)
-    kth = torch.kthvalue(a, n - k + 1).values  # k-th largest, by selection
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    kth = kth_largest(a, k)
     keep = a > kth
-    equal = (a == kth) & nonzero
-    if int(equal.sum()) > k - int(keep.sum()):  # more ties than room: lowest indices first
-        return _take_first(keep, equal, k).reshape(x.shape)
-    return (keep | equal).reshape(x.shape)
+    if float(kth) == 0:  # zeros are never kept: fewer than k non-zero entries
+        return keep.reshape(x.shape)
+    equal = a == kth
+    need = k - int(keep.sum())
+    if int(equal.sum()) > need:  # more ties than room: lowest indices first
+        return _take_first_flat(keep, equal, need).reshape(x.shape)
+    return keep.logical_or_(equal).reshape(x.shape)
+
+
+_SAMPLE = 1 << 16  # entries sampled to bracket the k-th largest
+
+
+def kth_largest(a: Tensor, k: int) -> Tensor:
+    """The k-th largest value of flat `a` (1 <= k <= n), exactly, by selection.
+
+    Large inputs: a strided sample brackets the answer between two values lo <= kth <= hi (a margin
+    of several binomial standard deviations around the sample's k-th largest); counting the entries
+    above hi and gathering the few in [lo, hi] leaves a small kthvalue. Where the bracket misses (an
+    unlucky sample, or many ties) it falls back to kthvalue on the whole input. Either way the value is
+    exact; only the time differs (a few cheap passes instead of a selection over n entries).
+    """
+    n = a.numel()
+    if n <= 4 * _SAMPLE:
+        return torch.kthvalue(a, n - k + 1).values
+    step = n // _SAMPLE
+    sample = a[::step]  # (s,) strided view: deterministic, no copy of a
+    s = sample.numel()
+    p = k / n
+    margin = 6.0 * math.sqrt(max(p * (1 - p), 1.0 / s) * s) + 2
+    hi_rank = max(1, math.floor(p * s - margin))  # ranks from the top in the sample
+    lo_rank = min(s, math.ceil(p * s + margin))
+    hi = torch.kthvalue(sample, s - hi_rank + 1).values
+    lo = torch.kthvalue(sample, s - lo_rank + 1).values
+    above = int((a > hi).sum())  # entries certainly in the top k
+    if above < k:
+        band = a[(a >= lo) & (a <= hi)]  # (b,) with b << n
+        if above + band.numel() >= k:  # the k-th largest lies in [lo, hi]
+            need = k - above  # its rank from the top of the band
+            return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(a, n - k + 1).values
 
 
 def trim(x: Tensor, density: float) -> Tensor:
@@ -241,9 +287,14 @@ def trim(x: Tensor, density: float) -> Tensor:
     return torch.where(topk_mask(x, keep_count(density, x.numel())), x, 0.0)
 
 
-def trim_each(taus: Tensor, densities: Sequence[float]) -> Tensor:
-    """(T, n) -> (T, n): trim row t with densities[t]."""
-    return torch.stack([trim(tau, d) for tau, d in zip(taus, densities, strict=True)])
+def trim_each(taus: Tensor, densities: Sequence[float], *, inplace: bool = False) -> Tensor:
+    """(T, n) -> (T, n): trim row t with densities[t] (into `taus` itself when inplace)."""
+    out = taus if inplace else torch.empty_like(taus)
+    zero = torch.zeros((), dtype=taus.dtype, device=taus.device)
+    for tau, d, row in zip(taus, densities, out, strict=True):
+        check_density(d)
+        torch.where(topk_mask(tau, keep_count(d, tau.numel())), tau, zero, out=row)
+    return out
 
 
 def trim_model_scope(taus: Tensor, thresholds: list[ModelThreshold] | None) -> Tensor:
@@ -273,8 +324,11 @@ def trim_model_scope(taus: Tensor, thresholds: list[ModelThreshold] | None) -> T
 
 def elect_sign(trimmed: Tensor, weights: Sequence[float] | Tensor) -> Tensor:
     """gamma = sign(sum_t w_t tau_hat_t); trimmed (T, n) -> (n,), 0 where the sum is 0."""
-    w = weight_tensor(weights, trimmed)[:, None]
-    return torch.sign((w * trimmed).sum(0))
+    w = [float(v) for v in weights]
+    total = torch.zeros_like(trimmed[0])
+    for t, row in enumerate(trimmed):  # row by row: no (T, n) temporaries
+        total.add_(row, alpha=w[t])
+    return total.sign_()
 
 
 def disjoint_merge(trimmed: Tensor, weights: Sequence[float] | Tensor, sign: Tensor, merge: str) -> Tensor:
@@ -283,12 +337,17 @@ def disjoint_merge(trimmed: Tensor, weights: Sequence[float] | Tensor, sign: Ten
     mean: sum_A w_t tau_hat_t / sum_A w_t (0 where A is empty); sum: sum_A w_t tau_hat_t.
     """
     check_choice(merge, ("mean", "sum"), "merge")
-    w = weight_tensor(weights, trimmed)[:, None]  # (T, 1)
-    agree = trimmed * sign > 0  # (T, n): non-zero and of the elected sign (gamma = 0 elects nobody)
-    total = (torch.where(agree, trimmed, 0.0) * w).sum(0)
-    if merge == "sum":
+    w = [float(v) for v in weights]
+    total = torch.zeros_like(sign)
+    den = torch.zeros_like(sign) if merge == "mean" else None
+    agree = torch.empty(sign.shape, dtype=torch.bool, device=sign.device)
+    for t, row in enumerate(trimmed):  # row by row, in place: no (T, n) temporaries
+        torch.gt(row * sign, 0, out=agree)  # non-zero and of the elected sign (gamma = 0 elects nobody)
+        total.add_(torch.where(agree, row, 0.0), alpha=w[t])
+        if den is not None:
+            den.add_(agree, alpha=w[t])
+    if den is None:
         return total
-    den = (agree * w).sum(0)
     return torch.where(den != 0, total / den, 0.0)
 
 
