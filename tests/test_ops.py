@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
 
 import reference as ref
-from sefusion.methods import ModelThreshold
+from sefusion.methods import ModelThreshold, _ops
 from sefusion.methods._ops import (
     ModelTopK,
     balanced_mask,
@@ -204,3 +206,29 @@ def test_model_topk_chunking_and_misuse():
     y = torch.tensor([1, 3, 0x7F000000, 100, 2], dtype=torch.int32).view(torch.float32)
     value = model_thresholds(lambda: iter([[y]]), 1, 0.6)[0].value  # k = 3: huge, 100 ulp, 3 ulp
     assert value == torch.tensor(3, dtype=torch.int32).view(torch.float32).item() > 0
+
+
+@pytest.mark.parametrize(
+    "case", ["normal", "bf16_ties", "mostly_zero", "constant", "two_values", "heavy_tail"]
+)
+@pytest.mark.parametrize("density", [1e-6, 0.01, 0.2, 0.5, 0.97, 1.0])
+def test_kth_largest_matches_kthvalue_on_large_inputs(case, density):
+    """The sampled bracket gives exactly kthvalue's answer, including where it must fall back."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{case}{density}".encode()))
+    n = 300_007
+    if case == "normal":
+        a = torch.randn(n, generator=g).abs()
+    elif case == "bf16_ties":
+        a = (torch.randn(n, generator=g) * 1e-3).to(torch.bfloat16).float().abs()
+    elif case == "mostly_zero":
+        a = torch.randn(n, generator=g).abs() * (torch.rand(n, generator=g) < 0.05)
+    elif case == "constant":
+        a = torch.full((n,), 0.25)
+    elif case == "two_values":
+        a = torch.where(torch.rand(n, generator=g) < 0.3, 1.0, 2.0)
+    else:
+        a = torch.randn(n, generator=g).abs() ** 8
+    k = max(1, min(n, _ops.keep_count(density, n)))
+    assert float(_ops.kth_largest(a, k)) == float(torch.kthvalue(a, n - k + 1).values)
+    mask = _ops.topk_mask(a, k)
+    assert int(mask.sum()) == min(k, int((a != 0).sum()))
