@@ -310,8 +310,10 @@ def compute_tensor(
     from .methods import TensorContext
 
     ctx = TensorContext(name=name, seed=seed, task_names=tuple(task_names), model_thresholds=thresholds)
+    # The base in float32; experts stay in their stored dtype (methods compute in float32 as they read
+    # them): T float32 copies of every tensor would double the memory and the passes over it.
     b = base.to(device=device, dtype=torch.float32) if base is not None else None
-    xs = [e.to(device=device, dtype=torch.float32) for e in experts]
+    xs = [e.to(device=device) for e in experts]
     return spec.fn(b, xs, list(weights), **kwargs, ctx=ctx)
 
 

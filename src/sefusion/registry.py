@@ -6,8 +6,9 @@ A method is a plain function whose keyword-only parameters are its configuration
     def ties(base, experts, weights, *, density: Density = 0.2, lambda_: float = 1.0, ...,
              ctx: TensorContext = DEFAULT_CTX) -> Tensor: ...
 
-* Positional parameters: ``base`` (float32 tensor or None), ``experts`` (list of float32 tensors),
-  ``weights`` (list of floats, one per expert).
+* Positional parameters: ``base`` (float32 tensor or None), ``experts`` (list of tensors in their stored
+  floating dtype, e.g. bf16: a method reads them into float32 as it goes, so the engine never holds T
+  float32 copies), ``weights`` (list of floats, one per expert). The result is float32.
 * Keyword-only parameters are the recipe's ``params``. A trailing underscore is dropped from the public
   name (``lambda_`` is ``lambda`` in a recipe). Annotations may carry pydantic constraints
   (``Annotated[float, Field(gt=0, le=1)]``); values are validated against them before any tensor is read.

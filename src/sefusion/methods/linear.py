@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from .._lazy import torch
 from ..registry import register
-from ._ops import DEFAULT_CTX, TensorContext, check_experts, weight_tensor
+from ._ops import DEFAULT_CTX, TensorContext, check_experts
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -32,8 +32,9 @@ def linear(
         raise ValueError(
             "linear: the weights sum to 0, cannot normalize; change them or set normalize: false"
         )
-    thetas = torch.stack([e.reshape(-1) for e in experts])  # (T, n)
-    merged = (weight_tensor(weights, thetas)[:, None] * thetas).sum(0)
+    merged = torch.zeros(experts[0].shape, dtype=torch.float32, device=experts[0].device)
+    for w, e in zip(weights, experts, strict=True):  # expert by expert: no (T, n) stack
+        merged.add_(e, alpha=float(w))  # float32 accumulation whatever e's dtype
     if normalize:
-        merged = merged / total
-    return merged.reshape(experts[0].shape)
+        merged.div_(total)
+    return merged

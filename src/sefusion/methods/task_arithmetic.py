@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._lazy import torch
 from ..registry import register
 from ._ops import DEFAULT_CTX, TensorContext, apply, task_vectors
 
@@ -26,4 +27,7 @@ def task_arithmetic(
     Ilharco et al. 2023, "Editing models with task arithmetic", https://arxiv.org/abs/2212.04089
     """
     taus, w = task_vectors(base, experts, weights, "task_arithmetic")  # (T, n), (T,)
-    return apply(base, lambda_ * (w[:, None] * taus).sum(0))
+    total = torch.zeros_like(taus[0])
+    for t, tau in enumerate(taus):
+        total.add_(tau, alpha=float(w[t]))
+    return apply(base, total.mul_(lambda_))
