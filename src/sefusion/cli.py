@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepare small checkpoints, merge them with every method, print what each task keeps",
     )
     p.add_argument("--out", type=Path, default=Path("sefusion-demo"), help="folder (default ./sefusion-demo)")
+
+    from .tasks.corpus_cli import add_corpus_parser  # stdlib only: --help stays fast
+
+    add_corpus_parser(sub, [common])
     return parser
 
 
@@ -193,6 +197,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, quiet=args.quiet)
     return 0
 
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    from .tasks.corpus_cli import run_corpus
+
+    return run_corpus(args)
+
 
 COMMANDS = {
     "merge": _cmd_merge,
@@ -200,6 +209,7 @@ COMMANDS = {
     "methods": _cmd_methods,
     "inspect": _cmd_inspect,
     "demo": _cmd_demo,
+    "corpus": _cmd_corpus,
 }
 
 
