@@ -197,6 +197,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, quiet=args.quiet)
     return 0
 
+
 def _cmd_corpus(args: argparse.Namespace) -> int:
     from .tasks.corpus_cli import run_corpus
 
