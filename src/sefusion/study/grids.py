@@ -1,0 +1,90 @@
+"""Hyper-parameter grids of the study (METHODS.md and issue 5) and the selection rule.
+
+Every candidate is scored on the validation split only; the chosen one is then scored once on test.
+Merge methods pick the candidate with the highest average normalized validation score (score / the task's
+own expert's validation score), ties going to the earlier candidate. TALL-Masks and Scaling-Masks pick
+lambda_t per task: task t's mask depends on its own lambda_t only, so each task takes the value that is
+best for itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+BASELINES = ("pretrained", "individual", "multitask")
+FUSION = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "consensus",
+    "tall_masks",
+    "scaling_masks",
+    "cabs",
+)
+ROWS = BASELINES + FUSION
+PER_TASK = frozenset({"tall_masks", "scaling_masks"})
+
+_LAMBDA_FULL = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0
+_LAMBDA_QUICK = (0.2, 0.4, 0.6, 0.8, 1.0)
+_MASK_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def grid(method: str, budget: str) -> list[dict[str, Any]]:
+    """The candidates for `method`. `full` is the issue's grid; `quick` thins the lambda axis (demo time)."""
+    lam = _LAMBDA_FULL if budget == "full" else _LAMBDA_QUICK
+    if method == "linear":
+        return [{}]
+    if method == "task_arithmetic":
+        return [{"lambda": x} for x in lam]
+    if method == "ties":
+        return [{"density": d, "lambda": x} for d in (0.1, 0.2, 0.3) for x in lam]
+    if method == "dare_ties":
+        # DARE's rescale keeps each expert's expected vector, so lambda stays 1 (the issue's grid)
+        return [{"density": d, "lambda": 1.0} for d in (0.1, 0.3, 0.5)]
+    if method == "consensus":
+        return [{"alpha": x, "k": 2, "lambdas": 0.4} for x in lam]
+    if method == "cabs":
+        return [{"n": n, "m": m, "lambda": x} for n, m in ((1, 4), (2, 8), (8, 32)) for x in lam]
+    if method in PER_TASK:
+        return [{"lambdas": x} for x in _MASK_LAMBDAS]
+    raise KeyError(method)
+
+
+def avg(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def normalize(scores: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
+    """score / reference per task (the reference being the task's individual expert on the same split)."""
+    out = {}
+    for task, s in scores.items():
+        r = reference[task]
+        out[task] = s / r if r else float("nan")
+    return out
+
+
+def select(
+    candidates: Sequence[Mapping[str, Any]],
+    validation: Sequence[Mapping[str, float]],
+    reference: Mapping[str, float],
+) -> int:
+    """Index of the candidate with the best average normalized validation score (first among equals)."""
+    best, best_value = 0, float("-inf")
+    for i, scores in enumerate(validation):
+        value = avg(list(normalize(scores, reference).values()))
+        if value > best_value:
+            best, best_value = i, value
+    return best
+
+
+def select_per_task(
+    values: Sequence[float], validation: Sequence[Mapping[str, float]], tasks: Sequence[str]
+) -> dict[str, float]:
+    """For each task, the lambda_t whose validation score on that task is best (first among equals)."""
+    chosen = {}
+    for task in tasks:
+        best_i = max(range(len(values)), key=lambda i: (validation[i][task], -i))
+        chosen[task] = values[best_i]
+    return chosen

@@ -1,0 +1,230 @@
+"""results.json -> report.md + PNG plots. Everything in the report is read from the results, never typed in."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return lines
+
+
+def _params(p: Mapping[str, Any] | None) -> str:
+    if not p:
+        return ""
+    parts = []
+    for k, v in p.items():
+        if isinstance(v, dict):
+            v = "{" + ", ".join(f"{t}: {_fmt(x, 2)}" for t, x in v.items()) + "}"
+        parts.append(f"{k}={v}")
+    return ", ".join(parts)
+
+
+def table_text(results: Mapping[str, Any]) -> str:
+    """A plain-text table of normalized test scores (what `sefusion study` and `demo` print)."""
+    tasks = results["tasks"]
+    w = max(12, *(len(t) for t in tasks))
+    head = f"{'method':<16}" + "".join(f"{t:>{w + 1}}" for t in tasks) + f"{'avg norm.':>11}{'serve MB':>10}"
+    lines = [head, "-" * len(head)]
+    for r in results["rows"]:
+        cells = "".join(f"{_fmt(r['test'][t]):>{w - 6}} ({_fmt(r['normalized'][t], 2)})" for t in tasks)
+        lines.append(
+            f"{r['method']:<16}{cells}{_fmt(r['avg_normalized']):>11}{r['storage_bytes'] / 1e6:>10.1f}"
+        )
+    lines.append("cells: test score (normalized by the task's own expert)")
+    return "\n".join(lines)
+
+
+def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+    tasks = results["tasks"]
+    ex = results["experts"]
+    L: list[str] = [
+        f"# Study: {results['scenario']}",
+        "",
+        f"{results.get('description', '')}",
+        "",
+        f"- base: `{results['base']}` (sha256 {results.get('base_sha256', '')[:16]}…)",
+        f"- budget: `{results['budget']}`, seed {results['seed']}, sefusion {__version__}",
+        f"- wall time: {results.get('wall_s', 0):.0f} s "
+        + "("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("timings_s", {}).items())
+        + ")",
+        "- hyper-parameters of every fusion row were chosen on the validation split only, then scored once on test;",
+        "  normalized score = test score / the task's individual expert's test score.",
+        "",
+        "## Tasks and experts",
+        "",
+    ]
+    trows = []
+    for t in tasks:
+        sizes = results["data"][t]["sizes"]
+        e = ex[t]
+        trows.append(
+            [t, e["metric"], e["chance"], e["test"], e["validation"], sizes.get("train"), sizes.get("validation"),
+             sizes.get("test"), "yes" if e["test"] > e["chance"] else "**no**"]
+        )  # fmt: skip
+    L += _table(
+        ["task", "metric", "chance", "expert test", "expert val", "train", "val", "test", "above chance"],
+        trows,
+    )
+    kinds = {t: ex[t]["per_kind"] for t in tasks if ex[t].get("per_kind")}
+    if kinds:
+        L += ["", "Expert accuracy per kind (test):", ""]
+        for t, pk in kinds.items():
+            L.append(
+                f"- {t}: "
+                + ", ".join(
+                    f"{k} {_fmt(v.get('score') if isinstance(v, dict) else v)}" for k, v in pk.items()
+                )
+            )
+
+    L += ["", "## Absolute test scores", ""]
+    hdr = ["method", *tasks, "average"]
+    L += _table(hdr, [[r["method"], *(r["test"][t] for t in tasks), sum(r["test"].values()) / len(tasks)]
+                      for r in results["rows"]])  # fmt: skip
+    L += ["", "## Normalized test scores (fused / individual expert)", ""]
+    L += _table(
+        ["method", *tasks, "avg normalized", "bytes to serve all tasks"],
+        [[r["method"], *(r["normalized"][t] for t in tasks), r["avg_normalized"], _mb(r["storage_bytes"])]
+         for r in results["rows"]],
+    )  # fmt: skip
+    L += ["", "## Selected hyper-parameters (on validation)", ""]
+    L += _table(
+        ["method", "params", "candidates"],
+        [
+            [r["method"], _params(r["params"]) or "–", len(r.get("grid") or []) or "–"]
+            for r in results["rows"]
+        ],
+    )
+
+    by = {r["method"]: r for r in results["rows"]}
+    if "tall_masks" in by and "scaling_masks" in by:
+        L += ["", "## Scaling-Masks vs TALL-Masks per task", ""]
+        masks = results.get("masks", {})
+        rows = []
+        for t in tasks:
+            tall, sc = by["tall_masks"], by["scaling_masks"]
+            rows.append(
+                [t, tall["normalized"][t], sc["normalized"][t], sc["normalized"][t] - tall["normalized"][t],
+                 masks.get("tall_masks", {}).get("mask_density", {}).get(t),
+                 masks.get("scaling_masks", {}).get("mask_density", {}).get(t),
+                 masks.get("scaling_masks", {}).get("mean_scale", {}).get(t),
+                 results["magnitudes"]["tasks"][t]["relative"]]
+            )  # fmt: skip
+        L += _table(
+            ["task", "TALL norm.", "Scaling norm.", "Δ", "TALL mask share", "Scaling mask share", "mean scale s_t",
+             "‖τ_t‖/‖θ0‖"],
+            rows,
+        )  # fmt: skip
+
+    mags = results["magnitudes"]
+    L += ["", "## Task-vector magnitude per layer (‖τ_t‖ / ‖θ0‖ of the layer)", ""]
+    L += _table(
+        ["task", *mags["layers"], "whole body"],
+        [[t, *(mags["tasks"][t]["per_layer"][g]["relative"] for g in mags["layers"]), mags["tasks"][t]["relative"]]
+         for t in tasks],
+    )  # fmt: skip
+
+    L += ["", "## Corpus provenance", ""]
+    seen = set()
+    for t in tasks:
+        prov = results["data"][t].get("provenance") or {}
+        text = json.dumps(prov, sort_keys=True)
+        if text in seen:
+            continue
+        seen.add(text)
+        L.append(f"- {t}: " + _provenance_line(prov))
+    if plots:
+        L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    L.append("")
+    return "\n".join(L)
+
+
+def _provenance_line(prov: Mapping[str, Any]) -> str:
+    sources = prov.get("sources")
+    if isinstance(sources, list) and sources:
+        parts = []
+        for s in sources:
+            if isinstance(s, dict):
+                parts.append(
+                    " ".join(str(s[k]) for k in ("name", "package", "version") if s.get(k))
+                    + (f" [{s['licence']}]" if s.get("licence") else "")
+                )
+            else:
+                parts.append(str(s))
+        return "; ".join(parts)
+    return json.dumps(prov, sort_keys=True)[:400]
+
+
+def plot(results: Mapping[str, Any], out: Path) -> list[str]:
+    """normalized.png (score per task per method) and magnitudes.png (‖τ_t‖/‖θ0‖ per layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, rows = results["tasks"], results["rows"]
+    files = []
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows) + 2), 4.5))
+    width = 0.8 / len(tasks)
+    for i, t in enumerate(tasks):
+        xs = [j + (i - (len(tasks) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, [r["normalized"][t] for r in rows], width, label=t)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=35, ha="right")
+    ax.set_ylabel("normalized test score")
+    ax.set_title(f"{results['scenario']}: score / individual expert ({results['budget']} budget)")
+    ax.legend(fontsize=8, ncol=min(3, len(tasks)))
+    fig.tight_layout()
+    fig.savefig(out / "normalized.png", dpi=110)
+    plt.close(fig)
+    files.append("normalized.png")
+
+    mags = results["magnitudes"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for t in tasks:
+        ax.plot(
+            mags["layers"],
+            [mags["tasks"][t]["per_layer"][g]["relative"] for g in mags["layers"]],
+            marker="o",
+            label=t,
+        )
+    ax.set_yscale("log")
+    ax.set_ylabel("‖τ_t‖ / ‖θ0‖ per layer")
+    ax.set_title(f"{results['scenario']}: task-vector magnitude per layer")
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(out / "magnitudes.png", dpi=110)
+    plt.close(fig)
+    files.append("magnitudes.png")
+    return files
+
+
+def write_report(results: Mapping[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=False, default=str) + "\n")
+    files = plot(results, out)
+    (out / "report.md").write_text(render_markdown(results, files))

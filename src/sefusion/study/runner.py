@@ -1,0 +1,519 @@
+"""Run one scenario: build the tasks, fine-tune the experts, fuse them with every method, score, report.
+
+The flow, for tasks t = 1..T of a scenario:
+1. data: each task built from its corpus (cached), train / validation / test split by source file;
+2. experts: the base fine-tuned on each task alone (cached by base hash + data + config, resumable);
+   `multitask`: one body fine-tuned on all T tasks with per-task heads, the same total steps;
+   `pretrained`: the base body with a head trained on the frozen body;
+3. fusion: the experts' bodies merged in memory by every method (heads are never fused: task t is served
+   with its own expert's head); each candidate of the method's grid scored on validation, the selected
+   one scored once on test;
+4. scores normalized by each task's individual expert on the same split; results.json, report.md, plots.
+
+Every evaluation is appended to a record in the cache as soon as it is made, so a run that stops (a
+session that ends, Ctrl-C) resumes where it stopped; records are keyed by everything that determines them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._lazy import torch
+from . import grids
+from .scenarios import Scenario, StudyError
+
+log = logging.getLogger("sefusion")
+
+HEAD_PREFIX = "head."
+
+
+@dataclass
+class StudyConfig:
+    scenario: Scenario
+    out: Path
+    budget: str = "quick"
+    base: Path | None = None
+    cache: Path | None = None
+    seed: int = 0
+    methods: Sequence[str] = grids.FUSION
+    overwrite: bool = False
+    quiet: bool = False
+    dirs: Mapping[str, Path] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- records
+
+
+class EvalRecords:
+    """Append-only JSONL of evaluations: one line per (row, params, task, split), read back on resume."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interrupt: drop it, it is recomputed
+                    continue
+                self.done[rec["key"]] = rec["result"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(row: str, params: Mapping[str, Any], task: str, split: str) -> str:
+        return f"{row}|{json.dumps(params, sort_keys=True)}|{task}|{split}"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.done.get(key)
+
+    def put(self, key: str, result: dict[str, Any]) -> None:
+        self.done[key] = result
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": key, "result": result}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ tensors
+
+
+def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(body, heads) of a fine-tuned folder's tensors: heads are the `head.*` tensors."""
+    body = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    heads = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+    return body, heads
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise StudyError(f"no safetensors file in {folder}")
+    state: dict[str, Any] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def fusable(name: str, tensor: Any) -> bool:
+    return tensor.is_floating_point()
+
+
+def fuse(
+    method: str,
+    params: Mapping[str, Any],
+    base: Mapping[str, Any],
+    experts: Sequence[Mapping[str, Any]],
+    tasks: Sequence[str],
+    seed: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per-task bodies for one candidate ({task: body}; one shared dict for merge methods) and mask stats."""
+    from ..bundle import rebuild
+    from ..engine import merge_tensors
+
+    names = [k for k in base if fusable(k, base[k])]
+    merged = merge_tensors(
+        method,
+        {k: base[k] for k in names},
+        [{k: ex[k] for k in names} for ex in experts],
+        task_names=list(tasks),
+        seed=seed,
+        **params,
+    )
+    fixed = {k: v for k, v in base.items() if k not in merged}
+    if method not in grids.PER_TASK:
+        body = {**fixed, **merged}
+        return {t: body for t in tasks}, {}
+    bodies: dict[str, dict[str, Any]] = {t: dict(fixed) for t in tasks}
+    kept = {t: 0 for t in tasks}
+    scale_sum = {t: 0.0 for t in tasks}
+    total = 0
+    for k, bt in merged.items():
+        total += bt.vector.numel()
+        for i, t in enumerate(tasks):
+            scale = float(bt.scales[i]) if bt.scales is not None else None
+            bodies[t][k] = rebuild(base[k], bt.vector, bt.masks[i], scale).to(base[k].dtype)
+            kept[t] += int(bt.masks[i].sum())
+            scale_sum[t] += scale if scale is not None else 1.0
+    stats = {
+        "mask_density": {t: kept[t] / total for t in tasks},
+        "mean_scale": {t: scale_sum[t] / len(merged) for t in tasks},
+    }
+    return bodies, stats
+
+
+def layer_of(name: str) -> str:
+    """Group a BERT-style tensor name by layer: 'embeddings', 'layer 3', 'pooler', or 'other'."""
+    parts = name.split(".")
+    if "layer" in parts:
+        i = parts.index("layer")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return f"layer {parts[i + 1]}"
+    for group in ("embeddings", "pooler"):
+        if group in parts:
+            return group
+    return "other"
+
+
+def magnitudes(base: Mapping[str, Any], experts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per task and layer: ||tau_t|| (L2), ||tau_t|| / ||theta0||, and max |tau_t|; plus whole-body values."""
+    groups: dict[str, list[str]] = {}
+    for k, v in base.items():
+        if fusable(k, v):
+            groups.setdefault(layer_of(k), []).append(k)
+
+    def order(g: str) -> tuple[int, int]:
+        if g == "embeddings":
+            return (0, 0)
+        if g.startswith("layer "):
+            return (1, int(g.split()[1]))
+        return (2, 0 if g == "pooler" else 1)
+
+    layers = sorted(groups, key=order)
+    out: dict[str, Any] = {"layers": layers, "tasks": {}}
+    for t, ex in experts.items():
+        per_layer, tot_sq, base_sq, absmax_all = {}, 0.0, 0.0, 0.0
+        for g in layers:
+            sq = bsq = amax = 0.0
+            for k in groups[g]:
+                d = ex[k].double() - base[k].double()
+                sq += float((d * d).sum())
+                bsq += float((base[k].double() ** 2).sum())
+                amax = max(amax, float(d.abs().max())) if d.numel() else amax
+            per_layer[g] = {
+                "norm": math.sqrt(sq),
+                "relative": math.sqrt(sq / bsq) if bsq else 0.0,
+                "absmax": amax,
+            }
+            tot_sq, base_sq, absmax_all = tot_sq + sq, base_sq + bsq, max(absmax_all, amax)
+        out["tasks"][t] = {
+            "per_layer": per_layer,
+            "norm": math.sqrt(tot_sq),
+            "relative": math.sqrt(tot_sq / base_sq) if base_sq else 0.0,
+            "absmax": absmax_all,
+        }
+    return out
+
+
+def storage_bytes(row: str, body: Mapping[str, Any], heads: Mapping[str, Mapping[str, Any]]) -> int:
+    """Bytes needed to serve every task of the scenario with this row's artefacts (stored dtypes).
+
+    One model (fused, multitask, pretrained): body + every task's head. Individual: T bodies + heads.
+    Bundles: the base body + the merged vector (float32) + one bit per parameter per task (packed 8 per
+    byte per tensor) + per-tensor float32 scales per task, + heads — as `sefusion merge` writes them.
+    """
+    T = len(heads)
+    body_b = sum(v.numel() * v.element_size() for v in body.values())
+    heads_b = sum(v.numel() * v.element_size() for h in heads.values() for v in h.values())
+    if row == "individual":
+        return T * body_b + heads_b
+    if row in grids.PER_TASK:
+        fus = [v for k, v in body.items() if fusable(k, v)]
+        vector = sum(v.numel() * 4 for v in fus)
+        masks = sum(T * math.ceil(v.numel() / 8) for v in fus)
+        scales = len(fus) * T * 4
+        return body_b + vector + masks + scales + heads_b
+    return body_b + heads_b
+
+
+# --------------------------------------------------------------------------------------- the study
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Study:
+    """One scenario run. `run()` returns the results dict (the schema of results.json)."""
+
+    def __init__(self, cfg: StudyConfig, *, models: Any = None, tasks_api: Any = None) -> None:
+        if models is None:
+            from .. import models
+        if tasks_api is None:
+            from ..tasks import base as tasks_api
+
+        self.cfg = cfg
+        self.models = models
+        self.tasks_api = tasks_api
+        self.tasks = list(cfg.scenario.tasks)
+        unknown = [m for m in cfg.methods if m not in grids.FUSION]
+        if unknown:
+            raise StudyError(
+                f"unknown study method(s) {', '.join(unknown)}; available: {', '.join(grids.FUSION)}"
+            )
+        self.timings: dict[str, float] = {}
+
+    # -------------------------------------------------------------- steps
+    def _progress(self, msg: str) -> None:
+        if not self.cfg.quiet:
+            log.info(msg)
+
+    def _timed(self, what: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t0
+
+    def run(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        m, tk, cfg = self.models, self.tasks_api, self.cfg
+        base = Path(cfg.base) if cfg.base else m.default_base()
+        cache = Path(cfg.cache) if cfg.cache else m.default_cache()
+        budget = m.get_budget(cfg.budget)
+        specs = {t: tk.get_task(t)[0] for t in self.tasks}
+
+        self._progress(
+            f"study '{cfg.scenario.name}': {len(self.tasks)} tasks, budget {cfg.budget}, base {base}"
+        )
+        data = {}
+        for t in self.tasks:
+            data[t] = self._timed(
+                "data",
+                lambda t=t: tk.build_task(t, sizes=budget.sizes, seed=cfg.seed, cache=cache, dirs=cfg.dirs),
+            )
+            sizes = {s: len(v) for s, v in data[t].splits.items()}
+            self._progress(f"  {t}: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
+
+        train_cfg = budget.train(seed=cfg.seed)
+        experts = {}
+        for t in self.tasks:
+            self._progress(f"expert {t}")
+            experts[t] = self._timed(
+                "experts",
+                lambda t=t: m.finetune(base, [data[t]], [specs[t]], train_cfg, cache, quiet=cfg.quiet),
+            )
+        expert_keys = {
+            t: json.loads((experts[t] / "train.json").read_text()).get("key", "") for t in self.tasks
+        }
+        records_key = _fingerprint(
+            {"base": str(base), "experts": expert_keys, "budget": cfg.budget, "seed": cfg.seed, "v": 1}
+        )
+        self.records = EvalRecords(cache / "study" / f"{cfg.scenario.name}-{records_key}.jsonl")
+
+        base_state = load_state(base)
+        states = {t: split_state(load_state(experts[t])) for t in self.tasks}
+        names = list(states[self.tasks[0]][0])
+        missing = [k for k in names if k not in base_state]
+        if missing:
+            raise StudyError(f"expert tensors missing from the base {base}: {', '.join(missing[:5])}")
+        base_body = {k: base_state[k] for k in names}
+        bodies = {t: states[t][0] for t in self.tasks}
+        heads = {t: states[t][1] for t in self.tasks}
+
+        evaluate = self._evaluator(base, data, specs)
+        rows: list[dict[str, Any]] = []
+
+        # individual: the normalizer, on both splits
+        ind_val = {t: evaluate("individual", {}, t, "validation", bodies[t], heads[t]) for t in self.tasks}
+        ind_test = {t: evaluate("individual", {}, t, "test", bodies[t], heads[t]) for t in self.tasks}
+        ref_val = {t: r["score"] for t, r in ind_val.items()}
+        ref_test = {t: r["score"] for t, r in ind_test.items()}
+
+        # pretrained: the base body with a head trained on the frozen body (retrieval: the base as is)
+        pre_test = {}
+        pre_heads: dict[str, dict[str, Any]] = {}
+        for t in self.tasks:
+            if specs[t].head == "retrieval":
+                pre_heads[t] = {}
+            else:
+                self._progress(f"pretrained head {t}")
+                folder = self._timed(
+                    "experts",
+                    lambda t=t: m.head_only(base, data[t], specs[t], train_cfg, cache, quiet=cfg.quiet),
+                )
+                pre_heads[t] = split_state(load_state(folder))[1]
+            pre_test[t] = evaluate("pretrained", {}, t, "test", base_body, pre_heads[t])
+        rows.append(
+            self._row(
+                "pretrained", {}, None, pre_test, ref_test, storage_bytes("pretrained", base_body, pre_heads)
+            )
+        )
+        rows.append(
+            self._row(
+                "individual", {}, ind_val, ind_test, ref_test, storage_bytes("individual", base_body, heads)
+            )
+        )
+
+        # multitask: one body, per-task heads, the experts' total steps
+        self._progress(f"multitask ({len(self.tasks)} tasks)")
+        mt_folder = self._timed(
+            "multitask",
+            lambda: m.finetune(base, [data[t] for t in self.tasks], [specs[t] for t in self.tasks], train_cfg,
+                               cache, quiet=cfg.quiet),
+        )  # fmt: skip
+        mt_body, mt_heads_all = split_state(load_state(mt_folder))
+        mt_heads = {
+            t: {k: v for k, v in mt_heads_all.items() if k.startswith(f"{HEAD_PREFIX}{t}.")}
+            for t in self.tasks
+        }
+        mt_test = {t: evaluate("multitask", {}, t, "test", mt_body, mt_heads[t]) for t in self.tasks}
+        mt_row = self._row("multitask", {"steps": "sum of the experts' steps"}, None, mt_test, ref_test,
+                           storage_bytes("multitask", mt_body, mt_heads))  # fmt: skip
+        rows.append(mt_row)
+
+        # fusion rows
+        expert_list = [bodies[t] for t in self.tasks]
+        extras: dict[str, Any] = {}
+        for method in cfg.methods:
+            row = self._timed(method, lambda method=method: self._fusion_row(
+                method, base_body, expert_list, heads, ref_val, ref_test, evaluate, extras))  # fmt: skip
+            rows.append(row)
+
+        mags = magnitudes(base_body, bodies)
+        results = {
+            "scenario": cfg.scenario.name,
+            "description": cfg.scenario.description,
+            "base": str(base),
+            "base_sha256": self._base_hash(base),
+            "budget": cfg.budget,
+            "seed": cfg.seed,
+            "tasks": self.tasks,
+            "experts": {
+                t: {
+                    "metric": specs[t].metric,
+                    "chance": specs[t].chance,
+                    "validation": ref_val[t],
+                    "test": ref_test[t],
+                    "per_kind": ind_test[t].get("per_kind") or {},
+                    "n_test": ind_test[t].get("n"),
+                    "train": json.loads((experts[t] / "train.json").read_text()),
+                }
+                for t in self.tasks
+            },
+            "data": {
+                t: {"sizes": {s: len(v) for s, v in data[t].splits.items()}, "provenance": data[t].provenance}
+                for t in self.tasks
+            },
+            "rows": rows,
+            "masks": extras,
+            "magnitudes": mags,
+            "train_config": _jsonable(train_cfg),
+            "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
+            "wall_s": round(time.perf_counter() - t_start, 1),
+        }
+        return results
+
+    # -------------------------------------------------------------- pieces
+    @staticmethod
+    def _base_hash(base: Path) -> str:
+        from ..io import file_sha256
+
+        files = sorted(Path(base).glob("*.safetensors"))
+        return file_sha256(files[0]) if files else ""
+
+    def _evaluator(self, base: Path, data: Mapping[str, Any], specs: Mapping[str, Any]):
+        def evaluate(
+            row: str, params: Mapping[str, Any], task: str, split: str, body, head
+        ) -> dict[str, Any]:
+            key = EvalRecords.key(row, params, task, split)
+            hit = self.records.get(key)
+            if hit is not None:
+                return hit
+            t0 = time.perf_counter()
+            res = self.models.evaluate(body, head, data[task], split, specs[task], base=base)
+            res = {k: v for k, v in dict(res).items() if k in ("score", "per_kind", "n")}
+            self.timings["evaluation"] = self.timings.get("evaluation", 0.0) + time.perf_counter() - t0
+            self.records.put(key, res)
+            return res
+
+        return evaluate
+
+    def _row(self, method, params, val, test, ref_test, storage) -> dict[str, Any]:
+        test_scores = {t: r["score"] for t, r in test.items()}
+        normalized = grids.normalize(test_scores, ref_test)
+        return {
+            "method": method,
+            "params": params,
+            "selected_on": "validation",
+            "validation": {t: r["score"] for t, r in val.items()} if val else None,
+            "test": test_scores,
+            "normalized": normalized,
+            "avg_normalized": grids.avg(list(normalized.values())),
+            "per_kind": {t: r.get("per_kind") or {} for t, r in test.items() if r.get("per_kind")},
+            "storage_bytes": storage,
+        }
+
+    def _fusion_row(
+        self, method, base_body, experts, heads, ref_val, ref_test, evaluate, extras
+    ) -> dict[str, Any]:
+        cfg, tasks = self.cfg, self.tasks
+        candidates = grids.grid(method, cfg.budget)
+        self._progress(f"{method}: {len(candidates)} candidates on validation")
+        it = candidates
+        if not cfg.quiet:
+            from tqdm.auto import tqdm
+
+            it = tqdm(candidates, desc=method, unit="cand", leave=False)
+        val_scores: list[dict[str, float]] = []
+        per_task_stats = []
+        for params in it:
+            scores = {}
+            keys = [EvalRecords.key(method, params, t, "validation") for t in tasks]
+            if all(self.records.get(k) is not None for k in keys):
+                scores = {t: self.records.get(k)["score"] for t, k in zip(tasks, keys, strict=True)}
+                per_task_stats.append(None)
+            else:
+                bodies, stats = fuse(method, params, base_body, experts, tasks, cfg.seed)
+                per_task_stats.append(stats)
+                for t in tasks:
+                    scores[t] = evaluate(method, params, t, "validation", bodies[t], heads[t])["score"]
+            val_scores.append(scores)
+
+        if method in grids.PER_TASK:
+            values = [c["lambdas"] for c in candidates]
+            chosen = grids.select_per_task(values, val_scores, tasks)
+            params = {"lambdas": chosen}
+            val = {t: {"score": val_scores[values.index(chosen[t])][t]} for t in tasks}
+        else:
+            i = grids.select(candidates, val_scores, ref_val)
+            params = dict(candidates[i])
+            val = {t: {"score": val_scores[i][t]} for t in tasks}
+        bodies, stats = fuse(method, params, base_body, experts, tasks, cfg.seed)
+        if stats:
+            extras[method] = stats
+        test = {t: evaluate(method, params, t, "test", bodies[t], heads[t]) for t in tasks}
+        row = self._row(method, params, val, test, ref_test, storage_bytes(method, bodies[tasks[0]], heads))
+        row["grid"] = [{"params": c, "validation": s} for c, s in zip(candidates, val_scores, strict=True)]
+        return row
+
+
+def _jsonable(obj: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def run_study(cfg: StudyConfig, **kwargs: Any) -> dict[str, Any]:
+    """Run the scenario and write results.json, report.md and plots into cfg.out (atomically)."""
+    from ..io import atomic_dir
+    from .report import write_report
+
+    if cfg.out.exists() and not cfg.overwrite:
+        from ..errors import OutputExistsError
+
+        raise OutputExistsError(f"output folder {cfg.out} exists; pass --overwrite to replace it")
+    results = Study(cfg, **kwargs).run()
+    with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        write_report(results, tmp)
+    return results
+
+
+__all__ = ["EvalRecords", "Study", "StudyConfig", "fuse", "magnitudes", "run_study", "storage_bytes", "torch"]

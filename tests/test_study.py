@@ -1,0 +1,351 @@
+"""The study runner on stand-in models and tasks: selection sees validation only, rows and schema complete,
+resume from the evaluation records, reports rendered from the numbers. (The real end-to-end study on a
+tiny model lives in test_study_e2e.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sefusion.study import FUSION, ROWS, StudyConfig, StudyError, grids, resolve, run_study
+from sefusion.study.report import render_markdown, table_text
+from sefusion.study.runner import EvalRecords, fuse, layer_of, magnitudes, storage_bytes
+
+TASKS = ("alpha-python", "beta-python", "gamma-python")
+STRENGTH = {"alpha-python": 1.0, "beta-python": 0.5, "gamma-python": 0.05}
+
+
+@dataclass
+class FakeSpec:
+    head: str = "classify"
+    metric: str = "accuracy"
+    chance: float = 0.5
+    labels: list = field(default_factory=lambda: ["a", "b"])
+
+
+class FakeTasks:
+    def get_task(self, name):
+        return FakeSpec(), name.split("-")[1]
+
+    def build_task(self, name, *, sizes, seed, cache, dirs):
+        return SimpleNamespace(task=name, splits={"train": [0] * 8, "validation": [0] * 4, "test": [0] * 4},
+                               provenance={"sources": [{"name": "fake", "version": "1", "licence": "MIT"}]})  # fmt: skip
+
+
+class FakeModels:
+    """Experts = base + a task-specific delta on a disjoint support. evaluate() scores a body by how close it
+    is to the task's expert on validation and by how FAR it is on test, so any use of test in selection
+    shows as a different choice."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        g = torch.Generator().manual_seed(0)
+        self.base = {
+            "encoder.layer.0.w": torch.randn(16, 16, generator=g),
+            "encoder.layer.1.w": torch.randn(16, 16, generator=g),
+            "embeddings.word.weight": torch.randn(32, 16, generator=g),
+            "embeddings.position_ids": torch.arange(16).unsqueeze(0),
+        }
+        (root / "base").mkdir(parents=True)
+        save_file(self.base, str(root / "base" / "model.safetensors"))
+        self.deltas = {}
+        for i, t in enumerate(TASKS):
+            d = {}
+            for k, v in self.base.items():
+                if not v.is_floating_point():
+                    continue
+                mask = (torch.arange(v.numel()) % len(TASKS) == i).reshape(v.shape)
+                d[k] = STRENGTH[t] * torch.randn(v.shape, generator=g) * mask
+            self.deltas[t] = d
+        self.calls = {"finetune": 0, "evaluate": 0}
+        self.evaluated_splits = []
+
+    def default_base(self):
+        return self.root / "base"
+
+    def default_cache(self):
+        return self.root / "cache"
+
+    def get_budget(self, name):
+        return SimpleNamespace(sizes={"train": 8}, train=lambda seed=0: {"steps": 3, "seed": seed})
+
+    def _write(self, name, state, key):
+        folder = self.root / "experts" / name
+        if not folder.is_dir():
+            folder.mkdir(parents=True)
+            save_file(state, str(folder / "model.safetensors"))
+            (folder / "train.json").write_text(json.dumps({"key": key, "steps": 3}))
+        return folder
+
+    def finetune(self, base, datas, specs, cfg, cache, quiet=False):
+        self.calls["finetune"] += 1
+        tasks = [d.task for d in datas]
+        state = {k: v.clone() for k, v in self.base.items()}
+        for t in tasks:
+            for k, d in self.deltas[t].items():
+                state[k] = state[k] + d / len(tasks)
+            state[f"head.{t}.weight"] = torch.full((2, 16), float(TASKS.index(t)))
+            state[f"head.{t}.bias"] = torch.zeros(2)
+        return self._write("+".join(tasks), state, key="k-" + "+".join(tasks))
+
+    def head_only(self, base, data, spec, cfg, cache, quiet=False):
+        state = dict(self.base)
+        state[f"head.{data.task}.weight"] = torch.zeros(2, 16)
+        state[f"head.{data.task}.bias"] = torch.zeros(2)
+        return self._write("head-" + data.task, state, key="h-" + data.task)
+
+    def evaluate(self, body, heads, data, split, spec, *, base):
+        self.calls["evaluate"] += 1
+        self.evaluated_splits.append(split)
+        t = data.task
+        dist = 0.0
+        ref = 0.0
+        for k, d in self.deltas[t].items():
+            target = self.base[k] + d
+            dist += float(((body[k].float() - target) ** 2).sum())
+            ref += float((d**2).sum())
+        closeness = 1.0 / (1.0 + math.sqrt(dist / ref))  # 1 at the expert, 0.5 at the base
+        assert set(heads) == {f"head.{t}.weight", f"head.{t}.bias"}
+        score = closeness if split == "validation" else 1.0 - closeness + 0.01
+        return {"score": score, "per_kind": {}, "n": 4}
+
+
+def _config(tmp_path, **kw):
+    sc = resolve(str(_scenario_file(tmp_path)))
+    return StudyConfig(scenario=sc, out=tmp_path / "report", quiet=True, **kw)
+
+
+def _scenario_file(tmp_path) -> Path:
+    p = tmp_path / "toy.yaml"
+    p.write_text("name: toy\ntasks: [" + ", ".join(TASKS) + "]\n")
+    return p
+
+
+@pytest.fixture()
+def study(tmp_path):
+    models = FakeModels(tmp_path / "models")
+    results = run_study(_config(tmp_path), models=models, tasks_api=FakeTasks())
+    return results, models, tmp_path
+
+
+def test_every_row_and_the_schema(study):
+    results, _, tmp = study
+    assert [r["method"] for r in results["rows"]] == list(ROWS)
+    for key in ("scenario", "base", "tasks", "experts", "rows"):
+        assert key in results
+    assert results["tasks"] == list(TASKS)
+    for t in TASKS:
+        assert set(results["experts"][t]) >= {"metric", "test", "chance"}
+    for r in results["rows"]:
+        assert set(r) >= {
+            "method",
+            "params",
+            "selected_on",
+            "test",
+            "normalized",
+            "avg_normalized",
+            "storage_bytes",
+        }
+        assert r["selected_on"] == "validation"
+        for t in TASKS:
+            assert r["normalized"][t] == pytest.approx(r["test"][t] / results["experts"][t]["test"])
+        assert r["avg_normalized"] == pytest.approx(sum(r["normalized"].values()) / len(TASKS))
+    ind = next(r for r in results["rows"] if r["method"] == "individual")
+    assert all(v == pytest.approx(1.0) for v in ind["normalized"].values())
+    on_disk = json.loads((tmp / "report" / "results.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(results["rows"]))
+    for f in ("report.md", "normalized.png", "magnitudes.png"):
+        assert (tmp / "report" / f).stat().st_size > 0
+
+
+def test_selection_never_looks_at_test(study):
+    """The fake scores test as the opposite of validation: selection must follow validation."""
+    results, _, _ = study
+    for r in results["rows"]:
+        if r["method"] not in grids.FUSION or r["method"] in grids.PER_TASK or len(r["grid"]) == 1:
+            continue
+        ref = {t: results["experts"][t]["validation"] for t in TASKS}
+        values = [grids.avg(list(grids.normalize(g["validation"], ref).values())) for g in r["grid"]]
+        best = max(range(len(values)), key=lambda i: (values[i], -i))
+        assert r["params"] == r["grid"][best]["params"], r["method"]
+        worst = min(range(len(values)), key=lambda i: values[i])
+        if values[worst] < values[best]:
+            assert r["params"] != r["grid"][worst]["params"]
+    for m in grids.PER_TASK:
+        r = next(r for r in results["rows"] if r["method"] == m)
+        for t in TASKS:
+            col = [g["validation"][t] for g in r["grid"]]
+            assert r["params"]["lambdas"][t] == r["grid"][col.index(max(col))]["params"]["lambdas"]
+
+
+def test_bundles_serve_disjoint_experts_exactly_at_the_best_lambda(study):
+    """Disjoint supports: TALL's mask rebuilds each expert, so every task scores as its expert (closeness 1)."""
+    results, _, _ = study
+    for m in grids.PER_TASK:
+        r = next(r for r in results["rows"] if r["method"] == m)
+        for t in TASKS:
+            assert r["validation"][t] == pytest.approx(1.0)
+
+
+def test_resume_reuses_every_evaluation(tmp_path):
+    models = FakeModels(tmp_path / "models")
+    first = run_study(_config(tmp_path), models=models, tasks_api=FakeTasks())
+    n = models.calls["evaluate"]
+    assert n > 0
+    again = run_study(_config(tmp_path, overwrite=True), models=models, tasks_api=FakeTasks())
+    assert models.calls["evaluate"] == n  # nothing recomputed
+    assert [r["test"] for r in again["rows"]] == [r["test"] for r in first["rows"]]
+
+
+def test_resume_after_an_interrupt(tmp_path):
+    models = FakeModels(tmp_path / "models")
+    real = models.evaluate
+    count = {"n": 0}
+
+    def flaky(*a, **k):
+        count["n"] += 1
+        if count["n"] == 40:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    models.evaluate = flaky
+    with pytest.raises(KeyboardInterrupt):
+        run_study(_config(tmp_path), models=models, tasks_api=FakeTasks())
+    assert not (tmp_path / "report").exists()  # nothing half-written
+    before = models.calls["evaluate"]
+    models.evaluate = real
+    run_study(_config(tmp_path), models=models, tasks_api=FakeTasks())
+    full = FakeModels(tmp_path / "models2")
+    run_study(StudyConfig(scenario=_config(tmp_path).scenario, out=tmp_path / "r2", quiet=True), models=full,
+              tasks_api=FakeTasks())  # fmt: skip
+    assert models.calls["evaluate"] - before == full.calls["evaluate"] - 39
+
+
+def test_existing_output_is_refused(tmp_path):
+    (tmp_path / "report").mkdir()
+    from sefusion.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        run_study(_config(tmp_path), models=FakeModels(tmp_path / "m"), tasks_api=FakeTasks())
+
+
+def test_unknown_method_and_scenario(tmp_path):
+    with pytest.raises(StudyError, match="available: linear"):
+        run_study(
+            _config(tmp_path, methods=("tiess",)), models=FakeModels(tmp_path / "m"), tasks_api=FakeTasks()
+        )
+    with pytest.raises(StudyError, match="same-category"):
+        resolve("nonsense")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [defect-python]\n")
+    with pytest.raises(StudyError, match="at least two"):
+        resolve(str(bad))
+    bad.write_text("tasks: [a-python, b-python]\nextra: 1\n")
+    with pytest.raises(StudyError, match="extra"):
+        resolve(str(bad))
+
+
+def test_scenarios_have_the_seed_studys_shape():
+    lang = resolve("languages")
+    assert len(lang.tasks) == 6 and len({t.split("-")[0] for t in lang.tasks}) == 1
+    same = resolve("same-category", lang="java")
+    assert all(t.endswith("-java") for t in same.tasks) and len(same.tasks) >= 4
+    cross = resolve("cross-category")
+    kinds = {t.split("-")[0] for t in cross.tasks}
+    langs = {t.split("-")[1] for t in cross.tasks}
+    assert "search" in kinds and len(kinds) >= 4 and len(langs) >= 4
+
+
+def test_grids_are_the_issues():
+    assert [c["lambda"] for c in grids.grid("task_arithmetic", "full")] == [
+        0.1,
+        0.2,
+        0.3,
+        0.4,
+        0.5,
+        0.6,
+        0.7,
+        0.8,
+        0.9,
+        1.0,
+    ]
+    ties = grids.grid("ties", "full")
+    assert {c["density"] for c in ties} == {0.1, 0.2, 0.3} and len(ties) == 30
+    assert {c["density"] for c in grids.grid("dare_ties", "full")} == {0.1, 0.3, 0.5}
+    assert [c["lambdas"] for c in grids.grid("tall_masks", "full")] == [0.2, 0.3, 0.4, 0.5, 0.6]
+    assert {(c["n"], c["m"]) for c in grids.grid("cabs", "full")} == {(1, 4), (2, 8), (8, 32)}
+    assert [c["alpha"] for c in grids.grid("consensus", "full")] == [
+        c["lambda"] for c in grids.grid("task_arithmetic", "full")
+    ]
+    for m in FUSION:
+        assert grids.grid(m, "quick")
+
+
+def test_select_hand_worked():
+    ref = {"a": 0.8, "b": 0.5}
+    val = [{"a": 0.8, "b": 0.25}, {"a": 0.4, "b": 0.5}, {"a": 0.6, "b": 0.45}]  # avg norm 0.75, 0.75, 0.825
+    assert grids.select([{}, {}, {}], val, ref) == 2
+    assert grids.select([{}, {}], val[:2], ref) == 0  # ties go to the first
+    assert grids.select_per_task([0.2, 0.4, 0.6], val, ["a", "b"]) == {"a": 0.2, "b": 0.4}
+
+
+def test_fuse_and_magnitudes_by_hand():
+    base = {"encoder.layer.0.w": torch.zeros(2, 2), "encoder.layer.1.w": torch.ones(2)}
+    e1 = {
+        "encoder.layer.0.w": torch.tensor([[3.0, 0.0], [0.0, 0.0]]),
+        "encoder.layer.1.w": torch.tensor([1.0, 1.0]),
+    }
+    e2 = {
+        "encoder.layer.0.w": torch.tensor([[0.0, 0.0], [0.0, 4.0]]),
+        "encoder.layer.1.w": torch.tensor([1.0, 3.0]),
+    }
+    bodies, stats = fuse("task_arithmetic", {"lambda": 0.5}, base, [e1, e2], ["a", "b"], 0)
+    assert torch.equal(bodies["a"]["encoder.layer.0.w"], torch.tensor([[1.5, 0.0], [0.0, 2.0]]))
+    assert bodies["a"] is bodies["b"] and stats == {}
+    bodies, stats = fuse("tall_masks", {"lambdas": 0.4}, base, [e1, e2], ["a", "b"], 0)
+    assert torch.equal(bodies["a"]["encoder.layer.0.w"], e1["encoder.layer.0.w"])
+    assert torch.equal(bodies["b"]["encoder.layer.1.w"], e2["encoder.layer.1.w"])
+    assert stats["mask_density"] == {"a": 1 / 6, "b": 2 / 6}  # b: (1,1) of layer 0 and [1] of layer 1
+    mags = magnitudes(base, {"a": e1, "b": e2})
+    assert mags["layers"] == ["layer 0", "layer 1"]
+    assert mags["tasks"]["b"]["per_layer"]["layer 0"]["norm"] == pytest.approx(4.0)
+    assert mags["tasks"]["b"]["per_layer"]["layer 1"]["relative"] == pytest.approx(2 / math.sqrt(2))
+    assert mags["tasks"]["a"]["absmax"] == pytest.approx(3.0)
+    assert layer_of("bert.encoder.layer.11.attention.self.query.weight") == "layer 11"
+    assert layer_of("embeddings.word_embeddings.weight") == "embeddings"
+
+
+def test_storage_bytes_by_hand():
+    body = {"w": torch.zeros(10, 10), "ids": torch.zeros(4, dtype=torch.int64)}
+    heads = {"a": {"head.a.weight": torch.zeros(2, 10)}, "b": {"head.b.weight": torch.zeros(3, 10)}}
+    body_b, heads_b = 400 + 32, (20 + 30) * 4
+    assert storage_bytes("ties", body, heads) == body_b + heads_b
+    assert storage_bytes("individual", body, heads) == 2 * body_b + heads_b
+    # base + vector (400) + masks 2 x ceil(100/8)=13 + scales 2 x 4 + heads
+    assert storage_bytes("tall_masks", body, heads) == body_b + 400 + 26 + 8 + heads_b
+
+
+def test_eval_records_survive_a_cut_line(tmp_path):
+    rec = EvalRecords(tmp_path / "r.jsonl")
+    rec.put(EvalRecords.key("ties", {"density": 0.1}, "a", "validation"), {"score": 0.5})
+    with (tmp_path / "r.jsonl").open("a") as f:
+        f.write('{"key": "ties|{}|a|valid')  # an interrupted write
+    again = EvalRecords(tmp_path / "r.jsonl")
+    assert again.get(EvalRecords.key("ties", {"density": 0.1}, "a", "validation")) == {"score": 0.5}
+
+
+def test_report_is_rendered_from_the_numbers(study):
+    results, _, _ = study
+    md = render_markdown(results)
+    ta = next(r for r in results["rows"] if r["method"] == "task_arithmetic")
+    assert f"{ta['avg_normalized']:.3f}" in md
+    assert "Scaling-Masks vs TALL-Masks" in md and "fake 1 [MIT]" in md
+    text = table_text(results)
+    assert all(m in text for m in ROWS)
