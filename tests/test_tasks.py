@@ -582,7 +582,8 @@ def test_defect_pairs_balanced_same_split_every_kind(lang):
             by_pair.setdefault(ex.meta["pair"], {})[ex.label] = ex
         for both in by_pair.values():
             assert both[0].meta["path"] == both[1].meta["path"] and both[0].text != both[1].text
-            assert both[1].meta["bug"] == both[0].meta["kind"] and both[0].meta["bug"] == ""
+            assert both[1].meta["kind"] == both[0].meta["kind"] and "after" in both[1].meta
+            assert "bug" not in both[0].meta and "after" not in both[0].meta
     kinds = Counter(ex.meta["kind"] for ex in data.splits["train"] if ex.label == 1)
     assert set(kinds) == set(BUG_KINDS) and max(kinds.values()) - min(kinds.values()) <= 2, kinds
     assert data.chance == 0.5 and data.provenance["per_kind"]["train"] == dict(sorted(kinds.items()))

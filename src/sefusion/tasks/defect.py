@@ -162,15 +162,12 @@ def build_defect(ctx: BuildContext) -> Built:
         kind_counts[split] = dict(sorted(used.items()))
         examples = []
         for i, (f, m) in enumerate(pairs):
+            # both versions carry the bug kind under "kind" (score groups a kind with its originals,
+            # chance 0.5 per group); the label says which one is the mutant
             meta = {"kind": m.kind, "path": f.path, "function": f.name, "pair": i}
-            examples.append(Example(f.code, None, 0, {**meta, "bug": ""}))
+            examples.append(Example(f.code, None, 0, meta))
             examples.append(
-                Example(
-                    m.code,
-                    None,
-                    1,
-                    {**meta, "bug": m.kind, "site": m.site, "before": m.before, "after": m.after},
-                )
+                Example(m.code, None, 1, {**meta, "site": m.site, "before": m.before, "after": m.after})
             )
         rng.shuffle(examples)
         out[split] = examples
