@@ -24,13 +24,15 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
 from .errors import RecipeError
+
+S = TypeVar("S")
 
 Kind = Literal["merge", "bundle"]
 
@@ -147,38 +149,53 @@ def _type_name(ann: Any) -> str:
     return str(ann).replace("typing.", "")
 
 
-class Registry:
-    """Name -> MethodSpec. Duplicate names raise; an unknown name lists what exists."""
+class Registry(Generic[S]):
+    """Key -> spec, filled by decorators as the built-in modules import. Duplicate keys raise; an unknown
+    key is an `error` that lists what exists ("unknown method 'tiess'; available: linear, ...")."""
 
-    def __init__(self) -> None:
-        self._specs: dict[str, MethodSpec] = {}
+    def __init__(
+        self,
+        what: str = "method",
+        key: Callable[[S], str] = lambda spec: spec.name,  # type: ignore[attr-defined]
+        error: type[Exception] = RecipeError,
+        load: Callable[[], None] | None = None,
+    ) -> None:
+        self._specs: dict[str, S] = {}
+        self._what, self._key, self._error = what, key, error
+        self._load = load or (lambda: _load_builtin_methods())
 
-    def add(self, spec: MethodSpec) -> None:
-        if spec.name in self._specs:
-            raise ValueError(f"method '{spec.name}' is already registered")
-        self._specs[spec.name] = spec
+    def add(self, spec: S) -> None:
+        k = self._key(spec)
+        if k in self._specs:
+            raise ValueError(f"{self._what} '{k}' is already registered")
+        self._specs[k] = spec
 
-    def get(self, name: str) -> MethodSpec:
-        _load_builtin_methods()
+    def get(self, key: str) -> S:
+        self._load()
         try:
-            return self._specs[name]
+            return self._specs[key]
         except KeyError:
-            raise RecipeError(f"unknown method '{name}'; available: {', '.join(self.names())}") from None
+            raise self._error(f"unknown {self._what} '{key}'; available: {', '.join(self.keys())}") from None
 
-    def names(self) -> list[str]:
-        _load_builtin_methods()
+    def keys(self) -> list[str]:
+        self._load()
         return list(self._specs)
 
-    def __iter__(self) -> Iterable[MethodSpec]:
-        _load_builtin_methods()
+    def names(self) -> list[str]:
+        return self.keys()
+
+    def __iter__(self) -> Iterator[S]:
+        self._load()
         return iter(list(self._specs.values()))
 
-    def __contains__(self, name: str) -> bool:
-        _load_builtin_methods()
-        return name in self._specs
+    def __contains__(self, key: str) -> bool:
+        self._load()
+        return key in self._specs
 
 
-METHODS = Registry()
+METHODS: Registry[MethodSpec] = Registry(
+    "method", lambda spec: spec.name, RecipeError, lambda: _load_builtin_methods()
+)
 
 
 def register(

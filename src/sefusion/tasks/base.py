@@ -19,13 +19,14 @@ import platform
 import random
 import sys
 import sysconfig
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import SefusionError
+from ..registry import Registry
 from .corpus import SPLITS, Corpus, CorpusError, Function, default_cache_dir, load_corpus, split_by_file
 from .corpus_extract import EXTENSIONS, LANGUAGES, canonical_language
 
@@ -340,39 +341,18 @@ def _accuracy_chance(test: Sequence[Example], num_labels: int) -> float | None:
     return max(counts.values()) / len(test)
 
 
-class TaskRegistry:
-    """Kind -> TaskSpec. Duplicate kinds raise; an unknown name lists the task names that exist."""
+class TaskRegistry(Registry[TaskSpec]):
+    """Kind -> TaskSpec (the generic registry), plus the task names KIND-LANG that exist."""
 
     def __init__(self) -> None:
-        self._specs: dict[str, TaskSpec] = {}
-
-    def add(self, spec: TaskSpec) -> None:
-        if spec.kind in self._specs:
-            raise ValueError(f"task kind '{spec.kind}' is already registered")
-        self._specs[spec.kind] = spec
-
-    def get(self, kind: str) -> TaskSpec:
-        _load_builtin_tasks()
-        try:
-            return self._specs[kind]
-        except KeyError:
-            raise TaskError(f"unknown task kind '{kind}'; available: {', '.join(self.kinds())}") from None
+        super().__init__("task kind", lambda spec: spec.kind, TaskError, lambda: _load_builtin_tasks())
 
     def kinds(self) -> list[str]:
-        _load_builtin_tasks()
-        return list(self._specs)
+        return self.keys()
 
     def names(self) -> list[str]:
         """Every task name: KIND-LANG for each kind and language it supports."""
         return [s.task_name(lang) for s in self for lang in s.languages]
-
-    def __iter__(self) -> Iterator[TaskSpec]:
-        _load_builtin_tasks()
-        return iter(list(self._specs.values()))
-
-    def __contains__(self, kind: str) -> bool:
-        _load_builtin_tasks()
-        return kind in self._specs
 
 
 TASKS = TaskRegistry()
