@@ -108,17 +108,19 @@ class Budget:
         }
 
 
-# How these were chosen (2-core CPU, all-MiniLM-L6-v2, fp32, sefusion's own loop; see the models
-# section of the issue-5 report for the runs). Step costs: CALIBRATION.md measured ~1.2 s per step
-# at batch 16, length 128 on a quiet machine; forward-only evaluation costs about a third of that per
-# example (~40-50 examples/s at length 128, batches sorted by length, inference mode).
-#  - quick (the demo: 4 experts + a multitask model of their summed steps = 8 experts' worth of steps,
-#    4 head-only probes, ~55 merged candidates x 4 tasks on validation + 8 methods x 4 on test):
-#    640 training examples seen once per expert. 80 steps at batch 8 reached 0.73 validation accuracy
+# How these were chosen (2-core CPU, all-MiniLM-L6-v2, fp32, sefusion's own loop). Step cost:
+# CALIBRATION.md measured ~1.2 s per step at batch 16, length 128 with BertForSequenceClassification
+# on a quiet machine; on identical 16 x 128-token batches, interleaved, sefusion's step (mean pooling
+# + linear head + AdamW) took 1.07x that step's CPU time, so ~1.3 s, i.e. ~0.08 s per training
+# example. Evaluation (inference mode, batches of 64 sorted by length) costs ~0.27x a training
+# example (24 vs 6.4 examples per CPU-second on one thread): ~50 examples/s on two cores.
+#  - quick (the demo: 4 experts + a multitask model of their summed steps = 8 experts' worth of
+#    steps, 4 head-only probes, ~55 merged candidates x 4 tasks on validation + 8 methods x 4 on
+#    test): every expert sees 640 examples once. 80 steps at batch 8 reached 0.73 validation accuracy
 #    on stdlib docstring-code consistency (40 steps at batch 16: 0.70 at lr 1e-4, 0.65 at 2e-4;
-#    chance 0.5), at the same cost per example. Time: 8 * 640 examples * 1.2 s / 16 ~ 6.4 min of
-#    training; ~260 evaluations, mostly on validation: 32-example validation / 64-example test splits
-#    are ~10,000 examples ~ 4 min. With data, probes and merges this fits 15 minutes on a quiet machine.
+#    chance 0.5) at the same cost per example. Time: training 8 * 640 * 0.08 s ~ 7 min; probes
+#    4 * 640 / 50 ~ 1 min; ~260 evaluations on 32-example validation / 64-example test splits
+#    ~ 10,000 examples ~ 3.5 min. With data and merges this fits 15 minutes on a quiet machine.
 #  - full (the committed study): CALIBRATION.md measured consistency at 0.94 after 150 steps at lr
 #    5e-5 (batch 16); 300 steps (two passes over 2,400 examples) leave room for harder tasks (defect,
 #    clone, exception). Validation 500 / test 1,000 examples (search: the issue's 1,000-candidate pool).
