@@ -152,9 +152,12 @@ def test_scaling_a_task_leaves_scaling_masks_unchanged(model, which, c, lam):
     _, taus, _ = model
     which = which % len(taus)
     zero = np.zeros_like(taus[0])
-    original = fn("scaling_masks")(t32(zero), [t32(t) for t in taus], [1.0] * len(taus), lambdas=lam)
+    # s_max out of reach: a clipped scale is not proportional any more, and then the masks may change
+    # (hypothesis found one: a 5e-5 task's scale 6.4e3 became 2.6e4 > s_max 1e4 when the strongest task grew 4x)
+    kw = {"lambdas": lam, "s_max": 1e30}
+    original = fn("scaling_masks")(t32(zero), [t32(t) for t in taus], [1.0] * len(taus), **kw)
     taus2 = [t * np.float32(c) if i == which else t for i, t in enumerate(taus)]
-    changed = fn("scaling_masks")(t32(zero), [t32(t) for t in taus2], [1.0] * len(taus), lambdas=lam)
+    changed = fn("scaling_masks")(t32(zero), [t32(t) for t in taus2], [1.0] * len(taus), **kw)
     margin, size = ref.tall_margins(
         zero, taus, [1.0] * len(taus), [lam] * len(taus), scales=original.scales.numpy()
     )

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sefusion.models import TrainConfig
 from sefusion.study import FUSION, ROWS, StudyConfig, StudyError, grids, resolve, run_study
 from sefusion.study.report import render_markdown, table_text
 from sefusion.study.runner import EvalRecords, fuse, layer_of, magnitudes, storage_bytes
@@ -74,7 +75,9 @@ class FakeModels:
         return self.root / "cache"
 
     def get_budget(self, name):
-        return SimpleNamespace(sizes={"train": 8}, train=lambda seed=0: {"steps": 3, "seed": seed})
+        return SimpleNamespace(
+            name=name, sizes={"train": 8}, train=lambda seed=0: TrainConfig(steps=3, seed=seed)
+        )
 
     def _write(self, name, state, key):
         folder = self.root / "experts" / name
@@ -101,7 +104,7 @@ class FakeModels:
         state[f"head.{data.task}.bias"] = torch.zeros(2)
         return self._write("head-" + data.task, state, key="h-" + data.task)
 
-    def evaluate(self, body, heads, data, split, spec, *, base):
+    def evaluate(self, body, heads, data, split, spec, *, base, max_length=128):
         self.calls["evaluate"] += 1
         self.evaluated_splits.append(split)
         t = data.task

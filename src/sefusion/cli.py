@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 
@@ -69,11 +70,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="tensors to list (0: all; default 50)")
 
     p = sub.add_parser(
+        "study",
+        parents=[common],
+        help="fine-tune experts for SE tasks, fuse them with every method, report normalized scores",
+        description="Run one scenario of the SE fusion study: languages (one task kind in six languages), "
+        "same-category (the classification tasks of one language), cross-category (retrieval and "
+        "classification across languages), or a YAML file with `tasks: [defect-python, ...]`. Experts, data "
+        "and evaluations are cached, so an interrupted study resumes where it stopped.",
+    )
+    p.add_argument("scenario", help="languages | same-category | cross-category | FILE.yaml")
+    p.add_argument("--out", type=Path, required=True, help="report folder (results.json, report.md, plots)")
+    _add_study_args(p)
+
+    p = sub.add_parser(
         "demo",
         parents=[common],
-        help="prepare small checkpoints, merge them with every method, print what each task keeps",
+        help="the README's main job: the same-category study on the Python standard library, quick budget",
+        description="Fine-tune four Python experts (defect, clone, consistency, exception) from "
+        "all-MiniLM-L6-v2 on the standard library, fuse them with every method, print the table and write "
+        "the report. Cached: a second run takes under a minute.",
     )
     p.add_argument("--out", type=Path, default=Path("sefusion-demo"), help="folder (default ./sefusion-demo)")
+    p.add_argument("--cache", type=Path, default=None, help="cache folder (default ~/.cache/sefusion)")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="instead: merge small synthetic checkpoints with every method (seconds, no training)",
+    )
 
     from .tasks.corpus_cli import add_corpus_parser  # stdlib only: --help stays fast
 
@@ -191,10 +214,67 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--budget", choices=("quick", "full"), default="quick", help="training budget (default quick)"
+    )
+    p.add_argument("--kind", default="search", help="task kind of the languages scenario (default search)")
+    p.add_argument("--lang", default="python", help="language of the same-category scenario (default python)")
+    p.add_argument("--base", type=Path, default=None, help="base encoder folder (default all-MiniLM-L6-v2)")
+    p.add_argument("--cache", type=Path, default=None, help="cache folder (default ~/.cache/sefusion)")
+    p.add_argument("--methods", default=None, help="comma-separated fusion methods (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dir", action="append", default=[], dest="dirs", metavar="LANG=PATH",
+        help="a source tree or JSONL data set for LANG (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
-    run_demo(args.out, quiet=args.quiet)
+
+def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite: bool) -> Any:
+    from .study import FUSION, StudyConfig, StudyError
+
+    dirs = {}
+    for item in args.dirs:
+        lang, sep, path = item.partition("=")
+        if not sep or not lang or not path:
+            raise StudyError(f"--dir takes LANG=PATH, got '{item}'")
+        dirs[lang] = Path(path)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else FUSION
+    return StudyConfig(
+        scenario=scenario, out=out, budget=args.budget, base=args.base, cache=args.cache, seed=args.seed,
+        methods=methods, overwrite=overwrite, quiet=args.quiet, dirs=dirs,
+    )  # fmt: skip
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .study import resolve, run_study
+    from .study.report import table_text
+
+    scenario = resolve(args.scenario, kind=args.kind, lang=args.lang)
+    results = run_study(_study_config(args, scenario, args.out, args.overwrite))
+    if not args.quiet:
+        print(table_text(results))
+    log.info("report written to %s (%.0f s)", args.out / "report.md", results["wall_s"])
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.synthetic:
+        from .demo import run_demo
+
+        run_demo(args.out, quiet=args.quiet)
+        return 0
+    from .study import resolve, run_study
+    from .study.report import table_text
+
+    # the demo owns its folder: a previous demo report there is replaced, anything else is refused
+    own = (args.out / "results.json").is_file() and (args.out / "report.md").is_file()
+    args.budget, args.base, args.methods, args.seed, args.dirs = "quick", None, None, 0, []
+    results = run_study(_study_config(args, resolve("same-category", lang="python"), args.out, own))
+    if not args.quiet:
+        print(table_text(results))
+    log.info("report written to %s (%.0f s)", args.out / "report.md", results["wall_s"])
     return 0
 
 
@@ -210,6 +290,7 @@ COMMANDS = {
     "methods": _cmd_methods,
     "inspect": _cmd_inspect,
     "demo": _cmd_demo,
+    "study": _cmd_study,
     "corpus": _cmd_corpus,
 }
 

@@ -32,21 +32,24 @@ _MASK_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def grid(method: str, budget: str) -> list[dict[str, Any]]:
-    """The candidates for `method`. `full` is the issue's grid; `quick` thins the lambda axis (demo time)."""
-    lam = _LAMBDA_FULL if budget == "full" else _LAMBDA_QUICK
+    """The candidates for `method`. `full` is the issue's grid; `quick` thins the lambda axis (demo time);
+    any other budget (the tests' tiny ones) keeps two lambdas, enough to exercise the selection."""
+    lam = _LAMBDA_FULL if budget == "full" else _LAMBDA_QUICK if budget == "quick" else (0.5, 1.0)
     if method == "linear":
         return [{}]
     if method == "task_arithmetic":
         return [{"lambda": x} for x in lam]
+    small = budget not in ("full", "quick")
     if method == "ties":
-        return [{"density": d, "lambda": x} for d in (0.1, 0.2, 0.3) for x in lam]
+        return [{"density": d, "lambda": x} for d in ((0.2,) if small else (0.1, 0.2, 0.3)) for x in lam]
     if method == "dare_ties":
         # DARE's rescale keeps each expert's expected vector, so lambda stays 1 (the issue's grid)
         return [{"density": d, "lambda": 1.0} for d in (0.1, 0.3, 0.5)]
     if method == "consensus":
         return [{"alpha": x, "k": 2, "lambdas": 0.4} for x in lam]
     if method == "cabs":
-        return [{"n": n, "m": m, "lambda": x} for n, m in ((1, 4), (2, 8), (8, 32)) for x in lam]
+        nm = ((2, 8),) if small else ((1, 4), (2, 8), (8, 32))
+        return [{"n": n, "m": m, "lambda": x} for n, m in nm for x in lam]
     if method in PER_TASK:
         return [{"lambdas": x} for x in _MASK_LAMBDAS]
     raise KeyError(method)

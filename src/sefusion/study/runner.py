@@ -39,7 +39,7 @@ HEAD_PREFIX = "head."
 class StudyConfig:
     scenario: Scenario
     out: Path
-    budget: str = "quick"
+    budget: Any = "quick"  # a budget name (quick, full) or a models.Budget
     base: Path | None = None
     cache: Path | None = None
     seed: int = 0
@@ -267,11 +267,12 @@ class Study:
         m, tk, cfg = self.models, self.tasks_api, self.cfg
         base = Path(cfg.base) if cfg.base else m.default_base()
         cache = Path(cfg.cache) if cfg.cache else m.default_cache()
-        budget = m.get_budget(cfg.budget)
+        budget = m.get_budget(cfg.budget) if isinstance(cfg.budget, str) else cfg.budget
+        self.budget_name = budget.name
         specs = {t: tk.get_task(t)[0] for t in self.tasks}
 
         self._progress(
-            f"study '{cfg.scenario.name}': {len(self.tasks)} tasks, budget {cfg.budget}, base {base}"
+            f"study '{cfg.scenario.name}': {len(self.tasks)} tasks, budget {budget.name}, base {base}"
         )
         data = {}
         for t in self.tasks:
@@ -294,7 +295,7 @@ class Study:
             t: json.loads((experts[t] / "train.json").read_text()).get("key", "") for t in self.tasks
         }
         records_key = _fingerprint(
-            {"base": str(base), "experts": expert_keys, "budget": cfg.budget, "seed": cfg.seed, "v": 1}
+            {"base": str(base), "experts": expert_keys, "budget": budget.name, "seed": cfg.seed, "v": 1}
         )
         self.records = EvalRecords(cache / "study" / f"{cfg.scenario.name}-{records_key}.jsonl")
 
@@ -308,7 +309,7 @@ class Study:
         bodies = {t: states[t][0] for t in self.tasks}
         heads = {t: states[t][1] for t in self.tasks}
 
-        evaluate = self._evaluator(base, data, specs)
+        evaluate = self._evaluator(base, data, specs, train_cfg.max_length)
         rows: list[dict[str, Any]] = []
 
         # individual: the normalizer, on both splits
@@ -373,13 +374,14 @@ class Study:
             "description": cfg.scenario.description,
             "base": str(base),
             "base_sha256": self._base_hash(base),
-            "budget": cfg.budget,
+            "budget": budget.name,
             "seed": cfg.seed,
             "tasks": self.tasks,
             "experts": {
                 t: {
                     "metric": specs[t].metric,
-                    "chance": specs[t].chance,
+                    # measured on the built test split (pool size, majority share), else the nominal level
+                    "chance": getattr(data[t], "chance", None) or specs[t].chance,
                     "validation": ref_val[t],
                     "test": ref_test[t],
                     "per_kind": ind_test[t].get("per_kind") or {},
@@ -409,7 +411,7 @@ class Study:
         files = sorted(Path(base).glob("*.safetensors"))
         return file_sha256(files[0]) if files else ""
 
-    def _evaluator(self, base: Path, data: Mapping[str, Any], specs: Mapping[str, Any]):
+    def _evaluator(self, base: Path, data: Mapping[str, Any], specs: Mapping[str, Any], max_length: int):
         def evaluate(
             row: str, params: Mapping[str, Any], task: str, split: str, body, head
         ) -> dict[str, Any]:
@@ -418,7 +420,9 @@ class Study:
             if hit is not None:
                 return hit
             t0 = time.perf_counter()
-            res = self.models.evaluate(body, head, data[task], split, specs[task], base=base)
+            res = self.models.evaluate(
+                body, head, data[task], split, specs[task], base=base, max_length=max_length
+            )
             res = {k: v for k, v in dict(res).items() if k in ("score", "per_kind", "n")}
             self.timings["evaluation"] = self.timings.get("evaluation", 0.0) + time.perf_counter() - t0
             self.records.put(key, res)
@@ -445,7 +449,7 @@ class Study:
         self, method, base_body, experts, heads, ref_val, ref_test, evaluate, extras
     ) -> dict[str, Any]:
         cfg, tasks = self.cfg, self.tasks
-        candidates = grids.grid(method, cfg.budget)
+        candidates = grids.grid(method, self.budget_name)
         self._progress(f"{method}: {len(candidates)} candidates on validation")
         it = candidates
         if not cfg.quiet:

