@@ -317,7 +317,23 @@ def _load_text(data: dict) -> str:
     )
 
 
-def render(data: dict, source: str = "") -> str:
+def _supplement(data: dict, source: str) -> list[str]:
+    """A later run that fills gaps of the main one: its tables only (the targets stay the main run's)."""
+    out = [
+        f"## Supplementary run of {data['created']} (`{source}`)",
+        "",
+        f"Made with `{data.get('command', '?')}` on the same machine, to fill cells the main run did not reach. "
+        "Its numbers are shown here and do not enter the targets above.",
+        "",
+    ]
+    for g in _ordered_groups(data):
+        out += [f"### {g['size']} ({g['params'] / 1e6:.0f}M parameters), base + {g['experts']} experts", ""]
+        out += group_table(g)
+        out.append("")
+    return out
+
+
+def render(data: dict, source: str = "", supplements: list[tuple[str, dict]] = ()) -> str:
     machine, versions, settings = data["machine"], data["versions"], data["settings"]
     out = [
         "# Benchmarks: sefusion vs mergekit 0.1.5",
@@ -404,6 +420,9 @@ def render(data: dict, source: str = "") -> str:
                 out.append(f"- {m} ({ag.get('expect', '?')}: {verdict}): {agreement_text(ag)}.")
             out.append("")
 
+    for sup_source, sup in supplements:
+        out += _supplement(sup, sup_source)
+
     expectations = {}
     for g in data["groups"]:
         for m, e in g["methods"].items():
@@ -471,8 +490,10 @@ def render(data: dict, source: str = "") -> str:
         "make setup                                   # .venv with sefusion (torch pinned by constraints.txt)",
         f"{data.get('command', '.venv/bin/python benchmarks/run.py')}"
         "   # checkpoints, mergekit venv, runs, JSON, this file",
+        *[f"{sup.get('command', '?')}   # the supplementary run" for _, sup in supplements],
         ".venv/bin/python benchmarks/render.py "
         + (source or "benchmarks/results/RUN.json")
+        + "".join(f" --supplement {src}" for src, _ in supplements)
         + "   # re-render from the JSON",
         "```",
         "",
@@ -481,6 +502,7 @@ def render(data: dict, source: str = "") -> str:
 
 
 def newest_result(results: Path = RESULTS) -> Path:
+    # supplementary runs live in results/supplements/, so the newest *full* run is the default
     runs = sorted(p for p in results.glob("*.json") if not p.name.endswith("-quick.json"))
     if not runs:
         raise SystemExit(f"no results JSON under {results}; run benchmarks/run.py first")
@@ -491,13 +513,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="?", type=Path, help="results JSON (default: newest full run)")
     p.add_argument("-o", "--output", type=Path, default=REPO / "BENCHMARKS.md")
+    p.add_argument(
+        "--supplement", type=Path, action="append", default=[], help="a later partial run's JSON (repeatable)"
+    )
     a = p.parse_args(argv)
     path = (a.results or newest_result()).resolve()
-    try:
-        source = str(path.relative_to(REPO))
-    except ValueError:
-        source = str(path)
-    text = render(json.loads(path.read_text()), source)
+
+    def rel(p: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(REPO))
+        except ValueError:
+            return str(p)
+
+    sups = [(rel(s), json.loads(s.read_text())) for s in a.supplement]
+    text = render(json.loads(path.read_text()), rel(path), sups)
     a.output.write_text(text)
     print(f"wrote {a.output}")
     return 0

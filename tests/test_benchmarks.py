@@ -262,6 +262,23 @@ def test_render_says_when_the_run_stopped_early():
     assert "have no sample (consensus (1b, 4 experts), ties (1b, 8 experts))" in render.render(data)
 
 
+def test_supplementary_runs_show_tables_but_not_targets():
+    data, sup = _result(), _result()
+    sup["groups"] = sup["groups"][:1]
+    sup["groups"][0]["experts"] = 8
+    sup["groups"][0]["methods"] = {"ties": {"sefusion": _samples((600.0, 8 * GB)), "mergekit": None}}
+    sup["command"] = ".venv/bin/python benchmarks/run.py --sizes 1b --experts 8"
+    text = render.render(data, "main.json", [("sup.json", sup)])
+    assert "## Supplementary run of 2026-01-01 00:00 UTC (`sup.json`)" in text
+    assert "Made with `.venv/bin/python benchmarks/run.py --sizes 1b --experts 8`" in text
+    assert "| ties | 600.0 | not run | – | 8.00 GB |" in text
+    assert "benchmarks/render.py main.json --supplement sup.json" in text
+    assert (
+        text.split("## Targets")[1].split("## ")[0]
+        == render.render(data, "main.json").split("## Targets")[1].split("## ")[0]
+    )
+
+
 def test_render_says_when_mergekit_was_not_run():
     data = _result()
     data["groups"][0]["methods"]["ties"]["mergekit"] = None  # 1b: mergekit skipped for time
