@@ -182,14 +182,17 @@ class TensorInputs:
         self.numel = math.prod(self.shape)
         readers = [streamer.base if with_base else None, *streamer.experts]
         self.models = [(r, r.open_tensor(name) if r is not None else None) for r in readers]
+        self._checked: set[int] = set()  # chunk starts already checked for NaN/Inf (in an earlier pass)
 
     def read(self, start: int, stop: int) -> tuple[Tensor | None, list[Tensor]]:
-        chunks = [self._chunk(slot, start, stop) for slot in range(len(self.models))]
+        check = not self.s.allow_nonfinite and start not in self._checked
+        chunks = [self._chunk(slot, start, stop, check) for slot in range(len(self.models))]
+        self._checked.add(start)
         if stop - start == self.numel and self.numel > 0:  # the whole tensor: its own shape
             chunks = [None if c is None else c.reshape(self.shape) for c in chunks]
         return chunks[0], chunks[1:]  # type: ignore[return-value]
 
-    def _chunk(self, slot: int, start: int, stop: int) -> Tensor | None:
+    def _chunk(self, slot: int, start: int, stop: int, check: bool) -> Tensor | None:
         reader, rng = self.models[slot]
         if reader is None:
             return None
@@ -199,7 +202,7 @@ class TensorInputs:
         raw = rng.read(start, stop, s.scratch.get(("raw", slot), n, stored, s.chunk))
         if raw.dtype != want:
             raw = s.scratch.get(("f32", slot), n, want, s.chunk).copy_(raw)
-        if not s.allow_nonfinite and n and not math.isfinite(float(raw.sum())):
+        if check and n and not math.isfinite(float(raw.sum())):
             from .io import check_finite  # a NaN/Inf, or a sum that overflowed: count them exactly
 
             check_finite(self.name, reader.get(self.name), reader.file_of(self.name))

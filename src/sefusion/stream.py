@@ -44,6 +44,14 @@ class _Passes:
         self.fed: int | None = None  # the statistic this pass feeds
         self.results: dict[int, Any] = {}  # this pass's results (tie budgets are consumed chunk by chunk)
         self.generators: dict[int, Any] = {}
+        self.chunk: tuple[int, int] | None = None  # (index, count) of the chunk being called
+
+    def wants(self, index: int, count: int) -> bool:
+        """Whether the statistic this pass feeds needs chunk `index` of `count` (a sample pass skips some)."""
+        if self.fed is None:
+            return True
+        wants = getattr(self.stats[self.fed], "wants", None)
+        return wants is None or wants(index, count)
 
     def visit(self, stat: WholeTensorStat, x: Tensor) -> Any:
         i = self.cursor
@@ -60,6 +68,8 @@ class _Passes:
                 "a method asked for whole-tensor statistics in a different order on another chunk"
             )
         self.fed = i
+        if self.chunk is not None and hasattr(known, "wants"):
+            known.wants(*self.chunk)  # chunk 0 of a pass: tells it the chunk count
         known.update(x)
         raise CollectingStatistic
 
@@ -110,11 +120,14 @@ def stream_tensor(
     results go to `emit(start, stop, result)` in order."""
     while True:
         merge_pass: bool | None = None
-        for start, stop in ranges:
+        for i, (start, stop) in enumerate(ranges):
             if cancelled():
                 raise Cancelled
+            if merge_pass is False and not ctx.passes.wants(i, len(ranges)):
+                continue
             base, experts = read(start, stop)
             ctx.passes.cursor = 0
+            ctx.passes.chunk = (i, len(ranges))
             try:
                 result = call(base, experts, ctx)
             except CollectingStatistic:

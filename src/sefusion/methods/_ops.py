@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
+import numpy as np
 from annotated_types import Ge, Gt, Le
 
 from .._lazy import torch
@@ -324,7 +325,7 @@ def trim_each(taus: Tensor, densities: Sequence[float], ctx: TensorContext = DEF
     entries), exactly k with ties by flat index; `taus` may be one chunk of it (see TensorContext)."""
     for d in densities:
         check_density(d)
-    return trim_by(taus, ctx.whole_tensor(ModelTopK(taus.shape[0], list(densities)), taus))
+    return trim_by(taus, ctx.whole_tensor(TensorTopK(taus.shape[0], list(densities)), taus))
 
 
 def trim_model_scope(taus: Tensor, thresholds: list[ModelThreshold] | None) -> Tensor:
@@ -464,8 +465,11 @@ def tall_mask(tau_t: Tensor, tau_mtl: Tensor, lam: float) -> Tensor:
 def tall_masks_of(taus: Tensor, tau_mtl: Tensor, lambdas: Sequence[float], dtype: Any = None) -> Tensor:
     """Every task's TALL mask at once: (T, n), (n,) -> (T, n), bool (or float 0/1 with dtype float32)."""
     lam = weight_tensor(lambdas, taus)[:, None]
-    out = torch.empty(taus.shape, dtype=dtype or torch.bool, device=taus.device)
-    return torch.gt(taus.abs(), lam * (tau_mtl - taus).abs(), out=out)
+    bound = torch.sub(tau_mtl, taus).abs_().mul_(lam)  # lambda_t |tau_MTL - tau_t|
+    size = taus.abs()
+    if dtype in (None, torch.bool) and taus.device.type == "cpu":  # numpy's bool compare is vectorized
+        return torch.from_numpy(np.greater(size.numpy(), bound.numpy()))
+    return torch.gt(size, bound, out=torch.empty(taus.shape, dtype=dtype or torch.bool, device=taus.device))
 
 
 # --------------------------------------------------------------------------- Scaling-Masks range
@@ -616,8 +620,6 @@ class _RadixSelect:
 def _low_half_counts(bits: Tensor, high: int) -> Tensor:
     """Counts of the low 16 bits of the entries of `bits` whose high 16 bits are `high`."""
     if bits.device.type == "cpu":  # numpy's compare and boolean index are vectorized, torch's bool ops not
-        import numpy as np
-
         b = bits.numpy()
         return torch.from_numpy(np.bincount(b[(b >> 16) == high] & 0xFFFF, minlength=_LO_BINS))
     return torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=_LO_BINS).cpu()
@@ -693,6 +695,167 @@ class ModelTopK:
     def result(self) -> list[ModelThreshold]:
         """Fresh copies of the thresholds (trimming consumes their tie budgets)."""
         return [ModelThreshold(t.value, t.equal_left) for t in self.thresholds()]
+
+
+_INT32_MAX = 2**31 - 1
+_SAMPLE_CHUNKS = 4  # chunks a sample pass reads; a tensor of no more is selected from its first pass
+_SAMPLE_STEP = 16  # every 16th entry of a sampled chunk: 64K entries per row
+_BAND_CAP = 1 << 22  # entries per row a band may hold before the selection falls back to radix
+
+
+_NP_SAMPLE = 1 << 14
+
+
+def _kth_largest_np(a: Any, k: int) -> int:
+    """The k-th largest of a numpy int array (1 <= k <= a.size), exactly: np.partition on the entries of
+    a sampled bracket where that holds the answer (as kth_largest does), on the whole array otherwise."""
+    n = a.size
+    if n > 4 * _NP_SAMPLE:
+        sample = np.sort(a[:: n // _NP_SAMPLE])
+        s = sample.size
+        p = k / n
+        margin = 6.0 * math.sqrt(max(p * (1 - p), 1.0 / s) * s) + 2
+        hi = sample[s - max(1, math.floor(p * s - margin))]
+        lo = sample[s - min(s, math.ceil(p * s + margin))]
+        above = int(np.count_nonzero(a > hi))
+        if above < k:
+            band = np.extract((a >= lo) & (a <= hi), a)
+            if above + band.size >= k:
+                a, k, n = band, k - above, band.size
+    return int(np.partition(a, n - k)[n - k])
+
+
+class TensorTopK:
+    """Exact top-k thresholds of each row of one tensor, k_t = ceil(density_t * n): the ModelThresholds
+    that ModelTopK would give, found with less work where the tensor is streamed in chunks.
+
+    A tensor of at most 4 chunks: one pass keeps each row's non-zero |x| bit patterns and selects the
+    k-th largest among them (kthvalue). A larger one: a sample pass reads every 16th entry of 4 chunks
+    spread over the tensor and brackets the k-th largest, [lo, hi], by 6 binomial standard deviations
+    of the sample's rank; one counting pass then counts the entries above hi and keeps those in [lo, hi]
+    (the band, about 1% of the tensor), whose (k - above)-th largest is the answer. A row whose bracket
+    missed, or whose band outgrew 4M entries (massive ties), falls back to radix selection (ModelTopK):
+    two more passes. Bit patterns of non-negative float32 order like the values.
+    """
+
+    def __init__(self, rows: int, densities: Sequence[float]) -> None:
+        self.rows = rows
+        self.densities = per_expert(list(densities), rows, "density")
+        self.done = False
+        self._phase = "first"  # -> "sample" -> "band" [-> radix] ; "first" decides
+        self._chunks: int | None = None
+        self._sample: list[list[Tensor]] = [[] for _ in range(rows)]
+        self._bracket = [(1, _INT32_MAX)] * rows  # [lo, hi] as bit patterns; lo >= 1: zeros never in a band
+        self._reset_counts()
+        self._radix: ModelTopK | None = None
+        self._result: list[ModelThreshold] | None = None
+
+    def _reset_counts(self) -> None:
+        self._n = [0] * self.rows
+        self._zeros = [0] * self.rows
+        self._above = [0] * self.rows
+        self._band: list[list[Tensor] | None] = [[] for _ in range(self.rows)]
+        self._band_size = [0] * self.rows
+
+    def wants(self, index: int, count: int) -> bool:
+        """Whether the current pass reads chunk `index` of `count` (the sample pass reads a few)."""
+        if self._chunks is None:
+            self._chunks = count
+            if self._phase == "first":
+                self._phase = "band" if count <= _SAMPLE_CHUNKS else "sample"
+        if self._phase != "sample":
+            return True
+        stride = -(-count // _SAMPLE_CHUNKS)
+        return index % stride == 0
+
+    def update(self, x: Sequence[Tensor] | Tensor) -> None:
+        if self._phase == "first":  # fed without wants(): a whole tensor in hand
+            self._phase = "band"
+        if self._radix is not None:
+            self._radix.update(x)
+            return
+        for r, row in enumerate(x):
+            bits = _abs_bits(row)
+            if self._phase == "sample":
+                self._sample[r].append(bits[::_SAMPLE_STEP].clone())
+            else:
+                self._count_band(r, bits)
+
+    def _count_band(self, r: int, bits: Tensor) -> None:
+        lo, hi = self._bracket[r]
+        b = bits.cpu().numpy()  # numpy: its compares and boolean indexing are vectorized
+        self._n[r] += b.size
+        self._zeros[r] += b.size - int(np.count_nonzero(b))
+        band = self._band[r]
+        if (lo, hi) == (1, _INT32_MAX):  # no bracket: keep everything (zeros rank last, below any k-th)
+            kept = b
+        else:
+            self._above[r] += int(np.count_nonzero(b > hi))
+            if band is None:
+                return
+            kept = np.extract((b >= lo) & (b <= hi), b)
+        self._band_size[r] += kept.size
+        if band is None or self._band_size[r] > _BAND_CAP:
+            self._band[r] = None  # massive ties: radix selection instead
+        else:
+            band.append(kept)
+
+    def end_pass(self) -> None:
+        if self._radix is not None:
+            self._radix.end_pass()
+            if self._radix.done:
+                self._result = self._radix.thresholds()
+                self.done = True
+        elif self._phase == "sample":
+            self._bracket = [
+                self._bracket_of(torch.cat(rows), d)
+                for rows, d in zip(self._sample, self.densities, strict=True)
+            ]
+            self._sample = []
+            self._phase = "band"
+        else:
+            found = [self._select(r) for r in range(self.rows)]
+            if all(f is not None for f in found):
+                self._result = found  # type: ignore[assignment]
+                self.done = True
+            else:
+                self._radix = ModelTopK(self.rows, self.densities)
+            self._band = []
+
+    @staticmethod
+    def _bracket_of(sample: Tensor, density: float) -> tuple[int, int]:
+        """Bit patterns [lo, hi] that hold the k-th largest with high probability (as kth_largest)."""
+        s = sample.numel()
+        if s == 0:
+            return 1, _INT32_MAX
+        p = density
+        margin = 6.0 * math.sqrt(max(p * (1 - p), 1.0 / s) * s) + 2
+        hi_rank = math.floor(p * s - margin)  # ranks from the top of the sample
+        lo_rank = math.ceil(p * s + margin)
+        ranks = [s - r for r in (hi_rank, lo_rank) if 1 <= r <= s]  # 0-based positions in ascending order
+        part = np.partition(sample.numpy(), ranks) if ranks else None
+        hi = int(part[s - hi_rank]) if hi_rank >= 1 else _INT32_MAX  # type: ignore[index]
+        lo = int(part[s - lo_rank]) if lo_rank <= s else 1  # type: ignore[index]
+        return max(lo, 1), hi
+
+    def _select(self, r: int) -> ModelThreshold | None:
+        n, zeros, above = self._n[r], self._zeros[r], self._above[r]
+        k = keep_count(self.densities[r], n)
+        if k >= n - zeros:  # every non-zero entry
+            return ModelThreshold(0.0, 0)
+        band = self._band[r]
+        if band is None or not above < k <= above + self._band_size[r]:
+            return None  # the k-th largest is outside the bracket
+        values = np.concatenate(band) if band else np.zeros(0, dtype=np.int32)
+        kth = _kth_largest_np(values, k - above)  # its rank from the top of the band
+        greater = int(np.count_nonzero(values > kth))
+        value = struct.unpack("<f", struct.pack("<i", kth))[0]
+        return ModelThreshold(value, k - above - greater)
+
+    def result(self) -> list[ModelThreshold]:
+        if self._result is None:
+            raise ValueError("TensorTopK: read before every pass was fed")
+        return [ModelThreshold(t.value, t.equal_left) for t in self._result]
 
 
 class RangeStat:
