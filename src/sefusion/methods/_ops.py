@@ -699,7 +699,7 @@ class ModelTopK:
 
 _INT32_MAX = 2**31 - 1
 _SAMPLE_CHUNKS = 4  # chunks a sample pass reads; a tensor of no more is selected from its first pass
-_SAMPLE_STEP = 16  # every 16th entry of a sampled chunk: 64K entries per row
+_SAMPLE_STEP = 4  # every 4th entry of a sampled chunk: 256K entries per row
 _BAND_CAP = 1 << 22  # entries per row a band may hold before the selection falls back to radix
 
 
@@ -730,7 +730,7 @@ class TensorTopK:
     that ModelTopK would give, found with less work where the tensor is streamed in chunks.
 
     A tensor of at most 4 chunks: one pass keeps each row's non-zero |x| bit patterns and selects the
-    k-th largest among them (kthvalue). A larger one: a sample pass reads every 16th entry of 4 chunks
+    k-th largest among them (kthvalue). A larger one: a sample pass reads every 4th entry of 4 chunks
     spread over the tensor and brackets the k-th largest, [lo, hi], by 6 binomial standard deviations
     of the sample's rank; one counting pass then counts the entries above hi and keeps those in [lo, hi]
     (the band, about 1% of the tensor), whose (k - above)-th largest is the answer. A row whose bracket
