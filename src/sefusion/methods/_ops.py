@@ -729,8 +729,8 @@ class TensorTopK:
     """Exact top-k thresholds of each row of one tensor, k_t = ceil(density_t * n): the ModelThresholds
     that ModelTopK would give, found with less work where the tensor is streamed in chunks.
 
-    A tensor of at most 4 chunks: one pass keeps each row's non-zero |x| bit patterns and selects the
-    k-th largest among them (kthvalue). A larger one: a sample pass reads every 4th entry of 4 chunks
+    A tensor of at most 4 chunks: one pass keeps each row's |x| bit patterns and selects the k-th
+    largest among them (np.partition on a sampled bracket). A larger one: a sample pass reads every 4th entry of 4 chunks
     spread over the tensor and brackets the k-th largest, [lo, hi], by 6 binomial standard deviations
     of the sample's rank; one counting pass then counts the entries above hi and keeps those in [lo, hi]
     (the band, about 1% of the tensor), whose (k - above)-th largest is the answer. A row whose bracket
@@ -746,16 +746,13 @@ class TensorTopK:
         self._chunks: int | None = None
         self._sample: list[list[Tensor]] = [[] for _ in range(rows)]
         self._bracket = [(1, _INT32_MAX)] * rows  # [lo, hi] as bit patterns; lo >= 1: zeros never in a band
-        self._reset_counts()
+        self._n = [0] * rows  # counted in the band pass: entries, zeros, entries above hi
+        self._zeros = [0] * rows
+        self._above = [0] * rows
+        self._band: list[list[Any] | None] = [[] for _ in range(rows)]  # None: outgrew _BAND_CAP
+        self._band_size = [0] * rows
         self._radix: ModelTopK | None = None
         self._result: list[ModelThreshold] | None = None
-
-    def _reset_counts(self) -> None:
-        self._n = [0] * self.rows
-        self._zeros = [0] * self.rows
-        self._above = [0] * self.rows
-        self._band: list[list[Tensor] | None] = [[] for _ in range(self.rows)]
-        self._band_size = [0] * self.rows
 
     def wants(self, index: int, count: int) -> bool:
         """Whether the current pass reads chunk `index` of `count` (the sample pass reads a few)."""
