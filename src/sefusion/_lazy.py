@@ -20,7 +20,9 @@ class LazyModule(ModuleType):
         return mod
 
     def __getattr__(self, attr: str) -> Any:
-        return getattr(self._load(), attr)
+        value = getattr(self._load(), attr)
+        self.__dict__[attr] = value  # found directly next time: torch.* sits in the engine's inner loop
+        return value
 
 
 torch: Any = LazyModule("torch")

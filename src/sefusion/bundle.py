@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from .errors import CheckpointError, SefusionError
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from .engine import Plan, TensorSource
+    from .engine import Plan, Streamer
     from .io import ModelReader
     from .recipe import Recipe
     from .registry import MethodSpec
@@ -82,25 +83,24 @@ def write_bundle(
     recipe: Recipe,
     spec: MethodSpec,
     kwargs: Mapping[str, Any],
-    weights: Sequence[float],
-    base: ModelReader | None,
-    experts: Sequence[ModelReader],
     plan: Plan,
-    source: TensorSource,
+    streamer: Streamer,
     *,
     overwrite: bool,
     shard_size: int,
-    device: Any,
     quiet: bool,
 ) -> None:
-    """Stream every mergeable tensor through a bundle method and store vector, packed masks and scales."""
-    from .engine import _progress, _target_dtype, compute_tensor
+    """Stream every mergeable tensor through a bundle method and store vector, packed masks and scales,
+    chunk by chunk into their planned places."""
+    import numpy as np
+
+    from .engine import _progress, _target_dtype
     from .io import ModelWriter, file_sha256
 
+    base, experts = streamer.base, streamer.experts
     if base is None:
         raise SefusionError(f"bundle method '{spec.name}' needs a base model")
     tasks = recipe.task_names
-    tensors: dict[str, dict[str, Any]] = {}
     public_params = {p.name: _jsonable(kwargs[p.arg]) for p in spec.params.values()}
     card = (
         f"# sefusion bundle ({spec.name})\n\nServes {len(tasks)} tasks: {', '.join(tasks)}.\n"
@@ -121,26 +121,48 @@ def write_bundle(
             (f"tasks/{task}/{name}", ex.shape(name), _target_dtype(recipe, ex.dtype(name)))
             for name in plan.per_task
         ]
+    tensors = {
+        name: {"shape": list(base.shape(name)), "dtype": _dtype_name(_target_dtype(recipe, base.dtype(name)))}
+        for name in plan.merged
+    }
     with ModelWriter(out, overwrite=overwrite, shard_size=shard_size, model_card=card, layout=layout) as w:
         bar = _progress(len(plan.merged), spec.name, quiet)
-        for name, b, xs in source.stream(plan.merged):
-            res = compute_tensor(
-                spec, kwargs, weights, name, b, xs, seed=recipe.seed, task_names=tasks, device=device
-            )
-            w.add(f"vector/{name}", res.vector.float().cpu().contiguous())
-            w.add(f"masks/{name}", pack_masks(res.masks))
-            # TALL-Masks stores s_t = 1 so that every bundle has one format
-            scales = res.scales if res.scales is not None else torch.ones(n_tasks)
-            w.add(f"scales/{name}", scales.float().cpu().contiguous())
-            tensors[name] = {
-                "shape": list(base.shape(name)),
-                "dtype": _dtype_name(_target_dtype(recipe, base.dtype(name))),
-            }
-            bar.update()
-        bar.close()
+
+        def merge_job(name: str) -> Any:
+            row_bytes = (math.prod(base.shape(name)) + 7) // 8
+            scales: list[Any] = [None]
+
+            def emit(start: int, stop: int, res: Any) -> None:
+                w.write_range(f"vector/{name}", start, res.vector.reshape(-1).float().cpu())
+                # chunk starts are multiples of 8: each task's bits are whole bytes of its packed row
+                bits = res.masks.reshape(n_tasks, -1).cpu().numpy()
+                packed = torch.from_numpy(np.packbits(bits, axis=1, bitorder="little"))
+                for t in range(n_tasks):
+                    w.write_range(f"masks/{name}", t * row_bytes + start // 8, packed[t])
+                if res.scales is not None:  # kept as floats: a small tensor held on would pin the C heap
+                    scales[0] = res.scales.tolist()
+
+            def job(cancelled: Any) -> None:
+                streamer.run_tensor(name, emit, cancelled)
+                # TALL-Masks stores s_t = 1 so that every bundle has one format
+                w.add(f"scales/{name}", torch.tensor(scales[0] or [1.0] * n_tasks, dtype=torch.float32))
+                bar.update()
+
+            return job
+
+        names = sorted(plan.merged, key=lambda n: -math.prod(base.shape(n)))
+        jobs = [merge_job(n) for n in names]
         for task, ex in zip(tasks, experts, strict=True):
             for name in plan.per_task:
-                w.add(f"tasks/{task}/{name}", ex.get(name).to(_target_dtype(recipe, ex.dtype(name))))
+                key = f"tasks/{task}/{name}"
+                jobs.append(
+                    streamer.copy_job(
+                        ex, name, _target_dtype(recipe, ex.dtype(name)), partial(w.write_range, key)
+                    )
+                )
+        streamer.run(jobs, sum(math.prod(base.shape(n)) for n in plan.merged))
+        bar.close()
+        for task, ex in zip(tasks, experts, strict=True):
             task_dir = w.tmp_path / "tasks" / task
             task_dir.mkdir(parents=True, exist_ok=True)
             for f in ex.aux_files():

@@ -104,9 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _keep_freed_memory() -> None:
+    """glibc only: keep freed heap memory for reuse instead of handing the heap top back to the kernel.
+
+    The engine frees its chunk temporaries (tens of MB) after every chunk; glibc's default trims the
+    heap top whenever more than twice its largest recent block is free, and the next chunk faults the
+    pages back in, zeroed: on a 0.2B Consensus merge that was 8 s of system time out of 14. A trim
+    threshold of 256 MB keeps them; the mmap threshold is pinned at 32 MB because setting one turns
+    off glibc's adjustment of both. Done by the command only, not by library calls: a process that
+    imports sefusion keeps its allocator as it was.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only (not musl, not macOS)
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 256 << 20)
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .engine import merge
 
+    _keep_freed_memory()
     report = merge(
         args.recipe,
         args.out,
@@ -133,6 +156,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from .bundle import extract
 
+    _keep_freed_memory()
     out = extract(
         args.bundle,
         args.task,

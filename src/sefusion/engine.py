@@ -1,17 +1,24 @@
-"""The streaming engine: one tensor name at a time across base + experts.
+"""The streaming engine: one tensor name at a time across base + experts, in chunks.
 
-checkpoints -> plan (names, shapes, what is merged, what is excluded) -> per tensor: read (prefetched on
-a thread), cast to float32 on the device, run the method, cast to the output dtype, write.
-Memory is bounded by (1 + T) tensors in flight (two names: the one computed and the one prefetched)
-plus one output shard.
+checkpoints -> plan (names, shapes, what is merged, what is excluded) -> per tensor: read each chunk of
+its flat range from every model (positional reads into reused buffers, float32), run the method on it
+(sefusion.stream: statistic passes first where the method needs a whole-tensor quantity), cast, and
+write the chunk to its place in the planned output shard. Tensors are spread over worker threads.
+Memory is bounded by workers x models x chunk plus the methods' chunk temporaries, whatever the model
+size; nothing of the output is held.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,11 +27,13 @@ from ._lazy import torch
 from .errors import CheckpointError, RecipeError, SefusionError
 from .recipe import Recipe, load_recipe
 from .registry import METHODS, MethodSpec
+from .stream import Cancelled, StreamContext, spans, stream_tensor
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from .io import ModelReader
+    from .methods import TensorContext
 
 log = logging.getLogger("sefusion")
 
@@ -139,47 +148,207 @@ def _resolve_task_params(kwargs: dict[str, Any], spec: MethodSpec, task_names: S
         raise RecipeError(f"method '{spec.name}': {exc}") from None
 
 
-class TensorSource:
-    """Reads one name across base + experts, checks values, and prefetches the next name on a thread."""
+CHUNK = 1 << 18  # entries per chunk on the CPU: every model's chunk and the temporaries stay in cache
+CUDA_CHUNK = 1 << 24  # on a GPU, chunks large enough to keep it busy
+PARALLEL_ENTRIES = 1 << 22  # below this many merged entries one thread does it all
+WORKERS: int | None = None  # worker threads; None: the usable cores (one below PARALLEL_ENTRIES)
+
+
+class _Scratch(threading.local):
+    """Per-thread buffers, reused from chunk to chunk: no fresh (page-faulted, zeroed) memory per tensor."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[Any, Any], Tensor] = {}
+
+    def get(self, key: Any, n: int, dtype: Any, capacity: int) -> Tensor:
+        if n > capacity:  # a whole tensor that a method cannot stream: not kept
+            return torch.empty(n, dtype=dtype)
+        buf = self.buffers.get((key, dtype))
+        if buf is None:
+            buf = self.buffers[(key, dtype)] = torch.empty(capacity, dtype=dtype)
+        return buf[:n]
+
+
+class TensorInputs:
+    """One tensor name across base + experts, read by chunks of its flat range as the methods take
+    them: the base in float32, experts in float32 (float64 kept: the methods subtract in it), on the
+    device, checked for NaN/Inf unless allowed."""
+
+    def __init__(self, streamer: Streamer, name: str, *, with_base: bool = True) -> None:
+        self.s = streamer
+        self.name = name
+        ref = streamer.ref
+        self.shape = tuple(ref.shape(name))
+        self.numel = math.prod(self.shape)
+        readers = [streamer.base if with_base else None, *streamer.experts]
+        self.models = [(r, r.open_tensor(name) if r is not None else None) for r in readers]
+        self._checked: set[int] = set()  # chunk starts already checked for NaN/Inf (in an earlier pass)
+
+    def read(self, start: int, stop: int) -> tuple[Tensor | None, list[Tensor]]:
+        check = not self.s.allow_nonfinite and start not in self._checked
+        chunks = [self._chunk(slot, start, stop, check) for slot in range(len(self.models))]
+        self._checked.add(start)
+        if stop - start == self.numel and self.numel > 0:  # the whole tensor: its own shape
+            chunks = [None if c is None else c.reshape(self.shape) for c in chunks]
+        return chunks[0], chunks[1:]  # type: ignore[return-value]
+
+    def _chunk(self, slot: int, start: int, stop: int, check: bool) -> Tensor | None:
+        reader, rng = self.models[slot]
+        if reader is None:
+            return None
+        s, n = self.s, stop - start
+        stored = reader.dtype(self.name)
+        want = torch.float32 if slot == 0 or stored.itemsize <= 4 else stored
+        raw = rng.read(start, stop, s.scratch.get(("raw", slot), n, stored, s.chunk))
+        if raw.dtype != want:
+            raw = s.scratch.get(("f32", slot), n, want, s.chunk).copy_(raw)
+        if check and n and not math.isfinite(float(raw.sum())):
+            from .io import check_finite  # a NaN/Inf, or a sum that overflowed: count them exactly
+
+            check_finite(self.name, reader.get(self.name), reader.file_of(self.name))
+        return raw if s.device.type == "cpu" else raw.to(s.device)
+
+
+class Streamer:
+    """Everything a merge shares across tensors: the method and its arguments, the inputs, chunking,
+    worker threads. `run_tensor` merges one name chunk by chunk; `run` spreads jobs over threads."""
 
     def __init__(
         self,
+        spec: MethodSpec,
+        kwargs: Mapping[str, Any],
+        weights: Sequence[float],
         base: ModelReader | None,
         experts: Sequence[ModelReader],
-        task_names: Sequence[str],
         *,
+        seed: int,
+        task_names: Sequence[str],
+        device: Any,
         allow_nonfinite: bool,
+        chunk: int | None = None,
+        workers: int | None = None,
     ) -> None:
-        self.base = base
-        self.experts = list(experts)
-        self.task_names = list(task_names)
+        self.spec, self.kwargs, self.weights = spec, dict(kwargs), list(weights)
+        self.base, self.experts = base, list(experts)
+        self.ref = base if base is not None else self.experts[0]
+        self.seed, self.task_names = seed, tuple(task_names)
+        self.device = torch.device(device)
         self.allow_nonfinite = allow_nonfinite
+        self.chunk = chunk or (CHUNK if self.device.type == "cpu" else CUDA_CHUNK)
+        self.workers = workers if workers is not None else WORKERS
+        self.scratch = _Scratch()
+        self.thresholds: Any = None  # TIES density_scope model, found by model_thresholds()
 
-    def read(self, name: str, *, with_base: bool = True) -> tuple[Tensor | None, list[Tensor]]:
-        from .io import check_finite
+    def inputs(self, name: str) -> TensorInputs:
+        return TensorInputs(self, name, with_base=self.spec.needs_base)
 
-        base = self.base.get(name) if (with_base and self.base is not None) else None
-        experts = [ex.get(name) for ex in self.experts]
-        if not self.allow_nonfinite:
-            if base is not None:
-                check_finite(name, base, self.base.file_of(name))  # type: ignore[union-attr]
-            for ex, t in zip(self.experts, experts, strict=True):
-                check_finite(name, t, ex.file_of(name))
-        return base, experts
+    def ranges(self, numel: int) -> list[tuple[int, int]]:
+        """Chunks of a merged tensor; starts are multiples of 8 (packed mask bytes) and of the method's
+        block size. A method that cannot stream gets the whole tensor."""
+        if not self.spec.stream:
+            return [(0, numel)]
+        return spans(numel, self.chunk, math.lcm(8, self.spec.alignment(self.kwargs)))
 
-    def stream(
-        self, names: Sequence[str], *, with_base: bool = True
-    ) -> Iterator[tuple[str, Tensor | None, list[Tensor]]]:
-        """Yield (name, base, experts) in order while the next name is read on a second thread."""
-        if not names:
+    def run_tensor(
+        self, name: str, emit: Callable[[int, int, Any], None], cancelled: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Merge tensor `name`: every chunk's result goes to emit(start, stop, result), in order."""
+        spec, kwargs, weights = self.spec, self.kwargs, self.weights
+        inputs = self.inputs(name)
+        ctx = StreamContext(
+            name=name, seed=self.seed, task_names=self.task_names, model_thresholds=self.thresholds
+        )
+
+        def call(base: Tensor | None, experts: Sequence[Tensor], ctx: TensorContext) -> Any:
+            return spec.fn(base, list(experts), weights, **kwargs, ctx=ctx)
+
+        stream_tensor(call, ctx, self.ranges(inputs.numel), inputs.read, emit, cancelled)
+
+    def model_thresholds(self, names: Sequence[str], quiet: bool) -> None:
+        """TIES with `density_scope: model`: bounded-memory passes for the exact model-wide thresholds."""
+        if self.kwargs.get("density_scope") != "model":
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sefusion-read") as pool:
-            pending: Future = pool.submit(self.read, names[0], with_base=with_base)
-            for i, name in enumerate(names):
-                base, experts = pending.result()
-                if i + 1 < len(names):
-                    pending = pool.submit(self.read, names[i + 1], with_base=with_base)
-                yield name, base, experts
+        from .methods import _ops
+
+        def task_vectors() -> Iterator[Tensor]:
+            bar = _progress(len(names), "model-wide top-k", quiet)
+            for name in names:
+                inputs = self.inputs(name)
+                for start, stop in spans(inputs.numel, self.chunk):
+                    base, experts = inputs.read(start, stop)
+                    yield _ops.task_vectors(base, experts, self.weights, "ties")[0]  # (T, n) float32
+                bar.update()
+            bar.close()
+
+        self.thresholds = _ops.model_thresholds(task_vectors, len(self.experts), self.kwargs["density"])
+
+    def copy_job(
+        self, reader: ModelReader, name: str, dtype: Any, write: Callable[[int, Tensor], None]
+    ) -> Job:
+        """A job that copies tensor `name` of `reader`, cast to `dtype`, chunk by chunk."""
+
+        def job(cancelled: Callable[[], bool]) -> None:
+            rng = reader.open_tensor(name)
+            stored = reader.dtype(name)
+            for start, stop in spans(math.prod(reader.shape(name)), self.chunk):
+                if cancelled():
+                    raise Cancelled
+                raw = rng.read(start, stop, self.scratch.get("copy", stop - start, stored, self.chunk))
+                write(start, raw if stored == dtype else raw.to(dtype))
+
+        return job
+
+    def run(self, jobs: Sequence[Job], total_entries: int, ordered: bool = False) -> None:
+        """Run jobs (each one tensor) on worker threads; see run_jobs."""
+        workers = self.workers
+        if workers is None:
+            workers = (
+                1 if ordered or total_entries < PARALLEL_ENTRIES or self.device.type != "cpu" else _cores()
+            )
+        run_jobs(jobs, workers)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to n for the duration (restored after)."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
+
+
+def run_jobs(jobs: Sequence[Job], workers: int) -> None:
+    """Run jobs, each one tensor, on `workers` threads, with torch single-threaded inside each: the cores
+    work on different tensors instead of meeting at every chunk-sized operation, which costs little on
+    an idle machine and a lot on a busy one. The first failure (or Ctrl-C) stops the others at their
+    next chunk."""
+    with _torch_threads(1):
+        if workers <= 1:
+            for job in jobs:
+                job(lambda: False)
+            return
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sefusion") as pool:
+            futures = [pool.submit(job, stop.is_set) for job in jobs]
+            try:
+                for f in as_completed(futures):
+                    f.result()
+            except BaseException:
+                stop.set()  # the pool waits for the running jobs, which stop at their next chunk
+                for f in futures:
+                    f.cancel()
+                raise
+
+
+Job = Callable[[Callable[[], bool]], None]
 
 
 def _target_dtype(recipe: Recipe, stored: Any) -> Any:
@@ -192,25 +361,6 @@ def _progress(total: int, desc: str, quiet: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", disable=quiet or None, leave=False)
-
-
-def _model_thresholds(
-    spec: MethodSpec, kwargs: dict[str, Any], source: TensorSource, plan: Plan, quiet: bool
-) -> Any:
-    """TIES with `density_scope: model`: one bounded-memory pass for the exact model-wide thresholds."""
-    if kwargs.get("density_scope") != "model":
-        return None
-    from .methods import _ops
-
-    def task_vectors() -> Iterator[list[Tensor]]:
-        bar = _progress(len(plan.merged), "model-wide top-k", quiet)
-        for _name, base, experts in source.stream(plan.merged):
-            b = base.float() if base is not None else None
-            yield [e.float() - b if b is not None else e.float() for e in experts]
-            bar.update()
-        bar.close()
-
-    return _ops.model_thresholds(task_vectors, len(source.experts), kwargs["density"])
 
 
 def _model_card(recipe: Recipe, spec: MethodSpec, extra: str = "") -> str:
@@ -258,18 +408,18 @@ def merge(
     base, experts = open_inputs(recipe, spec)
     try:
         plan = make_plan(recipe, base, experts, task_names)
-        source = TensorSource(base, experts, task_names, allow_nonfinite=allow_nonfinite)
+        streamer = Streamer(
+            spec, kwargs, weights, base, experts,
+            seed=recipe.seed, task_names=task_names, device=dev, allow_nonfinite=allow_nonfinite,
+        )  # fmt: skip
         if spec.kind == "bundle":
             from .bundle import write_bundle
 
             write_bundle(
-                out, recipe, spec, kwargs, weights, base, experts, plan, source,
-                overwrite=overwrite, shard_size=size, device=dev, quiet=quiet,
-            )  # fmt: skip
-        else:
-            _write_merge(
-                out, recipe, spec, kwargs, weights, base, experts, plan, source, size, dev, overwrite, quiet
+                out, recipe, spec, kwargs, plan, streamer, overwrite=overwrite, shard_size=size, quiet=quiet
             )
+        else:
+            _write_merge(out, recipe, spec, plan, streamer, size, overwrite, quiet)
     finally:
         for r in [base, *experts]:
             if r is not None:
@@ -293,49 +443,20 @@ def _check_device(device: str) -> Any:
     return torch.device(device)
 
 
-def compute_tensor(
-    spec: MethodSpec,
-    kwargs: Mapping[str, Any],
-    weights: Sequence[float],
-    name: str,
-    base: Tensor | None,
-    experts: Sequence[Tensor],
-    *,
-    seed: int,
-    task_names: Sequence[str],
-    device: Any,
-    thresholds: Any = None,
-) -> Any:
-    """Run the method on one tensor name: float32 on `device`; returns the method's raw result."""
-    from .methods import TensorContext
-
-    ctx = TensorContext(name=name, seed=seed, task_names=tuple(task_names), model_thresholds=thresholds)
-    # The base in float32; experts stay in their stored dtype (methods compute in float32 as they read
-    # them): T float32 copies of every tensor would double the memory and the passes over it.
-    b = base.to(device=device, dtype=torch.float32) if base is not None else None
-    xs = [e.to(device=device) for e in experts]
-    return spec.fn(b, xs, list(weights), **kwargs, ctx=ctx)
-
-
 def _write_merge(
     out: Path,
     recipe: Recipe,
     spec: MethodSpec,
-    kwargs: dict[str, Any],
-    weights: list[float],
-    base: ModelReader | None,
-    experts: list[ModelReader],
     plan: Plan,
-    source: TensorSource,
+    streamer: Streamer,
     shard_size: int,
-    device: Any,
     overwrite: bool,
     quiet: bool,
 ) -> None:
     from .io import ModelWriter
 
-    thresholds = _model_thresholds(spec, kwargs, source, plan, quiet)
-    ref = base if base is not None else experts[0]
+    ref = streamer.ref
+    streamer.model_thresholds(plan.merged, quiet)
     only_in_experts = [n for n in plan.per_task if n not in ref]
     if only_in_experts:
         log.warning(
@@ -352,18 +473,37 @@ def _write_merge(
         out, overwrite=overwrite, shard_size=shard_size, aux_from=ref, model_card=card, layout=layout
     ) as w:
         bar = _progress(len(plan.merged) + len(plan.from_base), f"{spec.name}", quiet)
-        for name, b, xs in source.stream(plan.merged, with_base=spec.needs_base):
-            result = compute_tensor(
-                spec, kwargs, weights, name, b, xs,
-                seed=recipe.seed, task_names=recipe.task_names, device=device, thresholds=thresholds,
-            )  # fmt: skip
-            stored = ref.dtype(name)
-            w.add(name, result.to(dtype=_target_dtype(recipe, stored)).cpu())
-            bar.update()
-        for name in plan.from_base:
-            t = ref.get(name)
-            w.add(name, t.to(_target_dtype(recipe, t.dtype)))
-            bar.update()
+
+        def merge_job(name: str) -> Job:
+            dtype = _target_dtype(recipe, ref.dtype(name))
+
+            def emit(start: int, stop: int, result: Tensor) -> None:
+                flat = result.reshape(-1)
+                cast = streamer.scratch.get("out", stop - start, dtype, streamer.chunk)
+                w.write_range(name, start, cast.copy_(flat))
+
+            def job(cancelled: Callable[[], bool]) -> None:
+                streamer.run_tensor(name, emit, cancelled)
+                bar.update()
+
+            return job
+
+        def copy_job(name: str) -> Job:
+            copy = streamer.copy_job(
+                ref, name, _target_dtype(recipe, ref.dtype(name)), partial(w.write_range, name)
+            )
+
+            def job(cancelled: Callable[[], bool]) -> None:
+                copy(cancelled)
+                bar.update()
+
+            return job
+
+        ordered = streamer.thresholds is not None
+        names = plan.merged if ordered else sorted(plan.merged, key=lambda n: -math.prod(ref.shape(n)))
+        jobs = [merge_job(n) for n in names] + [copy_job(n) for n in plan.from_base]
+        entries = sum(math.prod(ref.shape(n)) for n in plan.merged)
+        streamer.run(jobs, entries, ordered=ordered)
         bar.close()
         w.commit()
 
@@ -418,10 +558,73 @@ def merge_tensors(
 
         thresholds = _ops.model_thresholds(task_vectors, len(experts), kwargs["density"])
     result: dict[str, Any] = {}
-    for k in keys:
-        r = compute_tensor(
-            spec, kwargs, w, k, base[k] if base is not None else None, [ex[k] for ex in experts],
-            seed=seed, task_names=names, device="cpu", thresholds=thresholds,
-        )  # fmt: skip
-        result[k] = r if spec.kind == "bundle" else r.to(experts[0][k].dtype)
-    return result
+
+    def job(k: str) -> Job:
+        def run(cancelled: Callable[[], bool]) -> None:
+            result[k] = _merge_in_memory(
+                spec, kwargs, w, k, base[k] if base is not None else None, [ex[k] for ex in experts],
+                seed=seed, task_names=names, thresholds=thresholds, cancelled=cancelled,
+            )  # fmt: skip
+
+        return run
+
+    entries = sum(experts[0][k].numel() for k in keys)
+    parallel = thresholds is None and entries >= PARALLEL_ENTRIES
+    run_jobs([job(k) for k in keys], (WORKERS or _cores()) if parallel else 1)
+    return {k: result[k] for k in keys}
+
+
+def _merge_in_memory(
+    spec: MethodSpec,
+    kwargs: Mapping[str, Any],
+    weights: list[float],
+    name: str,
+    base: Tensor | None,
+    experts: list[Tensor],
+    *,
+    seed: int,
+    task_names: Sequence[str],
+    thresholds: Any,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Any:
+    """One tensor of merge_tensors, through the same chunked stream as a merge from files."""
+    from .methods import BundleTensor
+
+    shape = tuple(experts[0].shape)
+    n = math.prod(shape)
+
+    def piece(t: Tensor, start: int, stop: int, *, is_base: bool = False) -> Tensor:
+        flat = t.detach().to("cpu").reshape(-1)[start:stop]
+        if flat.is_floating_point() and (is_base or flat.dtype.itemsize <= 4):
+            flat = flat.to(torch.float32)  # as from files: the base in float32, experts too unless wider
+        return flat.reshape(shape) if stop - start == n and n > 0 else flat
+
+    def read(start: int, stop: int) -> tuple[Tensor | None, list[Tensor]]:
+        b = piece(base, start, stop, is_base=True) if base is not None else None
+        return b, [piece(e, start, stop) for e in experts]
+
+    def call(b: Tensor | None, xs: Sequence[Tensor], ctx: TensorContext) -> Any:
+        return spec.fn(b, list(xs), weights, **kwargs, ctx=ctx)
+
+    if spec.kind == "bundle":
+        vector = torch.empty(n, dtype=torch.float32)
+        masks = torch.empty((len(experts), n), dtype=torch.bool)
+        scales: list[Any] = [None]
+    else:
+        out = torch.empty(n, dtype=experts[0].dtype)
+
+    def emit(start: int, stop: int, res: Any) -> None:
+        if spec.kind == "bundle":
+            vector[start:stop] = res.vector.reshape(-1)
+            masks[:, start:stop] = res.masks.reshape(len(experts), -1)
+            scales[0] = res.scales
+        else:
+            out[start:stop] = res.reshape(-1)
+
+    ctx = StreamContext(name=name, seed=seed, task_names=tuple(task_names), model_thresholds=thresholds)
+    align = math.lcm(8, spec.alignment(kwargs))
+    ranges = spans(n, CHUNK, align) if spec.stream else [(0, n)]
+    stream_tensor(call, ctx, ranges, read, emit, cancelled)
+    if spec.kind == "bundle":
+        return BundleTensor(vector.reshape(shape), masks.reshape(len(experts), *shape), scales[0])
+    return out.reshape(shape)

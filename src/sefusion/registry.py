@@ -70,6 +70,14 @@ class MethodSpec:
     summary: str
     params: dict[str, Param] = field(default_factory=dict)
     check: Callable[[dict[str, Any]], None] | None = None
+    stream: bool = False  # may run on chunks of a tensor's flat range (see sefusion.stream)
+    chunk_align: str | None = None  # the parameter whose value chunk starts must be a multiple of
+
+    def alignment(self, kwargs: Mapping[str, Any]) -> int:
+        """Chunk starts must be multiples of this (1: any): CABS works in blocks of m entries."""
+        if self.chunk_align is None:
+            return 1
+        return int(kwargs[self.params[self.chunk_align].arg])
 
     def resolve(
         self,
@@ -206,8 +214,15 @@ def register(
     needs_base: bool = True,
     per_expert: Iterable[str] = (),
     check: Callable[[dict[str, Any]], None] | None = None,
+    stream: bool = False,
+    chunk_align: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a method function under `name`; its keyword-only parameters become its config."""
+    """Register a method function under `name`; its keyword-only parameters become its config.
+
+    `stream`: the function gives the same bits on consecutive chunks of a tensor's flat range as on the
+    whole tensor (whole-tensor quantities through ctx.whole_tensor), so the engine may stream it;
+    `chunk_align` names the parameter that chunk starts must be multiples of.
+    """
     per_expert = set(per_expert)
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -230,7 +245,11 @@ def register(
             raise TypeError(f"method '{name}': per_expert names unknown parameters {sorted(unknown)}")
         doc = inspect.getdoc(fn) or ""
         summary = doc.splitlines()[0] if doc else ""
-        METHODS.add(MethodSpec(name, fn, paper, kind, needs_base, summary, params, check))
+        if chunk_align is not None and chunk_align not in params:
+            raise TypeError(f"method '{name}': chunk_align names unknown parameter '{chunk_align}'")
+        METHODS.add(
+            MethodSpec(name, fn, paper, kind, needs_base, summary, params, check, stream, chunk_align)
+        )
         fn.spec = METHODS._specs[name]  # type: ignore[attr-defined]
         return fn
 

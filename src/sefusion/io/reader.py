@@ -91,6 +91,11 @@ class ModelReader(ABC):
     def get(self, name: str) -> torch.Tensor:
         """Tensor `name` on the CPU in its stored dtype, freshly read (the caller may modify it)."""
 
+    def open_tensor(self, name: str) -> TensorRange:
+        """Ranges of tensor `name`'s flat data, for reading it chunk by chunk (this default reads the whole
+        tensor once, on first use, and slices it)."""
+        return _WholeTensorRange(self, name)
+
     @abstractmethod
     def weight_files(self) -> list[Path]: ...
 
@@ -115,6 +120,41 @@ class ModelReader(ABC):
 
     def _missing(self, name: str) -> CheckpointError:
         return CheckpointError(f"no tensor '{name}' in {self.path}")
+
+
+class TensorRange(ABC):
+    """One tensor of a model, read by ranges of its flat row-major data in its stored dtype."""
+
+    @abstractmethod
+    def read(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Entries [start, stop) as a flat tensor; `out` (flat, stored dtype, stop - start entries) may be
+        filled and returned, or a view of memory the range holds may be returned instead."""
+
+
+class _WholeTensorRange(TensorRange):
+    def __init__(self, reader: ModelReader, name: str) -> None:
+        self._reader, self._name = reader, name
+        self._flat: torch.Tensor | None = None
+
+    def read(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self._flat is None:
+            self._flat = self._reader.get(self._name).reshape(-1)
+        return self._flat[start:stop]
+
+
+class _FileRange(TensorRange):
+    """A safetensors tensor read by positional reads at its data offset: no map, no whole-tensor copy."""
+
+    def __init__(self, reader: SafetensorsReader, name: str, info: TensorInfo) -> None:
+        self._reader, self._name, self._info = reader, name, info
+
+    def read(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        info = self._info
+        if out is None:
+            out = torch.empty(stop - start, dtype=info.dtype)
+        size = info.dtype.itemsize
+        self._reader._pread(self._name, info, out, info.offset + start * size)
+        return out
 
 
 class SafetensorsReader(ModelReader):
@@ -174,21 +214,28 @@ class SafetensorsReader(ModelReader):
         """
         info = self._entry(name)
         out = torch.empty(info.nbytes, dtype=torch.uint8)
+        self._pread(name, info, out, info.offset)
+        return out.view(info.dtype).reshape(info.shape)
+
+    def open_tensor(self, name: str) -> TensorRange:
+        return _FileRange(self, name, self._entry(name))
+
+    def _pread(self, name: str, info: TensorInfo, out: torch.Tensor, offset: int) -> None:
+        """Fill contiguous `out` with the file's bytes from `offset` on."""
         try:
             with self._lock:
                 fd = self._handles.get(info.file)
                 if fd is None:
                     fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
-            view = memoryview(out.numpy())
-            done = 0
-            while done < info.nbytes:  # preadv may return short on large reads
-                got = os.preadv(fd, [view[done:]], info.offset + done)
+            view = memoryview(out.view(torch.uint8).numpy())
+            done, nbytes = 0, view.nbytes
+            while done < nbytes:  # preadv may return short on large reads
+                got = os.preadv(fd, [view[done:]], offset + done)
                 if got <= 0:
-                    raise OSError(f"unexpected end of file at byte {info.offset + done}")
+                    raise OSError(f"unexpected end of file at byte {offset + done}")
                 done += got
         except OSError as exc:
             raise CheckpointError(f"cannot read tensor '{name}' from {info.file}: {exc}") from None
-        return out.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
         with self._lock:

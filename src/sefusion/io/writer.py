@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -117,14 +118,21 @@ class _PlannedShard:
         os.ftruncate(self.fd, self.size)
         _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    def write(self, name: str, t: torch.Tensor, start: int | None = None) -> None:
+        """The whole tensor, or (start given) flat entries start.. of it."""
         pos, shape, dtype = self.slots[name]
-        if tuple(t.shape) != shape or t.dtype != dtype:
+        if start is None:
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(
+                    f"tensor '{name}' is {tuple(t.shape)} {t.dtype}, the planned layout says {shape} {dtype}"
+                )
+            start = 0
+        elif t.dtype != dtype or start < 0 or start + t.numel() > math.prod(shape):
             raise ValueError(
-                f"tensor '{name}' is {tuple(t.shape)} {t.dtype}, the planned layout says {shape} {dtype}"
+                f"entries {start}..{start + t.numel()} {t.dtype} do not fit tensor '{name}' ({shape} {dtype})"
             )
         data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        _pwrite_all(self.fd, memoryview(data), self.data_start + pos)
+        _pwrite_all(self.fd, memoryview(data), self.data_start + pos + start * dtype.itemsize)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -178,6 +186,8 @@ class ModelWriter:
         self._committed = False
         self._layout = [(n, tuple(int(d) for d in shape), dt) for n, shape, dt in layout] if layout else None
         self._planned: dict[str, _PlannedShard] = {}  # name -> its shard (layout mode)
+        self._filled: dict[str, int] = {}  # entries written by write_range so far (layout mode)
+        self._lock = threading.Lock()  # write_range may be called from several threads
 
     def __enter__(self) -> ModelWriter:
         self.tmp_path = _make_tmp(self.out, self.overwrite)
@@ -266,6 +276,25 @@ class ModelWriter:
         self._buffer[name] = t
         self._buffer_bytes += size
         self._total += size
+
+    def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Write flat entries start..start+numel of planned tensor `name` (layout mode; any order, any
+        thread). The tensor counts as added once all its entries are written."""
+        self._tmp()
+        shard = self._planned.get(name) if self._layout is not None else None
+        if shard is None:
+            raise ValueError(f"tensor '{name}' is not in the planned layout of {self.out}")
+        try:
+            shard.write(name, tensor, start)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise _disk_full(self.out, exc) from exc
+            raise
+        with self._lock:
+            self._filled[name] = self._filled.get(name, 0) + tensor.numel()
+            self._total += tensor.nbytes
+            if self._filled[name] == math.prod(shard.slots[name][1]):
+                self._seen.add(name)
 
     def _flush(self) -> None:
         if not self._buffer and self._shards:

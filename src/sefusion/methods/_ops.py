@@ -16,8 +16,9 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
+import numpy as np
 from annotated_types import Ge, Gt, Le
 
 from .._lazy import torch
@@ -64,14 +65,46 @@ class ModelThreshold:
         return take
 
 
+class WholeTensorStat(Protocol):
+    """A quantity of the whole tensor that a method needs before it can merge any part of it (the exact
+    k-th largest |tau_t| of TIES, Scaling-Masks' range): fed every part of the tensor in one or more
+    passes, then read."""
+
+    done: bool  # every pass has been fed
+
+    def update(self, x: Tensor) -> None: ...  # one part of the data, (rows, n) or a list of rows
+
+    def end_pass(self) -> None: ...
+
+    def result(self) -> Any: ...  # a fresh result each call (tie budgets are consumed as they are used)
+
+
 @dataclass(frozen=True)
 class TensorContext:
-    """What the engine knows about the tensor being merged; not a recipe parameter."""
+    """What the engine knows about the tensor being merged; not a recipe parameter.
+
+    A method sees the tensor's entries as flat (n,) parts: the whole tensor when it is called directly,
+    chunks of its flat row-major range when the engine streams it. Quantities of the whole tensor come
+    from `whole_tensor`; DARE's random stream from `dare_generator`. Both give the same bits either way.
+    """
 
     name: str = ""
     seed: int = 0
     task_names: tuple[str, ...] = ()
     model_thresholds: list[ModelThreshold] | None = field(default=None, compare=False)
+
+    def whole_tensor(self, stat: WholeTensorStat, x: Tensor) -> Any:
+        """`stat` of the whole tensor, of which `x` is the part in hand: here all of it, so every pass is
+        fed at once. The streaming engine's context feeds it chunk by chunk, in passes before the merge."""
+        while not stat.done:
+            stat.update(x)
+            stat.end_pass()
+        return stat.result()
+
+    def dare_generator(self, expert_index: int) -> Any:
+        """The CPU generator of DARE's keep-draws for expert `expert_index` (see `dare_seed`); the
+        streaming engine hands out one per expert and tensor that runs on across the tensor's chunks."""
+        return torch.Generator().manual_seed(dare_seed(self.seed, self.name, expert_index))
 
 
 DEFAULT_CTX = TensorContext()
@@ -287,14 +320,12 @@ def trim(x: Tensor, density: float) -> Tensor:
     return torch.where(topk_mask(x, keep_count(density, x.numel())), x, 0.0)
 
 
-def trim_each(taus: Tensor, densities: Sequence[float], *, inplace: bool = False) -> Tensor:
-    """(T, n) -> (T, n): trim row t with densities[t] (into `taus` itself when inplace)."""
-    out = taus if inplace else torch.empty_like(taus)
-    zero = torch.zeros((), dtype=taus.dtype, device=taus.device)
-    for tau, d, row in zip(taus, densities, out, strict=True):
+def trim_each(taus: Tensor, densities: Sequence[float], ctx: TensorContext = DEFAULT_CTX) -> Tensor:
+    """(T, n) -> (T, n): row t keeps the top ceil(densities[t] * N) magnitudes of the whole tensor (N
+    entries), exactly k with ties by flat index; `taus` may be one chunk of it (see TensorContext)."""
+    for d in densities:
         check_density(d)
-        torch.where(topk_mask(tau, keep_count(d, tau.numel())), tau, zero, out=row)
-    return out
+    return trim_by(taus, ctx.whole_tensor(TensorTopK(taus.shape[0], list(densities)), taus))
 
 
 def trim_model_scope(taus: Tensor, thresholds: list[ModelThreshold] | None) -> Tensor:
@@ -307,16 +338,37 @@ def trim_model_scope(taus: Tensor, thresholds: list[ModelThreshold] | None) -> T
         )
     if len(thresholds) != taus.shape[0]:
         raise ValueError(f"{len(thresholds)} model thresholds for {taus.shape[0]} experts")
-    out = []
-    for tau, thr in zip(taus, thresholds, strict=True):
+    return trim_by(taus, thresholds)
+
+
+def _below(value: float) -> float:
+    """The largest float32 below a positive float32 `value`: |x| > _below(v) is |x| >= v."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", value))
+    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+
+
+def trim_by(taus: Tensor, thresholds: Sequence[ModelThreshold]) -> Tensor:
+    """(T, n) -> (T, n): row t keeps |x| > thresholds[t].value, then entries equal to it in flat order
+    while its tie budget lasts (consumed here, so consecutive chunks of a tensor continue it).
+
+    hardshrink(x, v) is where(|x| > v, x, 0) for finite x, vectorized (torch.where is a scalar loop).
+    """
+    out = torch.empty_like(taus)
+    for tau, thr, row in zip(taus, thresholds, out, strict=True):
+        v = thr.value
+        if thr.equal_left == 0 or v == 0:  # zeros are never kept
+            torch.ops.aten.hardshrink.out(tau, v, out=row)
+            continue
         a = tau.abs()
-        keep = a > thr.value
-        if thr.equal_left > 0:
-            equal = (a == thr.value) & (a != 0)
-            take = thr.take_equal(int(equal.sum()))
-            keep = keep | (equal & (equal.cumsum(0) <= take))
-        out.append(torch.where(keep, tau, 0.0))
-    return torch.stack(out)
+        equal = int(torch.eq(a, v, out=torch.empty_like(a)).sum())  # float 0/1: a vectorized count
+        if equal <= thr.equal_left:  # every tie in this chunk fits: keep |x| >= v
+            thr.take_equal(equal)
+            torch.ops.aten.hardshrink.out(tau, _below(v), out=row)
+            continue
+        keep = a > v  # the budget runs out in this chunk: the first equal_left ties, by index
+        keep[(a == v).nonzero().reshape(-1)[: thr.take_equal(equal)]] = True
+        torch.where(keep, tau, torch.zeros((), dtype=tau.dtype, device=tau.device), out=row)
+    return out
 
 
 # --------------------------------------------------------------------------- TIES elect + merge
@@ -340,14 +392,20 @@ def disjoint_merge(trimmed: Tensor, weights: Sequence[float] | Tensor, sign: Ten
     w = [float(v) for v in weights]
     total = torch.zeros_like(sign)
     den = torch.zeros_like(sign) if merge == "mean" else None
-    agree = torch.empty(sign.shape, dtype=torch.bool, device=sign.device)
+    agree = torch.empty_like(sign)  # float 0/1 masks: torch's bool kernels are scalar loops
+    member = torch.empty_like(sign)
     for t, row in enumerate(trimmed):  # row by row, in place: no (T, n) temporaries
-        torch.gt(row * sign, 0, out=agree)  # non-zero and of the elected sign (gamma = 0 elects nobody)
-        total.add_(torch.where(agree, row, 0.0), alpha=w[t])
+        torch.gt(
+            torch.mul(row, sign, out=agree), 0, out=agree
+        )  # non-zero, of the elected sign (gamma 0: none)
+        # row * agree is row or a signed zero, and a sum that starts at +0 is the same with +0 or -0 added
+        total.add_(torch.mul(row, agree, out=member), alpha=w[t])
         if den is not None:
             den.add_(agree, alpha=w[t])
     if den is None:
         return total
+    if all(v > 0 for v in w):  # den is 0 exactly where A is empty, and there total is +0: divide by 1
+        return total.div_(den.add_(torch.eq(den, 0, out=agree)))
     return torch.where(den != 0, total / den, 0.0)
 
 
@@ -365,31 +423,38 @@ def dare_seed(seed: int, tensor_name: str, expert_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def dare(x: Tensor, density: float, rescale: bool = True, seed: int = 0) -> Tensor:
+def dare(x: Tensor, density: float, rescale: bool = True, seed: int = 0, *, generator: Any = None) -> Tensor:
     """DARE(x) = x * b / density, b ~ Bernoulli(density) (rescale false: x * b). density 1 is the identity.
 
-    b is drawn on the CPU from a generator seeded with `seed` (see `dare_seed`), so it is the same bits
-    on any device.
+    b is drawn on the CPU (one uniform draw per entry, in flat order) from `generator`, or from a
+    generator seeded with `seed` (see `dare_seed`), so it is the same bits on any device and in any
+    chunking that continues the same generator.
     """
     check_density(density)
     if density == 1:
         return x
-    gen = torch.Generator().manual_seed(seed)
-    keep = (torch.rand(x.shape, generator=gen) < density).to(x.device)
-    kept = torch.where(keep, x, 0.0)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    draws = torch.rand(x.shape, generator=gen)
+    kept = keep_where(torch.lt(draws, density, out=draws).to(x.device), x)
     return kept / density if rescale else kept
+
+
+def keep_where(mask: Tensor, x: Tensor) -> Tensor:
+    """torch.where(mask, x, 0) for a float 0/1 `mask` and finite x, vectorized: x * mask, plus 0 so that
+    dropped negative entries read +0 (a kept -0 entry reads +0 too, which no sum tells apart)."""
+    return torch.mul(x, mask).add_(0.0)
 
 
 # --------------------------------------------------------------------------- TALL-Masks
 
 
-def mtl_vector(taus: Tensor, base_merge: str) -> Tensor:
+def mtl_vector(taus: Tensor, base_merge: str, ctx: TensorContext = DEFAULT_CTX) -> Tensor:
     """tau_MTL of (weighted) task vectors (T, n) -> (n,): their sum, or TIES (density 0.2, sum, lambda 1)."""
     check_choice(base_merge, ("task_arithmetic", "ties"), "base_merge")
     if base_merge == "task_arithmetic":
         return taus.sum(0)
     ones = torch.ones(taus.shape[0])
-    return ties_merge(trim_each(taus, [MTL_TIES_DENSITY] * taus.shape[0]), ones, "sum")
+    return ties_merge(trim_each(taus, [MTL_TIES_DENSITY] * taus.shape[0], ctx), ones, "sum")
 
 
 def tall_mask(tau_t: Tensor, tau_mtl: Tensor, lam: float) -> Tensor:
@@ -397,10 +462,14 @@ def tall_mask(tau_t: Tensor, tau_mtl: Tensor, lam: float) -> Tensor:
     return tau_t.abs() > lam * (tau_mtl - tau_t).abs()
 
 
-def tall_masks_of(taus: Tensor, tau_mtl: Tensor, lambdas: Sequence[float]) -> Tensor:
-    """Every task's TALL mask at once: (T, n), (n,) -> bool (T, n)."""
+def tall_masks_of(taus: Tensor, tau_mtl: Tensor, lambdas: Sequence[float], dtype: Any = None) -> Tensor:
+    """Every task's TALL mask at once: (T, n), (n,) -> (T, n), bool (or float 0/1 with dtype float32)."""
     lam = weight_tensor(lambdas, taus)[:, None]
-    return taus.abs() > lam * (tau_mtl - taus).abs()
+    bound = torch.sub(tau_mtl, taus).abs_().mul_(lam)  # lambda_t |tau_MTL - tau_t|
+    size = taus.abs()
+    if dtype in (None, torch.bool) and taus.device.type == "cpu":  # numpy's bool compare is vectorized
+        return torch.from_numpy(np.greater(size.numpy(), bound.numpy()))
+    return torch.gt(size, bound, out=torch.empty(taus.shape, dtype=dtype or torch.bool, device=taus.device))
 
 
 # --------------------------------------------------------------------------- Scaling-Masks range
@@ -496,18 +565,78 @@ def _kth_bin(hist: Tensor, k: int) -> tuple[int, int]:
     return b, int(from_top[i]) - int(hist[b])
 
 
-class ModelTopK:
-    """Exact model-wide k-th largest |tau_t| per expert in two streaming passes (radix select).
+class _RadixSelect:
+    """Exact k-th largest |x| of each row over every part fed to it, in two passes (radix select).
 
-    k_t = ceil(density_t * N), N the entries of every mergeable tensor. Non-negative float32 values
-    order like their bit patterns read as int32, so the k-th largest is found 16 bits at a time:
-    pass 1 counts the high halves, pass 2 the low halves of the entries in the chosen high bin.
-    Memory: two histograms per expert (32768 + 65536 int64), whatever the model size.
+    Non-negative float32 values order like their bit patterns read as int32, so the k-th largest is
+    found 16 bits at a time: pass 1 counts the high halves, pass 2 the low halves of the entries whose
+    high half is the chosen one. Memory: a few histograms per row, whatever the data size.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.count = [0] * rows
+        self.zeros = [0] * rows
+        self._hist: list[Tensor | None] = [None] * rows
+        self._picks: list[list[tuple[int, int, int]]] = [[] for _ in range(rows)]  # (k, bin, above)
+        self._low: list[dict[int, Tensor]] = [{} for _ in range(rows)]  # bin -> low-half counts
+
+    def feed(self, rows: Sequence[Tensor] | Tensor, first_pass: bool) -> None:
+        for r, x in enumerate(rows):
+            if not first_pass and not self._picks[r]:
+                continue
+            bits = _abs_bits(x)
+            if first_pass:
+                self.count[r] += bits.numel()
+                self.zeros[r] += bits.numel() - int(torch.count_nonzero(bits))
+                counts = torch.bincount(bits >> 16, minlength=_HI_BINS).cpu()
+                self._hist[r] = counts if self._hist[r] is None else self._hist[r].add_(counts)
+                continue
+            for b in {b for _, b, _ in self._picks[r]}:
+                counts = _low_half_counts(bits, b)
+                low = self._low[r]
+                low[b] = counts if b not in low else low[b].add_(counts)
+
+    def pick(self, ranks: Sequence[Sequence[int]]) -> None:
+        """After pass 1: the ranks (1 <= k <= count, from the top) to find in each row."""
+        for r, ks in enumerate(ranks):
+            hist = self._hist[r] if self._hist[r] is not None else torch.zeros(_HI_BINS, dtype=torch.int64)
+            self._picks[r] = [(k, *_kth_bin(hist, k)) for k in ks]
+        self._hist = [None] * self.rows
+
+    def found(self) -> list[list[tuple[float, int, int]]]:
+        """After pass 2: per row and rank, (k-th largest, entries above it, entries equal to it)."""
+        out = []
+        for r in range(self.rows):
+            row = []
+            for k, b, above in self._picks[r]:
+                low, above_low = _kth_bin(self._low[r][b], k - above)
+                value = struct.unpack("<f", struct.pack("<I", (b << 16) | low))[0]
+                row.append((value, above + above_low, int(self._low[r][b][low])))
+            out.append(row)
+        return out
+
+
+def _low_half_counts(bits: Tensor, high: int) -> Tensor:
+    """Counts of the low 16 bits of the entries of `bits` whose high 16 bits are `high`."""
+    if bits.device.type == "cpu":  # numpy's compare and boolean index are vectorized, torch's bool ops not
+        b = bits.numpy()
+        return torch.from_numpy(np.bincount(b[(b >> 16) == high] & 0xFFFF, minlength=_LO_BINS))
+    return torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=_LO_BINS).cpu()
+
+
+class ModelTopK:
+    """Exact k-th largest |tau_t| per expert over a whole tensor or model, in two streaming passes.
+
+    k_t = ceil(density_t * N), N the entries fed per expert; found by radix select (`_RadixSelect`).
+    The thresholds keep |tau_t| > value and then `equal_left` entries equal to it, in the order they are
+    trimmed (`trim_by`). Used per tensor by `trim_each` (as a TensorContext.whole_tensor statistic) and
+    over every mergeable tensor for TIES `density_scope: model`.
 
     Driving it (the engine)::
 
         finder = ModelTopK(n_experts, density)
-        for _ in range(ModelTopK.PASSES):
+        while not finder.done:
             for name in mergeable_names:             # any order; any chunking of a tensor is fine
                 finder.update([tau_1, ..., tau_T])    # this tensor's task vectors, any device
             finder.end_pass()
@@ -525,59 +654,269 @@ class ModelTopK:
             check_density(d)
         self.n_experts = n_experts
         self._pass = 0
-        self._hist: list[Tensor | None] = [None] * n_experts
-        self._count = [0] * n_experts
-        self._zeros = [0] * n_experts
+        self._select = _RadixSelect(n_experts)
         self._k = [0] * n_experts
-        self._bin: list[int | None] = [None] * n_experts  # chosen high 16 bits (None: keep all non-zero)
-        self._above = [0] * n_experts  # entries in higher bins
         self._result: list[ModelThreshold] | None = None
 
-    def update(self, taus: Sequence[Tensor]) -> None:
+    @property
+    def done(self) -> bool:
+        return self._pass >= self.PASSES
+
+    def update(self, taus: Sequence[Tensor] | Tensor) -> None:
         """Count one tensor (or chunk) of every expert's task vector for the current pass."""
         if len(taus) != self.n_experts:
             raise ValueError(f"{len(taus)} task vectors for {self.n_experts} experts")
-        if self._pass >= self.PASSES:
+        if self.done:
             raise ValueError("ModelTopK: both passes are done; call thresholds()")
-        for t, tau in enumerate(taus):
-            bits = _abs_bits(tau)
-            if self._pass == 0:
-                digits = bits >> 16
-                self._count[t] += bits.numel()
-                self._zeros[t] += int((bits == 0).sum())
-            elif self._bin[t] is None:
-                continue
-            else:
-                digits = bits[(bits >> 16) == self._bin[t]] & 0xFFFF
-            counts = torch.bincount(digits, minlength=_HI_BINS if self._pass == 0 else _LO_BINS).cpu()
-            self._hist[t] = counts if self._hist[t] is None else self._hist[t] + counts
+        self._select.feed(taus, first_pass=self._pass == 0)
 
     def end_pass(self) -> None:
         """Close the current pass: pick the high bin (pass 1) or the exact threshold (pass 2)."""
-        empty = torch.zeros(_HI_BINS if self._pass == 0 else _LO_BINS, dtype=torch.int64)
-        hists = [empty if h is None else h for h in self._hist]
+        sel = self._select
         if self._pass == 0:
+            ranks = []
             for t in range(self.n_experts):
-                self._k[t] = keep_count(self.densities[t], self._count[t])
-                if self._k[t] < self._count[t] - self._zeros[t]:  # else: keep every non-zero
-                    self._bin[t], self._above[t] = _kth_bin(hists[t], self._k[t])
+                self._k[t] = keep_count(self.densities[t], sel.count[t])
+                keep_all = self._k[t] >= sel.count[t] - sel.zeros[t]  # every non-zero entry
+                ranks.append([] if keep_all else [self._k[t]])
+            sel.pick(ranks)
         else:
-            self._result = []
-            for t in range(self.n_experts):
-                if self._bin[t] is None:
-                    self._result.append(ModelThreshold(0.0, 0))
-                    continue
-                low, above_low = _kth_bin(hists[t], self._k[t] - self._above[t])
-                bits = (self._bin[t] << 16) | low
-                value = struct.unpack("<f", struct.pack("<I", bits))[0]
-                self._result.append(ModelThreshold(value, self._k[t] - self._above[t] - above_low))
-        self._hist = [None] * self.n_experts
+            self._result = [
+                ModelThreshold(found[0][0], self._k[t] - found[0][1]) if found else ModelThreshold(0.0, 0)
+                for t, found in enumerate(sel.found())
+            ]
         self._pass += 1
 
     def thresholds(self) -> list[ModelThreshold]:
         if self._result is None:
             raise ValueError(f"ModelTopK: {self.PASSES} passes needed, {self._pass} done")
         return self._result
+
+    def result(self) -> list[ModelThreshold]:
+        """Fresh copies of the thresholds (trimming consumes their tie budgets)."""
+        return [ModelThreshold(t.value, t.equal_left) for t in self.thresholds()]
+
+
+_INT32_MAX = 2**31 - 1
+_SAMPLE_CHUNKS = 4  # chunks a sample pass reads; a tensor of no more is selected from its first pass
+_SAMPLE_STEP = 4  # every 4th entry of a sampled chunk: 256K entries per row
+_BAND_CAP = 1 << 22  # entries per row a band may hold before the selection falls back to radix
+
+
+_NP_SAMPLE = 1 << 14
+
+
+def _kth_largest_np(a: Any, k: int) -> int:
+    """The k-th largest of a numpy int array (1 <= k <= a.size), exactly: np.partition on the entries of
+    a sampled bracket where that holds the answer (as kth_largest does), on the whole array otherwise."""
+    n = a.size
+    if n > 4 * _NP_SAMPLE:
+        sample = np.sort(a[:: n // _NP_SAMPLE])
+        s = sample.size
+        p = k / n
+        margin = 6.0 * math.sqrt(max(p * (1 - p), 1.0 / s) * s) + 2
+        hi = sample[s - max(1, math.floor(p * s - margin))]
+        lo = sample[s - min(s, math.ceil(p * s + margin))]
+        above = int(np.count_nonzero(a > hi))
+        if above < k:
+            band = np.extract((a >= lo) & (a <= hi), a)
+            if above + band.size >= k:
+                a, k, n = band, k - above, band.size
+    return int(np.partition(a, n - k)[n - k])
+
+
+class TensorTopK:
+    """Exact top-k thresholds of each row of one tensor, k_t = ceil(density_t * n): the ModelThresholds
+    that ModelTopK would give, found with less work where the tensor is streamed in chunks.
+
+    A tensor of at most 4 chunks: one pass keeps each row's |x| bit patterns and selects the k-th
+    largest among them (np.partition on a sampled bracket). A larger one: a sample pass reads every 4th entry of 4 chunks
+    spread over the tensor and brackets the k-th largest, [lo, hi], by 6 binomial standard deviations
+    of the sample's rank; one counting pass then counts the entries above hi and keeps those in [lo, hi]
+    (the band, about 1% of the tensor), whose (k - above)-th largest is the answer. A row whose bracket
+    missed, or whose band outgrew 4M entries (massive ties), falls back to radix selection (ModelTopK):
+    two more passes. Bit patterns of non-negative float32 order like the values.
+    """
+
+    def __init__(self, rows: int, densities: Sequence[float]) -> None:
+        self.rows = rows
+        self.densities = per_expert(list(densities), rows, "density")
+        self.done = False
+        self._phase = "first"  # -> "sample" -> "band" [-> radix] ; "first" decides
+        self._chunks: int | None = None
+        self._sample: list[list[Tensor]] = [[] for _ in range(rows)]
+        self._bracket = [(1, _INT32_MAX)] * rows  # [lo, hi] as bit patterns; lo >= 1: zeros never in a band
+        self._n = [0] * rows  # counted in the band pass: entries, zeros, entries above hi
+        self._zeros = [0] * rows
+        self._above = [0] * rows
+        self._band: list[list[Any] | None] = [[] for _ in range(rows)]  # None: outgrew _BAND_CAP
+        self._band_size = [0] * rows
+        self._radix: ModelTopK | None = None
+        self._result: list[ModelThreshold] | None = None
+
+    def wants(self, index: int, count: int) -> bool:
+        """Whether the current pass reads chunk `index` of `count` (the sample pass reads a few)."""
+        if self._chunks is None:
+            self._chunks = count
+            if self._phase == "first":
+                self._phase = "band" if count <= _SAMPLE_CHUNKS else "sample"
+        if self._phase != "sample":
+            return True
+        stride = -(-count // _SAMPLE_CHUNKS)
+        return index % stride == 0
+
+    def update(self, x: Sequence[Tensor] | Tensor) -> None:
+        if self._phase == "first":  # fed without wants(): a whole tensor in hand
+            self._phase = "band"
+        if self._radix is not None:
+            self._radix.update(x)
+            return
+        for r, row in enumerate(x):
+            bits = _abs_bits(row)
+            if self._phase == "sample":
+                self._sample[r].append(bits[::_SAMPLE_STEP].clone())
+            else:
+                self._count_band(r, bits)
+
+    def _count_band(self, r: int, bits: Tensor) -> None:
+        lo, hi = self._bracket[r]
+        b = bits.cpu().numpy()  # numpy: its compares and boolean indexing are vectorized
+        self._n[r] += b.size
+        self._zeros[r] += b.size - int(np.count_nonzero(b))
+        band = self._band[r]
+        if (lo, hi) == (1, _INT32_MAX):  # no bracket: keep everything (zeros rank last, below any k-th)
+            kept = b
+        else:
+            self._above[r] += int(np.count_nonzero(b > hi))
+            if band is None:
+                return
+            kept = np.extract((b >= lo) & (b <= hi), b)
+        self._band_size[r] += kept.size
+        if band is None or self._band_size[r] > _BAND_CAP:
+            self._band[r] = None  # massive ties: radix selection instead
+        else:
+            band.append(kept)
+
+    def end_pass(self) -> None:
+        if self._radix is not None:
+            self._radix.end_pass()
+            if self._radix.done:
+                self._result = self._radix.thresholds()
+                self.done = True
+        elif self._phase == "sample":
+            self._bracket = [
+                self._bracket_of(torch.cat(rows), d)
+                for rows, d in zip(self._sample, self.densities, strict=True)
+            ]
+            self._sample = []
+            self._phase = "band"
+        else:
+            found = [self._select(r) for r in range(self.rows)]
+            if all(f is not None for f in found):
+                self._result = found  # type: ignore[assignment]
+                self.done = True
+            else:
+                self._radix = ModelTopK(self.rows, self.densities)
+            self._band = []
+
+    @staticmethod
+    def _bracket_of(sample: Tensor, density: float) -> tuple[int, int]:
+        """Bit patterns [lo, hi] that hold the k-th largest with high probability (as kth_largest)."""
+        s = sample.numel()
+        if s == 0:
+            return 1, _INT32_MAX
+        p = density
+        margin = 6.0 * math.sqrt(max(p * (1 - p), 1.0 / s) * s) + 2
+        hi_rank = math.floor(p * s - margin)  # ranks from the top of the sample
+        lo_rank = math.ceil(p * s + margin)
+        ranks = [s - r for r in (hi_rank, lo_rank) if 1 <= r <= s]  # 0-based positions in ascending order
+        part = np.partition(sample.numpy(), ranks) if ranks else None
+        hi = int(part[s - hi_rank]) if hi_rank >= 1 else _INT32_MAX  # type: ignore[index]
+        lo = int(part[s - lo_rank]) if lo_rank <= s else 1  # type: ignore[index]
+        return max(lo, 1), hi
+
+    def _select(self, r: int) -> ModelThreshold | None:
+        n, zeros, above = self._n[r], self._zeros[r], self._above[r]
+        k = keep_count(self.densities[r], n)
+        if k >= n - zeros:  # every non-zero entry
+            return ModelThreshold(0.0, 0)
+        band = self._band[r]
+        if band is None or not above < k <= above + self._band_size[r]:
+            return None  # the k-th largest is outside the bracket
+        values = np.concatenate(band) if band else np.zeros(0, dtype=np.int32)
+        kth = _kth_largest_np(values, k - above)  # its rank from the top of the band
+        greater = int(np.count_nonzero(values > kth))
+        value = struct.unpack("<f", struct.pack("<i", kth))[0]
+        return ModelThreshold(value, k - above - greater)
+
+    def result(self) -> list[ModelThreshold]:
+        if self._result is None:
+            raise ValueError("TensorTopK: read before every pass was fed")
+        return [ModelThreshold(t.value, t.equal_left) for t in self._result]
+
+
+class RangeStat:
+    """Scaling-Masks' r_t of every row over the whole tensor: max |x| (one pass) or the q-quantile of
+    |x| with numpy's linear interpolation (two passes, the two order statistics by radix select)."""
+
+    def __init__(self, rows: int, stat: str, q: float) -> None:
+        check_choice(stat, ("absmax", "quantile"), "stat")
+        self.rows, self.stat, self.q = rows, stat, q
+        self._passes = 1 if stat == "absmax" else 2
+        self._pass = 0
+        self._max = [0.0] * rows
+        self._select = _RadixSelect(rows)
+        self._result: list[float] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._pass >= self._passes
+
+    def update(self, x: Sequence[Tensor] | Tensor) -> None:
+        if self.stat == "quantile":
+            self._select.feed(x, first_pass=self._pass == 0)
+            return
+        for r, row in enumerate(x):
+            if row.numel():
+                self._max[r] = max(self._max[r], float(row.abs().max()))
+
+    def end_pass(self) -> None:
+        self._pass += 1
+        if self.stat == "absmax":
+            self._result = list(self._max)
+        elif self._pass == 1:
+            self._select.pick([self._ranks(n) for n in self._select.count])
+        else:
+            self._result = [
+                self._quantile(n, found)
+                for n, found in zip(self._select.count, self._select.found(), strict=True)
+            ]
+
+    def _ranks(self, n: int) -> list[int]:
+        """The (lo + 1)-th and (lo + 2)-th smallest, as ranks from the top, h = (n - 1) q, lo = floor(h)."""
+        if n == 0:
+            return []
+        h = (n - 1) * self.q
+        lo = math.floor(h)
+        return [n - lo] if h == lo else [n - lo, n - lo - 1]
+
+    def _quantile(self, n: int, found: list[tuple[float, int, int]]) -> float:
+        if n == 0:
+            return 0.0
+        h = (n - 1) * self.q
+        lo = math.floor(h)
+        v_lo = found[0][0]
+        return v_lo if h == lo else v_lo + (h - lo) * (found[1][0] - v_lo)
+
+    def result(self) -> list[float]:
+        if self._result is None:
+            raise ValueError("RangeStat: read before every pass was fed")
+        return list(self._result)
+
+
+def range_stats(taus: Tensor, stat: str, q: float, ctx: TensorContext = DEFAULT_CTX) -> list[float]:
+    """r_t of every row of (T, n) over the whole tensor (see range_stat); `taus` may be one chunk."""
+    return ctx.whole_tensor(RangeStat(taus.shape[0], stat, q), taus)
 
 
 def model_thresholds(
@@ -590,7 +929,7 @@ def model_thresholds(
     the tensors in engine order, each once: the threshold objects count down the ties they keep.
     """
     finder = ModelTopK(n_experts, density)
-    for _ in range(ModelTopK.PASSES):
+    while not finder.done:
         for taus in passes():
             finder.update(taus)
         finder.end_pass()

@@ -26,7 +26,7 @@ def _check(params: dict[str, Any]) -> None:
         raise ValueError(f"n ({params['n']}) must be <= m ({params['m']})")
 
 
-@register("cabs", paper="https://arxiv.org/abs/2503.01874", check=_check)
+@register("cabs", paper="https://arxiv.org/abs/2503.01874", check=_check, stream=True, chunk_align="m")
 def cabs(
     base: Tensor | None,
     experts: list[Tensor],

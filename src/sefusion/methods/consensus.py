@@ -14,6 +14,7 @@ from ._ops import (
     NonNegInt,
     TensorContext,
     apply,
+    keep_where,
     mtl_vector,
     resolve_per_task,
     tall_masks_of,
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("consensus", paper="https://arxiv.org/abs/2405.07813")
+@register("consensus", paper="https://arxiv.org/abs/2405.07813", stream=True)
 def consensus(
     base: Tensor | None,
     experts: list[Tensor],
@@ -49,6 +50,6 @@ def consensus(
     taus, w = task_vectors(base, experts, weights, "consensus")
     taus = taus * w[:, None]  # (T, n)
     lam = resolve_per_task(lambdas, task_names(ctx, len(experts)), "lambdas", DEFAULT_LAMBDA)
-    mtl = mtl_vector(taus, base_merge)  # (n,)
-    votes = tall_masks_of(taus, mtl, lam).sum(0)  # (n,)
-    return apply(base, alpha * torch.where(votes >= k, mtl, 0.0))
+    mtl = mtl_vector(taus, base_merge, ctx)  # (n,)
+    votes = tall_masks_of(taus, mtl, lam, dtype=torch.float32).sum(0)  # (n,) tasks that select each entry
+    return apply(base, alpha * keep_where(torch.ge(votes, k, out=votes), mtl))

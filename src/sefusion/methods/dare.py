@@ -13,7 +13,6 @@ from ._ops import (
     TensorContext,
     apply,
     dare,
-    dare_seed,
     per_expert,
     task_vectors,
     ties_merge,
@@ -26,17 +25,18 @@ _PAPER = "https://arxiv.org/abs/2311.03099"
 
 
 def _dare_all(taus: Tensor, density: float | list[float], rescale: bool, ctx: TensorContext) -> Tensor:
-    """DARE(tau_t) for every expert, each seeded from (seed, tensor name, expert index): (T, n)."""
+    """DARE(tau_t) for every expert, each drawn from its own stream seeded from (seed, tensor name,
+    expert index): (T, n)."""
     densities = per_expert(density, taus.shape[0], "density")
     return torch.stack(
         [
-            dare(tau, d, rescale, dare_seed(ctx.seed, ctx.name, t))
+            dare(tau, d, rescale, generator=ctx.dare_generator(t))
             for t, (tau, d) in enumerate(zip(taus, densities, strict=True))
         ]
     )
 
 
-@register("dare_linear", paper=_PAPER, per_expert=("density",))
+@register("dare_linear", paper=_PAPER, per_expert=("density",), stream=True)
 def dare_linear(
     base: Tensor | None,
     experts: list[Tensor],
@@ -56,7 +56,7 @@ def dare_linear(
     return apply(base, lambda_ * (w[:, None] * _dare_all(taus, density, rescale, ctx)).sum(0))
 
 
-@register("dare_ties", paper=_PAPER, per_expert=("density",))
+@register("dare_ties", paper=_PAPER, per_expert=("density",), stream=True)
 def dare_ties(
     base: Tensor | None,
     experts: list[Tensor],

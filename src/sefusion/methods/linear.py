@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("linear", paper="https://arxiv.org/abs/2203.05482", needs_base=False)
+@register("linear", paper="https://arxiv.org/abs/2203.05482", needs_base=False, stream=True)
 def linear(
     base: Tensor | None,
     experts: list[Tensor],

@@ -17,7 +17,7 @@ from ._ops import (
     Stat,
     TensorContext,
     mtl_vector,
-    range_stat,
+    range_stats,
     resolve_per_task,
     tall_masks_of,
     task_names,
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("scaling_masks", paper="https://doi.org/10.1145/3808198", kind="bundle")
+@register("scaling_masks", paper="https://doi.org/10.1145/3808198", kind="bundle", stream=True)
 def scaling_masks(
     base: Tensor | None,
     experts: list[Tensor],
@@ -59,7 +59,7 @@ def scaling_masks(
     taus, w = task_vectors(base, experts, weights, "scaling_masks")
     taus = taus * w[:, None]  # (T, n)
     lam = resolve_per_task(lambdas, task_names(ctx, len(experts)), "lambdas", DEFAULT_LAMBDA)
-    r = [range_stat(tau, stat, q) for tau in taus]
+    r = range_stats(taus, stat, q, ctx)  # of each whole tau_t
     r_star = max(r)
     s = [
         min(max(r_star / r_t, 1.0), s_max) if r_t > 0 and (rho is None or r_t < rho * r_star) else 1.0
@@ -67,6 +67,6 @@ def scaling_masks(
     ]
     scales = torch.tensor(s, dtype=torch.float32, device=taus.device)  # (T,)
     scaled = taus * scales[:, None]  # (T, n)
-    vector = mtl_vector(scaled, base_merge)  # (n,)
+    vector = mtl_vector(scaled, base_merge, ctx)  # (n,)
     masks = tall_masks_of(scaled, vector, lam)  # (T, n)
     return BundleTensor(vector.reshape(base.shape), masks.reshape(len(experts), *base.shape), scales)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("tall_masks", paper="https://arxiv.org/abs/2405.07813", kind="bundle")
+@register("tall_masks", paper="https://arxiv.org/abs/2405.07813", kind="bundle", stream=True)
 def tall_masks(
     base: Tensor | None,
     experts: list[Tensor],
@@ -42,6 +42,6 @@ def tall_masks(
     taus, w = task_vectors(base, experts, weights, "tall_masks")
     taus = taus * w[:, None]  # (T, n)
     lam = resolve_per_task(lambdas, task_names(ctx, len(experts)), "lambdas", DEFAULT_LAMBDA)
-    mtl = mtl_vector(taus, base_merge)  # (n,)
+    mtl = mtl_vector(taus, base_merge, ctx)  # (n,)
     masks = tall_masks_of(taus, mtl, lam)  # (T, n)
     return BundleTensor(mtl.reshape(base.shape), masks.reshape(len(experts), *base.shape), None)

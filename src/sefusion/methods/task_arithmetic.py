@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("task_arithmetic", paper="https://arxiv.org/abs/2212.04089")
+@register("task_arithmetic", paper="https://arxiv.org/abs/2212.04089", stream=True)
 def task_arithmetic(
     base: Tensor | None,
     experts: list[Tensor],

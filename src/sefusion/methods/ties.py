@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("ties", paper="https://arxiv.org/abs/2306.01708", per_expert=("density",))
+@register("ties", paper="https://arxiv.org/abs/2306.01708", per_expert=("density",), stream=True)
 def ties(
     base: Tensor | None,
     experts: list[Tensor],
@@ -51,5 +51,5 @@ def ties(
     if density_scope == "model":
         trimmed = trim_model_scope(taus, ctx.model_thresholds)
     else:
-        trimmed = trim_each(taus, per_expert(density, len(experts), "density"))
+        trimmed = trim_each(taus, per_expert(density, len(experts), "density"), ctx)
     return apply(base, lambda_ * ties_merge(trimmed, w, merge))
