@@ -426,7 +426,18 @@ def expected(method, models, params, base=None, dtype=None, seed=0):
     return {
         "method": method,
         "base": base,
-        "models": [{"path": p, "name": None, "weight": w, "params": pp} for p, w, pp in models],
+        "models": [
+            {
+                "path": p,
+                "name": None,
+                "weight": w,
+                "params": pp,
+                "data": None,
+                "examples": None,
+                "stats": None,
+            }
+            for p, w, pp in models
+        ],
         "params": params,
         "exclude": [],
         "dtype": dtype,

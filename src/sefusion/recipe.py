@@ -12,6 +12,10 @@ A recipe (YAML or a dict) looks like this (METHODS.md, "Recipe (YAML)")::
     dtype: bfloat16
     seed: 0
 
+The data-aware methods (`fisher`, `regmean`, `pleas`) read statistics or activations of each expert on
+its own data: a model entry then gives `data:` (a task name such as `defect-python`, or a .jsonl file)
+and optionally `examples:`, or `stats:` (a statistics folder written by sefusion.stats, used as is).
+
 Unknown keys are refused with their name, and `load_recipe` checks the method's parameters against its
 signature (sefusion.registry), so a typo or a bad value fails before any tensor is read. A mergekit recipe
 (it has `merge_method:`) is converted by `from_mergekit` for the methods both tools have; what cannot be
@@ -33,9 +37,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import RecipeError
-from .registry import METHODS
+from .registry import METHODS, MethodSpec
 
-__all__ = ["DType", "ModelEntry", "Recipe", "from_mergekit", "load_recipe"]
+__all__ = [
+    "DType",
+    "ModelEntry",
+    "Recipe",
+    "check_data",
+    "data_use",
+    "from_mergekit",
+    "is_data_path",
+    "load_recipe",
+    "resolve_params",
+]
 
 DType = Literal["float32", "float16", "bfloat16"]
 
@@ -60,7 +74,8 @@ def _canonical_dtype(value: Any) -> Any:
 
 
 class ModelEntry(BaseModel):
-    """One expert: its folder, its task name (default: the folder's name), weight and per-expert params."""
+    """One expert: its folder, its task name (default: the folder's name), weight and per-expert params;
+    for the data-aware methods, its data (`data:`, `examples:`) or precomputed statistics (`stats:`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -68,6 +83,9 @@ class ModelEntry(BaseModel):
     name: Annotated[str, Field(min_length=1)] | None = None
     weight: Annotated[float, Field(allow_inf_nan=False)] = 1.0
     params: dict[str, Any] = Field(default_factory=dict)
+    data: Annotated[str, Field(min_length=1)] | None = None  # a task name, or a .jsonl file
+    examples: Annotated[int, Field(ge=1, strict=True)] | None = None
+    stats: Annotated[str, Field(min_length=1)] | None = None  # a sefusion.stats folder
 
     @field_validator("name")
     @classmethod
@@ -82,6 +100,17 @@ class ModelEntry(BaseModel):
         if self.name is not None:
             return self.name
         return Path(self.path).name or Path(self.path).absolute().name
+
+    @property
+    def data_is_file(self) -> bool:
+        """Whether `data:` names a file (a .jsonl path) rather than a task."""
+        return self.data is not None and is_data_path(self.data)
+
+
+def is_data_path(data: str) -> bool:
+    """`data:` is a file when it looks like a path (a .jsonl name, a slash, `~` or `.` first); else a task
+    name such as `defect-python` (task names hold no slashes and no .jsonl suffix)."""
+    return data.lower().endswith(".jsonl") or "/" in data or "\\" in data or data.startswith(("~", "."))
 
 
 class Recipe(BaseModel):
@@ -130,17 +159,35 @@ class Recipe(BaseModel):
         return names
 
     def resolved(self, root: str | Path) -> Recipe:
-        """A copy whose relative paths (base, models[].path) are made absolute against `root`
-        (the recipe file's folder). `~` is expanded; absolute paths are kept as they are."""
+        """A copy whose relative paths (base, models[].path, models[].stats, a file `data:`) are made
+        absolute against `root` (the recipe file's folder). `~` is expanded; absolute paths are kept as
+        they are; a task name in `data:` is left alone."""
         root = Path(root).expanduser().absolute()
 
         def fix(p: str) -> str:
             q = Path(p).expanduser()
             return str(q if q.is_absolute() else root / q)
 
-        models = [m.model_copy(update={"path": fix(m.path)}) for m in self.models]
+        def fix_entry(m: ModelEntry) -> ModelEntry:
+            update: dict[str, Any] = {"path": fix(m.path)}
+            if m.stats is not None:
+                update["stats"] = fix(m.stats)
+            if m.data_is_file:
+                update["data"] = fix(m.data)  # type: ignore[arg-type]
+            return m.model_copy(update=update)
+
+        models = [fix_entry(m) for m in self.models]
         base = fix(self.base) if self.base is not None else None
         return self.model_copy(update={"base": base, "models": models})
+
+    def entry_examples(self, index: int) -> int | None:
+        """How many examples models[index]'s statistics come from, as the recipe says: its `examples:`,
+        else its `params.examples`, else the recipe's `params.examples`; None where none is set."""
+        m = self.models[index]
+        for value in (m.examples, m.params.get("examples"), self.params.get("examples")):
+            if value is not None:
+                return int(value)
+        return None
 
     def is_excluded(self, tensor_name: str) -> bool:
         """Whether a tensor name matches one of the `exclude` globs (fnmatch, case-sensitive)."""
@@ -252,23 +299,123 @@ def _validate(data: Mapping[str, Any], where: str) -> Recipe:
         raise RecipeError(f"{where}: invalid recipe: {_format_errors(exc)}") from None
 
 
+def resolve_params(recipe: Recipe, spec: MethodSpec, where: str = "recipe") -> dict[str, Any]:
+    """The method's keyword arguments from the recipe's `params` and each model's `params`; a model's
+    `examples:` is its value of the method's per-expert `examples` parameter (fisher, regmean, pleas)."""
+    per_model: list[dict[str, Any]] = []
+    takes_examples = "examples" in spec.params and spec.params["examples"].per_expert
+    for i, m in enumerate(recipe.models):
+        own = dict(m.params)
+        if m.examples is not None and takes_examples:
+            if own.get("examples", m.examples) != m.examples:
+                raise RecipeError(
+                    f"{where}: models[{i}] sets `examples: {m.examples}` and `params: {{examples: "
+                    f"{own['examples']}}}`; give one of them"
+                )
+            own["examples"] = m.examples
+        per_model.append(own)
+    return spec.resolve(recipe.params, per_model, where=where)
+
+
 def check_params(recipe: Recipe, where: str = "recipe") -> None:
     """Validate the recipe's method and parameters against the method's signature (no tensor is read)."""
     try:
         spec = METHODS.get(recipe.method)
     except RecipeError as exc:
         raise RecipeError(f"{where}: {exc}") from None
-    spec.resolve(recipe.params, [m.params for m in recipe.models], where=where)
+    resolve_params(recipe, spec, where)
     if spec.needs_base and recipe.base is None:
         raise RecipeError(f"{where}: method '{spec.name}' needs a base model: set `base:` in the recipe")
 
 
-def load_recipe(src: str | Path | Mapping[str, Any] | Recipe, *, validate_params: bool = True) -> Recipe:
+def data_use(spec: MethodSpec) -> str | None:
+    """What a method reads of each expert's data: "statistics" (Fisher, Gram matrices: `fisher`, `regmean`),
+    "activations" (a whole-model method such as `pleas`), or None (a data-free method)."""
+    if getattr(spec.fn, "whole_model", None) is not None:
+        return "activations"
+    # The mark that methods._data.needs_statistics sets (read here without importing the methods package).
+    return "statistics" if getattr(spec.fn, "statistics", None) else None
+
+
+def _check_data_ref(data: str, place: str, where: str) -> None:
+    """`data:` is an existing .jsonl file or a registered task name (sefusion.tasks)."""
+    if is_data_path(data):
+        p = Path(data).expanduser()
+        if not p.exists():
+            raise RecipeError(
+                f"{where}: {place}: data file {p} does not exist (`data:` is a .jsonl file or a task name)"
+            )
+        if not p.is_file() or p.suffix.lower() != ".jsonl":
+            raise RecipeError(f"{where}: {place}: `data: {data}` is not a .jsonl file or a task name")
+        return
+    from .tasks.base import TaskError, get_task
+
+    try:
+        get_task(data)
+    except TaskError as exc:
+        raise RecipeError(
+            f"{where}: {place}: `data: {data}` is neither a .jsonl file nor a task: {exc}"
+        ) from None
+
+
+def check_data(recipe: Recipe, where: str = "recipe", *, require: bool = True) -> list[str]:
+    """Check each model's `data:`, `examples:` and `stats:` against the method; returns notes (what a
+    data-free method leaves unused).
+
+    `data:` must be an existing .jsonl file or a known task, `stats:` an existing folder, not both on one
+    model. With `require`, a data-aware method needs `data:` or `stats:` on every model (`pleas`, which
+    matches activations, needs `data:`); without it (statistics passed to the engine directly) only what
+    is given is checked.
+    """
+    try:
+        spec = METHODS.get(recipe.method)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+    use = data_use(spec)
+    notes: list[str] = []
+    for i, m in enumerate(recipe.models):
+        place = f"models[{i}] ('{m.task_name}')"
+        if m.data is not None and m.stats is not None:
+            raise RecipeError(
+                f"{where}: {place} gives both `data:` and `stats:`; give one: `stats:` is a statistics folder "
+                "used as is, `data:` the data to compute them on"
+            )
+        if m.data is not None:
+            _check_data_ref(m.data, place, where)
+        if m.stats is not None and not Path(m.stats).expanduser().is_dir():
+            raise RecipeError(f"{where}: {place}: statistics folder {m.stats} (`stats:`) does not exist")
+        if use is None:
+            unused = [f"`{k}:`" for k in ("data", "examples", "stats") if getattr(m, k) is not None]
+            if unused:
+                notes.append(f"{place}: {', '.join(unused)} unused: method '{spec.name}' reads no data")
+        elif use == "activations":
+            if m.stats is not None:
+                raise RecipeError(
+                    f"{where}: {place}: method '{spec.name}' matches the models' activations, which a "
+                    "statistics folder does not hold: replace `stats:` by `data:`"
+                )
+            if require and m.data is None:
+                raise RecipeError(
+                    f"{where}: model '{m.task_name}' (models[{i}]) needs `data:` (a task name such as "
+                    f"defect-python, or a .jsonl file) for method {spec.name}"
+                )
+        elif require and m.data is None and m.stats is None:
+            raise RecipeError(
+                f"{where}: model '{m.task_name}' (models[{i}]) needs `data:` (a task name such as "
+                f"defect-python, or a .jsonl file) or `stats:` (a statistics folder) for method {spec.name}"
+            )
+    return notes
+
+
+def load_recipe(
+    src: str | Path | Mapping[str, Any] | Recipe, *, validate_params: bool = True, require_data: bool = True
+) -> Recipe:
     """Read a recipe from a YAML file or a dict (sefusion's schema, or mergekit's for the methods both have).
 
     From a file, relative paths are resolved against the file's folder; from a dict they are kept as given.
-    With `validate_params`, the method must exist and its params (and per-model params) must be valid.
-    Every mistake raises RecipeError naming the file and the key.
+    With `validate_params`, the method must exist, its params (and per-model params) must be valid, and
+    each model's `data:` / `stats:` must fit the method (`check_data`; `require_data`: a data-aware method
+    needs them on every model). Every mistake raises RecipeError naming the file and the key.
     """
     root: Path | None = None
     if isinstance(src, Recipe):
@@ -298,6 +445,9 @@ def load_recipe(src: str | Path | Mapping[str, Any] | Recipe, *, validate_params
         raise RecipeError(f"{where}: {exc}") from None
     if validate_params:
         check_params(recipe, where)
+        notes = check_data(recipe, where, require=require_data)
+        if notes:
+            recipe = recipe.with_notes(tuple(dict.fromkeys((*recipe.notes, *notes))))
     return recipe
 
 
