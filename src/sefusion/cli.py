@@ -126,19 +126,48 @@ def _keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 256 << 20)
 
 
+def _stats_pass(recipe: Any, quiet: bool) -> Any:
+    """compute(entry, examples, kinds) for `recipe_statistics`: a model's statistics on its `data:`, computed
+    once and then read from the cache (sefusion.models.statistics.statistics_for)."""
+
+    def compute(entry: Any, examples: int, kinds: frozenset[str]) -> Path:
+        from .models.statistics import statistics_for
+
+        log.info("statistics of %s on %s (%d examples)", entry.task_name, entry.data, examples)
+        return statistics_for(
+            entry.path, data=entry.data, examples=examples, kinds=kinds, base=recipe.base, cache=None,
+            quiet=quiet,
+        )  # fmt: skip
+
+    return compute
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .engine import merge
+    from .engine import check_output, close_statistics, merge, recipe_statistics
+    from .methods._data import required_statistics
+    from .recipe import load_recipe
+    from .registry import METHODS
 
     _keep_freed_memory()
-    report = merge(
-        args.recipe,
-        args.out,
-        overwrite=args.overwrite,
-        shard_size=args.shard_size,
-        device=args.device,
-        allow_nonfinite=args.allow_nonfinite,
-        quiet=args.quiet,
-    )
+    recipe = load_recipe(args.recipe)
+    spec = METHODS.get(recipe.method)
+    stats = None
+    if required_statistics(spec.fn):  # statistics first; before a possibly long pass, check OUT
+        check_output(args.out, args.overwrite)
+        stats = recipe_statistics(recipe, spec, compute=_stats_pass(recipe, args.quiet))
+    try:
+        report = merge(
+            recipe,
+            args.out,
+            overwrite=args.overwrite,
+            shard_size=args.shard_size,
+            device=args.device,
+            allow_nonfinite=args.allow_nonfinite,
+            quiet=args.quiet,
+            stats=stats,
+        )
+    finally:
+        close_statistics(stats or [])
     for note in report.notes:
         log.warning("note: %s", note)
     log.info(

@@ -6,6 +6,11 @@ its flat range from every model (positional reads into reused buffers, float32),
 write the chunk to its place in the planned output shard. Tensors are spread over worker threads.
 Memory is bounded by workers x models x chunk plus the methods' chunk temporaries, whatever the model
 size; nothing of the output is held.
+
+Data-aware methods (`fisher`, `regmean`) read each expert's statistics of the tensor being merged
+(sefusion.stats, one source per expert): the engine hands them over in a StatsContext, tensor by tensor,
+and never chunks those tensors (RegMean solves with the whole weight). Fisher's model-wide norm is taken
+up front over the merged tensors, so the merge stays one streaming pass.
 """
 
 from __future__ import annotations
@@ -17,15 +22,16 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._lazy import torch
-from .errors import CheckpointError, RecipeError, SefusionError
-from .recipe import Recipe, load_recipe
+from .errors import CheckpointError, OutputExistsError, RecipeError, SefusionError
+from .methods._data import FISHER, GRAM, StatisticsError, StatsContext, TensorStats, required_statistics
+from .recipe import ModelEntry, Recipe, data_use, load_recipe, resolve_params
 from .registry import METHODS, MethodSpec
 from .stream import Cancelled, StreamContext, spans, stream_tensor
 
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
 
     from .io import ModelReader
     from .methods import TensorContext
+    from .stats import _StatsSource
 
 log = logging.getLogger("sefusion")
 
@@ -148,6 +155,154 @@ def _resolve_task_params(kwargs: dict[str, Any], spec: MethodSpec, task_names: S
         raise RecipeError(f"method '{spec.name}': {exc}") from None
 
 
+# --------------------------------------------------------------------------- statistics (data-aware methods)
+
+ComputeStats = Callable[[ModelEntry, int, frozenset[str]], "str | Path"]
+
+
+def recipe_statistics(
+    recipe: Recipe, spec: MethodSpec, *, compute: ComputeStats | None = None
+) -> list[_StatsSource]:
+    """One statistics source per model of the recipe, in its order, for a data-aware method.
+
+    `stats:` is opened as it is; `data:` goes through compute(entry, examples, kinds), which returns the
+    folder of a statistics store (`sefusion merge` passes sefusion.models.statistics.statistics_for);
+    `examples` is the model's `examples:` (else the method's `examples` parameter). A model with neither,
+    or with `data:` and no `compute`, is a StatisticsError naming it. The caller closes what is returned.
+    """
+    from .stats import open_stats
+
+    kinds = required_statistics(spec.fn)
+    default = spec.params["examples"].default if "examples" in spec.params else 256
+    out: list[_StatsSource] = []
+    try:
+        for i, (task, m) in enumerate(zip(recipe.task_names, recipe.models, strict=True)):
+            who = f"expert '{task}' (models[{i}])"
+            if m.stats is None and m.data is None:
+                raise StatisticsError(
+                    f"method '{spec.name}' needs the statistics of {who}: give it `data:` (a task name or "
+                    "a .jsonl file) or `stats:` (a statistics folder) in the recipe"
+                )
+            if m.stats is None and compute is None:
+                raise StatisticsError(
+                    f"the statistics of {who} on `data: {m.data}` are not computed here: `sefusion merge` "
+                    "computes them, or pass merge(..., stats=[...]) "
+                    "(sefusion.models.statistics.statistics_for, sefusion.stats.open_stats)"
+                )
+            try:
+                if m.stats is not None:
+                    folder: str | Path = m.stats
+                else:
+                    examples = recipe.entry_examples(i) or default
+                    folder = compute(m, examples, kinds)  # type: ignore[misc]
+                out.append(open_stats(folder))
+            except SefusionError as exc:
+                raise StatisticsError(f"statistics of {who}: {exc}") from None
+    except BaseException:
+        close_statistics(out)
+        raise
+    return out
+
+
+def close_statistics(sources: Sequence[Any]) -> None:
+    """Close the statistics stores among `sources` (in-memory Statistics have nothing to close)."""
+    for s in sources:
+        close = getattr(s, "close", None)
+        if close is not None:
+            close()
+
+
+class StatsFeed:
+    """Each expert's statistics of one tensor at a time, for a data-aware method: what a StatsContext
+    carries. Checked when built, before any tensor is read: one source per expert, a Fisher for every
+    merged tensor (`fisher`), Gram matrices for some merged tensor (`regmean`: stores for another model
+    would silently turn it into `linear`). Fisher's model-wide norm is taken over `names`, the merged
+    tensors (excluded ones do not count), as `fisher`'s normalize defines it."""
+
+    def __init__(
+        self,
+        spec: MethodSpec,
+        sources: Sequence[_StatsSource | None],
+        names: Sequence[str],
+        task_names: Sequence[str],
+    ) -> None:
+        self.kinds = required_statistics(spec.fn)
+        self.task_names = tuple(task_names)
+        if len(sources) != len(task_names):
+            raise StatisticsError(
+                f"method '{spec.name}': statistics for {len(sources)} experts, but the recipe has "
+                f"{len(task_names)} ({', '.join(self.task_names)})"
+            )
+        checked: list[_StatsSource] = []
+        for i, (task, src) in enumerate(zip(task_names, sources, strict=True)):
+            who = f"expert '{task}' (models[{i}])"
+            if src is None:
+                raise StatisticsError(
+                    f"method '{spec.name}': missing statistics for {who}; give it `data:` or `stats:` in the "
+                    "recipe, or pass them (sefusion.stats)"
+                )
+            where = f" ({src.path})" if getattr(src, "path", None) is not None else ""
+            if FISHER in self.kinds:
+                missing = [n for n in names if not src.has_fisher(n)]
+                if missing:
+                    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                    raise StatisticsError(
+                        f"the statistics of {who}{where} hold no Fisher for tensor '{missing[0]}'{more}; "
+                        f"method '{spec.name}' needs one for every merged tensor: recompute them for this "
+                        "model, or `exclude` the tensor"
+                    )
+            if GRAM in self.kinds and names and not any(src.has_gram(n) for n in names):
+                held = src.gram_names()
+                example = f" (it holds {len(held)}, e.g. '{held[0]}')" if held else " (it holds none)"
+                raise StatisticsError(
+                    f"the statistics of {who}{where} hold a Gram matrix for none of the merged tensors"
+                    f"{example}; were they computed for this model?"
+                )
+            checked.append(src)
+        self.sources = checked
+        names = list(names)
+        self.norms = [s.fisher_norm(names) if FISHER in self.kinds else None for s in checked]
+
+    def tensor(self, name: str) -> tuple[TensorStats, ...]:
+        """Each expert's statistics of tensor `name`, labelled with the recipe's task names."""
+        return tuple(
+            replace(s.tensor_stats(name, self.kinds, fisher_norm=norm), label=task)
+            for s, norm, task in zip(self.sources, self.norms, self.task_names, strict=True)
+        )
+
+    def examples(self, kwargs: dict[str, Any], spec: MethodSpec, recipe: Recipe) -> None:
+        """Where the recipe sets no `examples` for a model, its statistics' own count is the one expected
+        (a `stats:` folder is used as it is); where it does, the method checks the count."""
+        if "examples" not in spec.params:
+            return
+        arg = spec.params["examples"].arg
+        given = kwargs[arg] if isinstance(kwargs[arg], list) else [kwargs[arg]] * len(self.sources)
+        kwargs[arg] = [
+            v if recipe.entry_examples(i) is not None else s.examples
+            for i, (v, s) in enumerate(zip(given, self.sources, strict=True))
+        ]
+
+
+@dataclass(frozen=True)
+class StreamStatsContext(StreamContext, StatsContext):
+    """The context of a tensor merged by a data-aware method: the stream's, plus each expert's statistics."""
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """OUT must not exist unless `overwrite` (checked before any work, and again by the writer)."""
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"output folder {out} exists; pass --overwrite to replace it")
+
+
+def _refuse_whole_model(spec: MethodSpec) -> None:
+    if data_use(spec) == "activations":
+        raise RecipeError(
+            f"method '{spec.name}' is a whole-model method (it permutes hidden units across tensors), which "
+            "the tensor-by-tensor merge cannot run: pleas runs in the study (`sefusion study`) and from "
+            "Python (sefusion.methods.pleas.merge_encoders)"
+        )
+
+
 CHUNK = 1 << 18  # entries per chunk on the CPU: every model's chunk and the temporaries stay in cache
 CUDA_CHUNK = 1 << 24  # on a GPU, chunks large enough to keep it busy
 PARALLEL_ENTRIES = 1 << 22  # below this many merged entries one thread does it all
@@ -227,8 +382,10 @@ class Streamer:
         allow_nonfinite: bool,
         chunk: int | None = None,
         workers: int | None = None,
+        stats: StatsFeed | None = None,
     ) -> None:
         self.spec, self.kwargs, self.weights = spec, dict(kwargs), list(weights)
+        self.stats = stats
         self.base, self.experts = base, list(experts)
         self.ref = base if base is not None else self.experts[0]
         self.seed, self.task_names = seed, tuple(task_names)
@@ -244,8 +401,8 @@ class Streamer:
 
     def ranges(self, numel: int) -> list[tuple[int, int]]:
         """Chunks of a merged tensor; starts are multiples of 8 (packed mask bytes) and of the method's
-        block size. A method that cannot stream gets the whole tensor."""
-        if not self.spec.stream:
+        block size. A method that cannot stream, or that reads statistics, gets the whole tensor."""
+        if not self.spec.stream or self.stats is not None:
             return [(0, numel)]
         return spans(numel, self.chunk, math.lcm(8, self.spec.alignment(self.kwargs)))
 
@@ -255,9 +412,11 @@ class Streamer:
         """Merge tensor `name`: every chunk's result goes to emit(start, stop, result), in order."""
         spec, kwargs, weights = self.spec, self.kwargs, self.weights
         inputs = self.inputs(name)
-        ctx = StreamContext(
-            name=name, seed=self.seed, task_names=self.task_names, model_thresholds=self.thresholds
-        )
+        common = dict(name=name, seed=self.seed, task_names=self.task_names, model_thresholds=self.thresholds)
+        if self.stats is not None:
+            ctx: StreamContext = StreamStatsContext(**common, stats=self.stats.tensor(name))
+        else:
+            ctx = StreamContext(**common)
 
         def call(base: Tensor | None, experts: Sequence[Tensor], ctx: TensorContext) -> Any:
             return spec.fn(base, list(experts), weights, **kwargs, ctx=ctx)
@@ -382,10 +541,14 @@ def merge(
     device: str = "cpu",
     allow_nonfinite: bool = False,
     quiet: bool = True,
+    stats: Sequence[_StatsSource | None] | None = None,
 ) -> MergeReport:
     """Merge the recipe's experts into OUT: a model folder, or a bundle folder for bundle methods.
 
-    Reads one tensor at a time; nothing is written to OUT unless the whole merge succeeds.
+    Reads one tensor at a time; nothing is written to OUT unless the whole merge succeeds. A data-aware
+    method (`fisher`, `regmean`) reads `stats`, one source per model in recipe order (sefusion.stats:
+    Statistics or open_stats(folder)); without it, the models' `stats:` folders are opened (`data:`
+    needs its statistics computed first: `sefusion merge` does that, see `recipe_statistics`).
     """
     import time
 
@@ -393,37 +556,49 @@ def merge(
 
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe if isinstance(recipe, (str, Path)) else dict(recipe))
+        src = recipe if isinstance(recipe, (str, Path)) else dict(recipe)
+        recipe = load_recipe(src, require_data=stats is None)
     out = Path(out)
     spec = METHODS.get(recipe.method)
+    _refuse_whole_model(spec)
     task_names = recipe.task_names
-    kwargs = spec.resolve(recipe.params, [m.params for m in recipe.models])
+    kwargs = resolve_params(recipe, spec)
     _resolve_task_params(kwargs, spec, task_names)
     weights = [m.weight for m in recipe.models]
     size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     dev = _check_device(device)
-    if out.exists() and not overwrite:
-        raise SefusionError(f"output folder {out} exists; pass --overwrite to replace it")
+    check_output(out, overwrite)
 
-    base, experts = open_inputs(recipe, spec)
+    opened: list[_StatsSource] = []
+    if required_statistics(spec.fn) and stats is None:
+        stats = opened = recipe_statistics(recipe, spec)
     try:
-        plan = make_plan(recipe, base, experts, task_names)
-        streamer = Streamer(
-            spec, kwargs, weights, base, experts,
-            seed=recipe.seed, task_names=task_names, device=dev, allow_nonfinite=allow_nonfinite,
-        )  # fmt: skip
-        if spec.kind == "bundle":
-            from .bundle import write_bundle
+        base, experts = open_inputs(recipe, spec)
+        try:
+            plan = make_plan(recipe, base, experts, task_names)
+            feed = None
+            if required_statistics(spec.fn):
+                feed = StatsFeed(spec, stats or [], plan.merged, task_names)
+                feed.examples(kwargs, spec, recipe)
+            streamer = Streamer(
+                spec, kwargs, weights, base, experts, seed=recipe.seed, task_names=task_names,
+                device=dev, allow_nonfinite=allow_nonfinite, stats=feed,
+            )  # fmt: skip
+            if spec.kind == "bundle":
+                from .bundle import write_bundle
 
-            write_bundle(
-                out, recipe, spec, kwargs, plan, streamer, overwrite=overwrite, shard_size=size, quiet=quiet
-            )
-        else:
-            _write_merge(out, recipe, spec, plan, streamer, size, overwrite, quiet)
+                write_bundle(
+                    out, recipe, spec, kwargs, plan, streamer, overwrite=overwrite, shard_size=size,
+                    quiet=quiet,
+                )  # fmt: skip
+            else:
+                _write_merge(out, recipe, spec, plan, streamer, size, overwrite, quiet)
+        finally:
+            for r in [base, *experts]:
+                if r is not None:
+                    r.close()
     finally:
-        for r in [base, *experts]:
-            if r is not None:
-                r.close()
+        close_statistics(opened)
     return MergeReport(
         out=out,
         method=spec.name,
@@ -517,14 +692,29 @@ def merge_tensors(
     task_names: Sequence[str] | None = None,
     seed: int = 0,
     per_expert: Sequence[Mapping[str, Any]] | None = None,
+    stats: Sequence[_StatsSource] | None = None,
     **params: Any,
 ) -> dict[str, Any]:
     """Merge in-memory tensor dicts with `method` (same maths as `merge`, no files).
 
     Returns {name: tensor} for merge methods and {name: BundleTensor} for bundle methods. Every
-    tensor name of the first expert is merged; all dicts must hold the same names and shapes.
+    tensor name of the first expert is merged; all dicts must hold the same names and shapes. A
+    data-aware method (`fisher`, `regmean`) reads `stats`, one source per expert
+    (sefusion.stats.merge_tensors_with_stats does the work).
     """
     spec = METHODS.get(method)
+    _refuse_whole_model(spec)
+    if required_statistics(spec.fn):
+        from .stats import merge_tensors_with_stats
+
+        if stats is None:
+            raise StatisticsError(
+                f"method '{method}' needs each expert's statistics: pass stats=[...] (sefusion.stats)"
+            )
+        return merge_tensors_with_stats(
+            method, experts, stats, weights, base=base, task_names=task_names, seed=seed,
+            per_expert=per_expert, **params,
+        )  # fmt: skip
     if not experts:
         raise RecipeError("merge_tensors needs at least one expert")
     names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(experts))]
