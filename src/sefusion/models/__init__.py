@@ -6,6 +6,8 @@
 * train.py: `finetune` (one task: an expert; several: a multitask model), `head_only` (the `pretrained`
   row), cached by key, resumable, atomic output folders. `TrainConfig` and `BUDGETS` (config.py).
 * evaluation.py: `evaluate(body, heads, data, split, spec, base=...)` from in-memory tensors.
+* statistics.py: the statistics pass of the data-aware methods (Fisher, Gram matrices, PLeaS features),
+  cached like the experts.
 
 The budget and config objects import without torch; the rest loads on first use.
 """
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from .encoder import Encoder, configure_threads
     from .evaluation import clear_encoders, evaluate, get_encoder, load_model, mrr
     from .heads import HEAD_PREFIX, contrastive_loss, cosine_matrix, head_names, split_state
+    from .statistics import expert_statistics, pleas_fuse, statistics_for
     from .train import (
         TrainingStopped,
         base_sha256,
@@ -44,6 +47,9 @@ _LAZY = {
     "cosine_matrix": "heads",
     "head_names": "heads",
     "split_state": "heads",
+    "expert_statistics": "statistics",
+    "pleas_fuse": "statistics",
+    "statistics_for": "statistics",
     "TrainingStopped": "train",
     "base_sha256": "train",
     "budget_config": "train",
@@ -69,6 +75,7 @@ __all__ = [
     "default_base",
     "default_cache",
     "evaluate",
+    "expert_statistics",
     "finetune",
     "get_budget",
     "get_encoder",
@@ -76,8 +83,10 @@ __all__ = [
     "head_only",
     "load_model",
     "mrr",
+    "pleas_fuse",
     "read_train_info",
     "split_state",
+    "statistics_for",
     "task_fingerprint",
 ]
 

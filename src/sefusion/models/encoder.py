@@ -137,6 +137,11 @@ class Encoder:
         """The fusable tensor names, as in the checkpoint file, in file order."""
         return list(self._map)
 
+    @property
+    def name_map(self) -> dict[str, str]:
+        """{checkpoint name: model key} of the body tensors (the statistics pass renames hooks with it)."""
+        return dict(self._map)
+
     def _tensor(self, key: str) -> Tensor:
         t = self._params.get(key)
         return t if t is not None else self._buffers[key]

@@ -22,9 +22,15 @@ FUSION = (
     "tall_masks",
     "scaling_masks",
     "cabs",
+    "fisher",
+    "regmean",
+    "pleas",
 )
 ROWS = BASELINES + FUSION
 PER_TASK = frozenset({"tall_masks", "scaling_masks"})
+# methods that read each expert's statistics on its own train data (METHODS.md, "Data-aware methods")
+DATA_AWARE = frozenset({"fisher", "regmean", "pleas"})
+PAIR_ONLY = frozenset({"pleas"})  # two models: a row only in two-task scenarios
 
 _LAMBDA_FULL = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0
 _LAMBDA_QUICK = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -52,7 +58,20 @@ def grid(method: str, budget: str) -> list[dict[str, Any]]:
         return [{"n": n, "m": m, "lambda": x} for n, m in nm for x in lam]
     if method in PER_TASK:
         return [{"lambdas": x} for x in _MASK_LAMBDAS]
+    # the data-aware methods run at METHODS.md's defaults: their knob is the data, `stats_examples`
+    if method == "fisher":
+        return [{"floor": 1e-6, "normalize": True}]
+    if method == "regmean":
+        return [{"alpha": 0.95}]
+    if method == "pleas":
+        return [{"budget": 1.0}]  # < 1 widens the FFN: a model the base's config no longer describes
     raise KeyError(method)
+
+
+def stats_examples(budget: str) -> int:
+    """Examples of its own train split each expert's statistics come from: METHODS.md's default (256) at
+    `full`, fewer for the demo and the tests' tiny budgets."""
+    return 256 if budget == "full" else 64 if budget == "quick" else 8
 
 
 def avg(values: Sequence[float]) -> float:

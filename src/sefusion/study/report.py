@@ -119,6 +119,18 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         ],
     )
 
+    st = results.get("statistics") or {}
+    if st.get("methods"):
+        L += ["", "## Data-aware methods", ""]
+        L.append(
+            f"{', '.join(st['methods'])}: each expert's statistics come from {st.get('examples')} examples of its "
+            f"own task's {st.get('split', 'train')} split (the data budget; never validation or test). Fisher: "
+            f"{st.get('fisher', 'diagonal')}. RegMean: Gram matrices X^T X of every linear layer's inputs over "
+            "the same examples' tokens. PLeaS: both models' features on the same examples, half from each task."
+        )
+    for method, why in (results.get("skipped") or {}).items():
+        L.append(f"\n- `{method}` not run: {why}.")
+
     by = {r["method"]: r for r in results["rows"]}
     if "tall_masks" in by and "scaling_masks" in by:
         L += ["", "## Scaling-Masks vs TALL-Masks per task", ""]

@@ -33,6 +33,10 @@ from .scenarios import Scenario, StudyError
 log = logging.getLogger("sefusion")
 
 HEAD_PREFIX = "head."
+_STATS_KINDS = {
+    "fisher": ("fisher",),
+    "regmean": ("gram",),
+}  # what each data-aware row reads (pleas: activations)
 
 
 @dataclass
@@ -113,12 +117,27 @@ def fuse(
     experts: Sequence[Mapping[str, Any]],
     tasks: Sequence[str],
     seed: int,
+    stats: Sequence[Any] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Per-task bodies for one candidate ({task: body}; one shared dict for merge methods) and mask stats."""
+    """Per-task bodies for one candidate ({task: body}; one shared dict for merge methods) and mask stats.
+
+    `stats`: each expert's statistics (sefusion.stats sources, in task order) for the data-aware methods.
+    """
     from ..bundle import rebuild
     from ..engine import merge_tensors
 
     names = [k for k in base if fusable(k, base[k])]
+    if method in grids.DATA_AWARE:
+        from ..stats import merge_tensors_with_stats
+
+        if stats is None:
+            raise StudyError(f"method '{method}' needs each expert's statistics")
+        merged = merge_tensors_with_stats(
+            method, [{k: ex[k] for k in names} for ex in experts], stats, task_names=list(tasks), seed=seed,
+            **params,
+        )  # fmt: skip
+        body = {**{k: v for k, v in base.items() if k not in merged}, **merged}
+        return {t: body for t in tasks}, {}
     merged = merge_tensors(
         method,
         {k: base[k] for k in names},
@@ -363,7 +382,26 @@ class Study:
         # fusion rows
         expert_list = [bodies[t] for t in self.tasks]
         extras: dict[str, Any] = {}
-        for method in cfg.methods:
+        skipped: dict[str, str] = {}
+        methods = list(cfg.methods)
+        for method in [x for x in methods if x in grids.PAIR_ONLY and len(self.tasks) != 2]:
+            skipped[method] = f"merges two models; this scenario has {len(self.tasks)} tasks"
+            methods.remove(method)
+        self.stats_examples = grids.stats_examples(budget.name)
+        kinds = sorted({k for x in methods for k in _STATS_KINDS.get(x, ())})
+        self.stats = None
+        if kinds:
+            self._progress(
+                f"statistics ({', '.join(kinds)}) of each expert on {self.stats_examples} train examples"
+            )
+            self.stats = [
+                self._timed("statistics", lambda t=t: m.expert_statistics(
+                    experts[t], data=data[t], examples=self.stats_examples, kinds=kinds, base=base,
+                    cache=cache, seed=cfg.seed, max_length=train_cfg.max_length, quiet=cfg.quiet))
+                for t in self.tasks
+            ]  # fmt: skip
+        self.pair_inputs = (base, [data[t] for t in self.tasks], train_cfg.max_length)
+        for method in methods:
             row = self._timed(method, lambda method=method: self._fusion_row(
                 method, base_body, expert_list, heads, ref_val, ref_test, evaluate, extras))  # fmt: skip
             rows.append(row)
@@ -396,6 +434,13 @@ class Study:
             },
             "rows": rows,
             "masks": extras,
+            "skipped": skipped,
+            "statistics": {
+                "examples": self.stats_examples,
+                "split": "train",
+                "methods": [x for x in methods if x in grids.DATA_AWARE],
+                "fisher": "exact expectation over classes (classification), empirical of the contrastive loss (retrieval)",
+            },
             "magnitudes": mags,
             "train_config": _jsonable(train_cfg),
             "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
@@ -450,25 +495,36 @@ class Study:
     ) -> dict[str, Any]:
         cfg, tasks = self.cfg, self.tasks
         candidates = grids.grid(method, self.budget_name)
+        if method in grids.DATA_AWARE:  # the data budget is part of the candidate (and of its records)
+            candidates = [{**c, "examples": self.stats_examples} for c in candidates]
         self._progress(f"{method}: {len(candidates)} candidates on validation")
         it = candidates
         if not cfg.quiet:
             from tqdm.auto import tqdm
 
             it = tqdm(candidates, desc=method, unit="cand", leave=False)
+
+        def candidate(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+            """(bodies, heads, mask stats) of one candidate."""
+            if method == "pleas":
+                base, datas, max_length = self.pair_inputs
+                body, pair_heads = self.models.pleas_fuse(
+                    base, experts, [heads[t] for t in tasks], datas, examples=params["examples"],
+                    budget=params["budget"], seed=cfg.seed, max_length=max_length)  # fmt: skip
+                return {t: body for t in tasks}, dict(zip(tasks, pair_heads, strict=True)), {}
+            bodies, stats = fuse(method, params, base_body, experts, tasks, cfg.seed, stats=self.stats)
+            return bodies, heads, stats
+
         val_scores: list[dict[str, float]] = []
-        per_task_stats = []
         for params in it:
             scores = {}
             keys = [EvalRecords.key(method, params, t, "validation") for t in tasks]
             if all(self.records.get(k) is not None for k in keys):
                 scores = {t: self.records.get(k)["score"] for t, k in zip(tasks, keys, strict=True)}
-                per_task_stats.append(None)
             else:
-                bodies, stats = fuse(method, params, base_body, experts, tasks, cfg.seed)
-                per_task_stats.append(stats)
+                bodies, cand_heads, _ = candidate(params)
                 for t in tasks:
-                    scores[t] = evaluate(method, params, t, "validation", bodies[t], heads[t])["score"]
+                    scores[t] = evaluate(method, params, t, "validation", bodies[t], cand_heads[t])["score"]
             val_scores.append(scores)
 
         if method in grids.PER_TASK:
@@ -480,11 +536,13 @@ class Study:
             i = grids.select(candidates, val_scores, ref_val)
             params = dict(candidates[i])
             val = {t: {"score": val_scores[i][t]} for t in tasks}
-        bodies, stats = fuse(method, params, base_body, experts, tasks, cfg.seed)
+        bodies, cand_heads, stats = candidate(params)
         if stats:
             extras[method] = stats
-        test = {t: evaluate(method, params, t, "test", bodies[t], heads[t]) for t in tasks}
-        row = self._row(method, params, val, test, ref_test, storage_bytes(method, bodies[tasks[0]], heads))
+        test = {t: evaluate(method, params, t, "test", bodies[t], cand_heads[t]) for t in tasks}
+        row = self._row(
+            method, params, val, test, ref_test, storage_bytes(method, bodies[tasks[0]], cand_heads)
+        )
         row["grid"] = [{"params": c, "validation": s} for c, s in zip(candidates, val_scores, strict=True)]
         return row
 

@@ -2,7 +2,8 @@
 
 - `languages`: one task kind in all six languages (fusing languages within one task);
 - `same-category`: the classification tasks of one language (fusing tasks of one category);
-- `cross-category`: retrieval and classification tasks spread over languages.
+- `cross-category`: retrieval and classification tasks spread over languages;
+- `pair`: two tasks, for the methods that merge two models (PLeaS).
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from typing import Any
 from ..errors import SefusionError
 
 LANGUAGES = ("go", "java", "javascript", "php", "python", "ruby")
-CLASSIFICATION_KINDS = ("defect", "clone", "consistency", "exception")
-CROSS_CATEGORY = ("search-go", "defect-python", "consistency-java", "clone-javascript", "langid-multi")
+# `defect` (injected bugs) is a task but not in the built-in scenarios: its expert stays at chance at the
+# `full` budget on this base (results/README.md), and an expert at chance makes normalized scores
+# meaningless; `naming` (inconsistent method names) is the defect kind the base learns.
+CLASSIFICATION_KINDS = ("naming", "clone", "consistency", "exception")
+CROSS_CATEGORY = ("search-go", "naming-python", "consistency-java", "clone-javascript", "langid-multi")
+PAIR = ("consistency-python", "naming-python")
 
 
 class StudyError(SefusionError, ValueError):
@@ -58,7 +63,20 @@ def cross_category() -> Scenario:
     )
 
 
-SCENARIOS = {"languages": languages, "same-category": same_category, "cross-category": cross_category}
+def pair() -> Scenario:
+    return Scenario(
+        "pair",
+        PAIR,
+        "two classification tasks of one language: the scenario of the two-model methods (PLeaS)",
+    )
+
+
+SCENARIOS = {
+    "languages": languages,
+    "same-category": same_category,
+    "cross-category": cross_category,
+    "pair": pair,
+}
 
 
 def from_yaml(path: str | Path) -> Scenario:
@@ -91,7 +109,7 @@ def resolve(name_or_path: str, *, kind: str = "search", lang: str = "python") ->
         elif name_or_path == "same-category":
             sc = same_category(lang)
         else:
-            sc = cross_category()
+            sc = SCENARIOS[name_or_path]()
     elif name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
         sc = from_yaml(name_or_path)
     else:

@@ -12,6 +12,7 @@ examples)`, `mrr(similarity, gold)`, `Sizes`, `Example`, `TASKS`. One module per
                 call), accuracy and accuracy per bug kind;
 - `clone`       function + renamed/reformatted copy of itself or of another function, accuracy;
 - `consistency` doc comment + code, own or another function's doc, accuracy;
+- `naming`      code with its own name or another function's (an inconsistent method name), accuracy;
 - `langid`      code -> one of six languages (`langid-multi`), accuracy;
 - `exception`   code with its raised type masked -> the type (Python, Java, PHP), accuracy.
 

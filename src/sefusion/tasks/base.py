@@ -403,7 +403,7 @@ def _load_builtin_tasks() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import clone, consistency, defect, exception, langid, search  # noqa: F401
+        from . import clone, consistency, defect, exception, langid, naming, search  # noqa: F401
 
 
 def task_names() -> list[str]:
