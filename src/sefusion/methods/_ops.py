@@ -706,10 +706,12 @@ _BAND_CAP = 1 << 22  # entries per row a band may hold before the selection fall
 _NP_SAMPLE = 1 << 14
 
 
-def _kth_largest_np(a: Any, k: int) -> int:
-    """The k-th largest of a numpy int array (1 <= k <= a.size), exactly: np.partition on the entries of
-    a sampled bracket where that holds the answer (as kth_largest does), on the whole array otherwise."""
+def _kth_largest_np(a: Any, k: int) -> tuple[int, int]:
+    """The k-th largest of a numpy int array (1 <= k <= a.size) and how many entries exceed it, exactly:
+    np.partition on the entries of a sampled bracket where that holds the answer (as kth_largest
+    does), on the whole array otherwise."""
     n = a.size
+    above = 0
     if n > 4 * _NP_SAMPLE:
         sample = np.sort(a[:: n // _NP_SAMPLE])
         s = sample.size
@@ -718,11 +720,13 @@ def _kth_largest_np(a: Any, k: int) -> int:
         hi = sample[s - max(1, math.floor(p * s - margin))]
         lo = sample[s - min(s, math.ceil(p * s + margin))]
         above = int(np.count_nonzero(a > hi))
-        if above < k:
-            band = np.extract((a >= lo) & (a <= hi), a)
-            if above + band.size >= k:
-                a, k, n = band, k - above, band.size
-    return int(np.partition(a, n - k)[n - k])
+        band = np.extract((a >= lo) & (a <= hi), a) if above < k else a[:0]
+        if above < k <= above + band.size:
+            a, k, n = band, k - above, band.size
+        else:
+            above = 0
+    kth = int(np.partition(a, n - k)[n - k])
+    return kth, above + int(np.count_nonzero(a > kth))
 
 
 class TensorTopK:
@@ -843,9 +847,8 @@ class TensorTopK:
         band = self._band[r]
         if band is None or not above < k <= above + self._band_size[r]:
             return None  # the k-th largest is outside the bracket
-        values = np.concatenate(band) if band else np.zeros(0, dtype=np.int32)
-        kth = _kth_largest_np(values, k - above)  # its rank from the top of the band
-        greater = int(np.count_nonzero(values > kth))
+        values = np.concatenate(band) if len(band) > 1 else band[0]
+        kth, greater = _kth_largest_np(values, k - above)  # its rank from the top of the band
         value = struct.unpack("<f", struct.pack("<i", kth))[0]
         return ModelThreshold(value, k - above - greater)
 
