@@ -108,7 +108,7 @@ def oracle_merge(method, params, base, experts, weights):
         taus = [[experts[t][k] - base[k] for t in range(3)] for k in NAMES]
         thresholds = model_thresholds(lambda: iter(taus), 3, kwargs["density"])
     out = {}
-    for k in NAMES:  # in order: model-scope ties budgets run across tensors
+    for k in sorted(NAMES):  # model-scope tie budgets run across tensors in name order
         fn = oracle.METHODS[method]
         out[k] = fn(
             base[k], [e[k] for e in experts], weights,
@@ -244,3 +244,24 @@ def test_top_k_falls_back_to_radix_selection(monkeypatch, how):
     want = oracle_merge("ties", params, base, experts, weights)
     for k in NAMES:
         same(chunked[k], want[k], k)
+
+
+def test_model_scope_tie_budgets_follow_names_not_thread_order():
+    """Each tensor gets its share of the model-wide tie budget in name order, whatever order the tensors
+    are counted or merged in (worker threads finish in any order)."""
+    from sefusion.methods._ops import ModelThreshold, tensor_thresholds
+
+    v = 0.5
+    taus = {
+        "b": [torch.tensor([v, -v, 0.1, v]), torch.tensor([0.0, 0.0, 0.0, 0.0])],
+        "a": [torch.tensor([v, 0.2, 0.0, 0.0]), torch.tensor([0.3, 0.3, 0.0, 0.0])],
+        "c": [torch.tensor([-v, v, 0.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, 0.0])],
+    }
+    found = [ModelThreshold(v, 3), ModelThreshold(0.3, 2)]
+    for order in (["b", "a", "c"], ["c", "b", "a"]):
+        got = tensor_thresholds(found, order, lambda order=order: ((k, taus[k]) for k in order))
+        # expert 0: a has 1 tie, b 3, c 2 -> a 1, b 2, c 0; expert 1: a has both of its 2
+        assert [got[k][0].equal_left for k in "abc"] == [1, 2, 0]
+        assert [got[k][1].equal_left for k in "abc"] == [2, 0, 0]
+        assert all(got[k][0].value == v for k in "abc")
+    assert found[0].equal_left == 3  # the model-wide thresholds are not consumed

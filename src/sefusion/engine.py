@@ -412,7 +412,10 @@ class Streamer:
         """Merge tensor `name`: every chunk's result goes to emit(start, stop, result), in order."""
         spec, kwargs, weights = self.spec, self.kwargs, self.weights
         inputs = self.inputs(name)
-        common = dict(name=name, seed=self.seed, task_names=self.task_names, model_thresholds=self.thresholds)
+        thresholds = None
+        if self.thresholds is not None:  # this tensor's share of the model-wide tie budgets, fresh
+            thresholds = [_ops_threshold(t) for t in self.thresholds[name]]
+        common = dict(name=name, seed=self.seed, task_names=self.task_names, model_thresholds=thresholds)
         if self.stats is not None:
             ctx: StreamContext = StreamStatsContext(**common, stats=self.stats.tensor(name))
         else:
@@ -439,7 +442,19 @@ class Streamer:
                 bar.update()
             bar.close()
 
-        self.thresholds = _ops.model_thresholds(task_vectors, len(self.experts), self.kwargs["density"])
+        found = _ops.model_thresholds(task_vectors, len(self.experts), self.kwargs["density"])
+
+        def per_tensor() -> Iterator[tuple[str, Tensor]]:
+            bar = _progress(len(names), "model-wide ties", quiet)
+            for name in names:
+                inputs = self.inputs(name)
+                for start, stop in spans(inputs.numel, self.chunk):
+                    base, experts = inputs.read(start, stop)
+                    yield name, _ops.task_vectors(base, experts, self.weights, "ties")[0]
+                bar.update()
+            bar.close()
+
+        self.thresholds = _ops.tensor_thresholds(found, list(names), per_tensor)
 
     def copy_job(
         self, reader: ModelReader, name: str, dtype: Any, write: Callable[[int, Tensor], None]
@@ -746,14 +761,19 @@ def merge_tensors(
                 b = base[k].float() if base is not None else None
                 yield [ex[k].float() - b if b is not None else ex[k].float() for ex in experts]
 
-        thresholds = _ops.model_thresholds(task_vectors, len(experts), kwargs["density"])
+        found = _ops.model_thresholds(task_vectors, len(experts), kwargs["density"])
+
+        def per_tensor() -> Iterator[tuple[str, list[Tensor]]]:
+            yield from zip(keys, task_vectors(), strict=True)
+
+        thresholds = _ops.tensor_thresholds(found, keys, per_tensor)
     result: dict[str, Any] = {}
 
     def job(k: str) -> Job:
         def run(cancelled: Callable[[], bool]) -> None:
             result[k] = _merge_in_memory(
                 spec, kwargs, w, k, base[k] if base is not None else None, [ex[k] for ex in experts],
-                seed=seed, task_names=names, thresholds=thresholds, cancelled=cancelled,
+                seed=seed, task_names=names, thresholds=thresholds[k] if thresholds else None, cancelled=cancelled,
             )  # fmt: skip
 
         return run
@@ -762,6 +782,11 @@ def merge_tensors(
     parallel = thresholds is None and entries >= PARALLEL_ENTRIES
     run_jobs([job(k) for k in keys], (WORKERS or _cores()) if parallel else 1)
     return {k: result[k] for k in keys}
+
+
+def _ops_threshold(t: Any) -> Any:
+    """A fresh copy of a ModelThreshold (merging consumes its tie budget)."""
+    return type(t)(t.value, t.equal_left)
 
 
 def _merge_in_memory(

@@ -51,8 +51,8 @@ class ModelThreshold:
     """Model-wide top-k threshold of one expert (TIES `density_scope: model`).
 
     Keep every |x| > `value`; of the entries with |x| == `value` (non-zero), keep the first
-    `equal_left` in (engine tensor order, flat index) order. The engine hands the same object to every
-    tensor in order; `take_equal` consumes the budget.
+    `equal_left` in (tensor name, flat index) order. The engine gives each tensor its own share of the
+    budget (`tensor_thresholds`); `take_equal` consumes it across that tensor's chunks.
     """
 
     value: float
@@ -937,3 +937,36 @@ def model_thresholds(
             finder.update(taus)
         finder.end_pass()
     return finder.thresholds()
+
+
+def tensor_thresholds(
+    thresholds: Sequence[ModelThreshold],
+    names: Sequence[str],
+    tensors: Callable[[], Iterable[tuple[str, Sequence[Tensor]]]],
+) -> dict[str, list[ModelThreshold]]:
+    """Each tensor's own copy of the model-wide thresholds, with its share of the tie budgets.
+
+    The model-wide rule keeps, of the entries equal to expert t's threshold, the first `equal_left` in
+    (tensor name, flat index) order. Handing each tensor its share up front makes the result
+    independent of the order in which worker threads merge the tensors. When some expert has ties to
+    share, `tensors()` is called once: it yields (name, that tensor's task vectors) for every tensor,
+    any chunking, any order; equal entries are counted per tensor and the budgets split in name order.
+    """
+    names = sorted(names)  # the rule's order: by name, so files, shards and dict order do not matter
+    share = [t.equal_left if t.value != 0 else 0 for t in thresholds]
+    counts: dict[str, list[int]] = {n: [0] * len(thresholds) for n in names}
+    if any(share):
+        for name, taus in tensors():
+            c = counts[name]
+            for t, (tau, thr) in enumerate(zip(taus, thresholds, strict=True)):
+                if share[t]:
+                    c[t] += int(torch.eq(tau.abs(), thr.value).sum())
+    out: dict[str, list[ModelThreshold]] = {}
+    for name in names:
+        row = []
+        for t, thr in enumerate(thresholds):
+            take = min(counts[name][t], share[t])
+            share[t] -= take
+            row.append(ModelThreshold(thr.value, take))
+        out[name] = row
+    return out
