@@ -302,6 +302,7 @@ def test_grids_are_the_issues():
     assert {c["density"] for c in grids.grid("dare_ties", "full")} == {0.1, 0.3, 0.5}
     assert [c["lambdas"] for c in grids.grid("tall_masks", "full")] == [0.2, 0.3, 0.4, 0.5, 0.6]
     assert {(c["n"], c["m"]) for c in grids.grid("cabs", "full")} == {(1, 4), (2, 8), (8, 32)}
+    assert {c["lambda"] for c in grids.grid("cabs", "full")} == {0.6, 0.8, 1.0}
     assert [c["alpha"] for c in grids.grid("consensus", "full")] == [
         c["lambda"] for c in grids.grid("task_arithmetic", "full")
     ]
@@ -417,3 +418,18 @@ def test_pair_scenario_has_a_pleas_row(tmp_path):
     assert models.calls["pleas"] == 2  # one candidate on validation, once more for test
     assert results["skipped"] == {}
     assert resolve("pair").tasks == ("consistency-python", "naming-python")
+
+
+def test_summary_puts_scenarios_side_by_side(study, capsys):
+    from sefusion.cli import main
+
+    results, _, tmp = study
+    assert main(["summary", str(tmp / "report"), str(tmp / "report" / "results.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| method | toy: avg | toy: avg | toy: worst task | toy: worst task |" in out
+    ties = next(r for r in results["rows"] if r["method"] == "ties")
+    line = next(x for x in out.splitlines() if x.startswith("| ties |"))
+    assert f"{ties['avg_normalized']:.3f}" in line and f"{min(ties['normalized'].values()):.3f}" in line
+    assert "alpha-python" in out and "chance" in out
+    assert main(["summary", str(tmp / "nothing-here")]) == 2
+    assert "cannot read" in capsys.readouterr().err

@@ -75,18 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune experts for SE tasks, fuse them with every method, report normalized scores",
         description="Run one scenario of the SE fusion study: languages (one task kind in six languages), "
         "same-category (the classification tasks of one language), cross-category (retrieval and "
-        "classification across languages), or a YAML file with `tasks: [defect-python, ...]`. Experts, data "
+        "classification across languages), pair (two tasks: adds the two-model PLeaS row), or a YAML file with "
+        "`tasks: [naming-python, ...]`. Experts, data "
         "and evaluations are cached, so an interrupted study resumes where it stopped.",
     )
-    p.add_argument("scenario", help="languages | same-category | cross-category | FILE.yaml")
+    p.add_argument("scenario", help="languages | same-category | cross-category | pair | FILE.yaml")
     p.add_argument("--out", type=Path, required=True, help="report folder (results.json, report.md, plots)")
     _add_study_args(p)
+
+    p = sub.add_parser(
+        "summary",
+        parents=[common],
+        help="the scenarios' reports side by side (markdown on stdout)",
+        description="Read the results.json of each report folder and print one markdown table: per method, "
+        "the average and worst-task normalized score in each scenario, then each scenario's experts.",
+    )
+    p.add_argument("reports", nargs="+", type=Path, help="report folders written by `sefusion study`")
 
     p = sub.add_parser(
         "demo",
         parents=[common],
         help="the README's main job: the same-category study on the Python standard library, quick budget",
-        description="Fine-tune four Python experts (defect, clone, consistency, exception) from "
+        description="Fine-tune four Python experts (naming, clone, consistency, exception) from "
         "all-MiniLM-L6-v2 on the standard library, fuse them with every method, print the table and write "
         "the report. Cached: a second run takes under a minute.",
     )
@@ -312,6 +322,13 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from .study.report import read_results, summary_markdown
+
+    print(summary_markdown([read_results(p) for p in args.reports]), end="")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.synthetic:
         from .demo import run_demo
@@ -344,6 +361,7 @@ COMMANDS = {
     "inspect": _cmd_inspect,
     "demo": _cmd_demo,
     "study": _cmd_study,
+    "summary": _cmd_summary,
     "corpus": _cmd_corpus,
 }
 

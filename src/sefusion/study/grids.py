@@ -35,6 +35,7 @@ PAIR_ONLY = frozenset({"pleas"})  # two models: a row only in two-task scenarios
 _LAMBDA_FULL = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0
 _LAMBDA_QUICK = (0.2, 0.4, 0.6, 0.8, 1.0)
 _MASK_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
+_CABS_LAMBDAS = (0.6, 0.8, 1.0)
 
 
 def grid(method: str, budget: str) -> list[dict[str, Any]]:
@@ -54,8 +55,14 @@ def grid(method: str, budget: str) -> list[dict[str, Any]]:
     if method == "consensus":
         return [{"alpha": x, "k": 2, "lambdas": 0.4} for x in lam]
     if method == "cabs":
+        # the grid is n:m; CABS's masks are disjoint, so each kept entry enters at full weight and
+        # lambda only trims the sum: three values near METHODS.md's default 1.0, not TIES's ten
         nm = ((2, 8),) if small else ((1, 4), (2, 8), (8, 32))
-        return [{"n": n, "m": m, "lambda": x} for n, m in nm for x in lam]
+        return [
+            {"n": n, "m": m, "lambda": x}
+            for n, m in nm
+            for x in (_CABS_LAMBDAS[-1:] if small else _CABS_LAMBDAS)
+        ]
     if method in PER_TASK:
         return [{"lambdas": x} for x in _MASK_LAMBDAS]
     # the data-aware methods run at METHODS.md's defaults: their knob is the data, `stats_examples`

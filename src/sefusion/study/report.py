@@ -235,6 +235,51 @@ def plot(results: Mapping[str, Any], out: Path) -> list[str]:
     return files
 
 
+def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Several scenarios side by side: per method, the average normalized test score and the worst task's
+    normalized score in each scenario; then each scenario's experts against chance. Read from the
+    results, as the reports are."""
+    methods: list[str] = []
+    for res in runs:
+        for r in res["rows"]:
+            if r["method"] not in methods:
+                methods.append(r["method"])
+    names = [str(res["scenario"]) for res in runs]
+    header = ["method", *(f"{n}: avg" for n in names), *(f"{n}: worst task" for n in names)]
+    rows = []
+    for m in methods:
+        by = [next((r for r in res["rows"] if r["method"] == m), None) for res in runs]
+        avg = [r["avg_normalized"] if r else None for r in by]
+        worst = [min(r["normalized"].values()) if r and r["normalized"] else None for r in by]
+        rows.append([m, *avg, *worst])
+    L = ["Normalized test score (fused / the task's own expert), averaged over the scenario's tasks, and",
+         "that of its worst task (– : not run in that scenario).", ""]  # fmt: skip
+    L += _table(header, rows)
+    L += ["", "Experts (test score, chance level):", ""]
+    for res in runs:
+        cells = ", ".join(
+            f"{t} {_fmt(e['test'])} (chance {_fmt(e.get('chance'))})" for t, e in res["experts"].items()
+        )
+        L.append(f"- {res['scenario']} ({res.get('budget', '?')} budget): {cells}")
+    return "\n".join(L) + "\n"
+
+
+def read_results(folder: str | Path) -> dict[str, Any]:
+    """The results.json of a report folder (or the file itself)."""
+    p = Path(folder)
+    p = p / "results.json" if p.is_dir() else p
+    try:
+        return json.loads(p.read_text())
+    except OSError as exc:
+        from ..errors import SefusionError
+
+        raise SefusionError(f"cannot read {p}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        from ..errors import SefusionError
+
+        raise SefusionError(f"{p} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+
+
 def write_report(results: Mapping[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=False, default=str) + "\n")
