@@ -414,7 +414,7 @@ class Streamer:
         inputs = self.inputs(name)
         thresholds = None
         if self.thresholds is not None:  # this tensor's share of the model-wide tie budgets, fresh
-            thresholds = [_ops_threshold(t) for t in self.thresholds[name]]
+            thresholds = [t.copy() for t in self.thresholds[name]]
         common = dict(name=name, seed=self.seed, task_names=self.task_names, model_thresholds=thresholds)
         if self.stats is not None:
             ctx: StreamContext = StreamStatsContext(**common, stats=self.stats.tensor(name))
@@ -782,11 +782,6 @@ def merge_tensors(
     parallel = thresholds is None and entries >= PARALLEL_ENTRIES
     run_jobs([job(k) for k in keys], (WORKERS or _cores()) if parallel else 1)
     return {k: result[k] for k in keys}
-
-
-def _ops_threshold(t: Any) -> Any:
-    """A fresh copy of a ModelThreshold (merging consumes its tie budget)."""
-    return type(t)(t.value, t.equal_left)
 
 
 def _merge_in_memory(

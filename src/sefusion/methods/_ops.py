@@ -57,6 +57,12 @@ class ModelThreshold:
 
     value: float
     equal_left: int
+    # every entry equal to `value` in the scope is kept (the budget is their count): trimming keeps
+    # |x| >= value without counting ties chunk by chunk
+    equal_all: bool = field(default=False, compare=False)
+
+    def copy(self) -> ModelThreshold:
+        return ModelThreshold(self.value, self.equal_left, self.equal_all)
 
     def take_equal(self, available: int) -> int:
         """Take up to `available` of the remaining ties (this tensor's count); returns how many."""
@@ -358,6 +364,9 @@ def trim_by(taus: Tensor, thresholds: Sequence[ModelThreshold]) -> Tensor:
         v = thr.value
         if thr.equal_left == 0 or v == 0:  # zeros are never kept
             torch.ops.aten.hardshrink.out(tau, v, out=row)
+            continue
+        if thr.equal_all:  # every tie is kept: nothing to count
+            torch.ops.aten.hardshrink.out(tau, _below(v), out=row)
             continue
         a = tau.abs()
         equal = int(torch.eq(a, v, out=torch.empty_like(a)).sum())  # float 0/1: a vectorized count
@@ -694,7 +703,7 @@ class ModelTopK:
 
     def result(self) -> list[ModelThreshold]:
         """Fresh copies of the thresholds (trimming consumes their tie budgets)."""
-        return [ModelThreshold(t.value, t.equal_left) for t in self.thresholds()]
+        return [t.copy() for t in self.thresholds()]
 
 
 _INT32_MAX = 2**31 - 1
@@ -757,6 +766,7 @@ class TensorTopK:
         self._band_size = [0] * rows
         self._radix: ModelTopK | None = None
         self._result: list[ModelThreshold] | None = None
+        self._own_bracket = False  # a tensor of few chunks: bracket each row on a sample of its first chunk
 
     def wants(self, index: int, count: int) -> bool:
         """Whether the current pass reads chunk `index` of `count` (the sample pass reads a few)."""
@@ -764,6 +774,7 @@ class TensorTopK:
             self._chunks = count
             if self._phase == "first":
                 self._phase = "band" if count <= _SAMPLE_CHUNKS else "sample"
+                self._own_bracket = self._phase == "band"
         if self._phase != "sample":
             return True
         stride = -(-count // _SAMPLE_CHUNKS)
@@ -772,6 +783,7 @@ class TensorTopK:
     def update(self, x: Sequence[Tensor] | Tensor) -> None:
         if self._phase == "first":  # fed without wants(): a whole tensor in hand
             self._phase = "band"
+            self._own_bracket = True
         if self._radix is not None:
             self._radix.update(x)
             return
@@ -785,6 +797,12 @@ class TensorTopK:
     def _count_band(self, r: int, bits: Tensor) -> None:
         lo, hi = self._bracket[r]
         b = bits.cpu().numpy()  # numpy: its compares and boolean indexing are vectorized
+        if self._own_bracket and self._n[r] == 0 and b.size >= 4 * _NP_SAMPLE:
+            # one pass only, so no sample pass: bracket on a strided sample of this first part (a bracket
+            # that misses the k-th largest of the whole tensor costs the radix fallback, never exactness)
+            step = max(1, b.size // (4 * _NP_SAMPLE))
+            self._bracket[r] = self._bracket_of(torch.from_numpy(b[::step].copy()), self.densities[r])
+            lo, hi = self._bracket[r]
         self._n[r] += b.size
         self._zeros[r] += b.size - int(np.count_nonzero(b))
         band = self._band[r]
@@ -850,12 +868,13 @@ class TensorTopK:
         values = np.concatenate(band) if len(band) > 1 else band[0]
         kth, greater = _kth_largest_np(values, k - above)  # its rank from the top of the band
         value = struct.unpack("<f", struct.pack("<i", kth))[0]
-        return ModelThreshold(value, k - above - greater)
+        left = k - above - greater
+        return ModelThreshold(value, left, equal_all=left == int(np.count_nonzero(values == kth)))
 
     def result(self) -> list[ModelThreshold]:
         if self._result is None:
             raise ValueError("TensorTopK: read before every pass was fed")
-        return [ModelThreshold(t.value, t.equal_left) for t in self._result]
+        return [t.copy() for t in self._result]
 
 
 class RangeStat:

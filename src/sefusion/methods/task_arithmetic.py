@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from .._lazy import torch
 from ..registry import register
-from ._ops import DEFAULT_CTX, TensorContext, apply, task_vectors
+from ._ops import DEFAULT_CTX, TensorContext, apply, check_experts
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -26,8 +26,13 @@ def task_arithmetic(
     theta = theta0 + lambda * sum_t w_t tau_t,   tau_t = theta_t - theta0
     Ilharco et al. 2023, "Editing models with task arithmetic", https://arxiv.org/abs/2212.04089
     """
-    taus, w = task_vectors(base, experts, weights, "task_arithmetic")  # (T, n), (T,)
-    total = torch.zeros_like(taus[0])
-    for t, tau in enumerate(taus):
-        total.add_(tau, alpha=float(w[t]))
+    if base is None:
+        raise ValueError("method 'task_arithmetic' needs a base model (task vectors are theta_t - theta0)")
+    check_experts(experts, weights, "task_arithmetic", base.shape)
+    flat = base.reshape(-1).float()
+    total = torch.zeros_like(flat)  # (n,)
+    tau = torch.empty_like(flat)  # one expert's task vector at a time: no (T, n) stack to fill and re-read
+    for w, e in zip(weights, experts, strict=True):
+        torch.sub(e.reshape(-1), flat, out=tau)
+        total.add_(tau, alpha=float(w))
     return apply(base, total.mul_(lambda_))
