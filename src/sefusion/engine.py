@@ -15,6 +15,7 @@ up front over the merged tensors, so the merge stays one streaming pass.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -499,12 +500,26 @@ def _torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The cyclic garbage collector off while tensors stream: chunks allocate many short-lived objects
+    that reference counting frees, and collections triggered by them only walk the heap (a few % of a
+    merge's CPU time)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def run_jobs(jobs: Sequence[Job], workers: int) -> None:
     """Run jobs, each one tensor, on `workers` threads, with torch single-threaded inside each: the cores
     work on different tensors instead of meeting at every chunk-sized operation, which costs little on
     an idle machine and a lot on a busy one. The first failure (or Ctrl-C) stops the others at their
     next chunk."""
-    with _torch_threads(1):
+    with _torch_threads(1), _no_cyclic_gc():
         if workers <= 1:
             for job in jobs:
                 job(lambda: False)

@@ -729,7 +729,7 @@ def _kth_largest_np(a: Any, k: int) -> tuple[int, int]:
         hi = sample[s - max(1, math.floor(p * s - margin))]
         lo = sample[s - min(s, math.ceil(p * s + margin))]
         above = int(np.count_nonzero(a > hi))
-        band = np.extract((a >= lo) & (a <= hi), a) if above < k else a[:0]
+        band = a[(a >= lo) & (a <= hi)] if above < k else a[:0]
         if above < k <= above + band.size:
             a, k, n = band, k - above, band.size
         else:
@@ -812,7 +812,7 @@ class TensorTopK:
             self._above[r] += int(np.count_nonzero(b > hi))
             if band is None:
                 return
-            kept = np.extract((b >= lo) & (b <= hi), b)
+            kept = b[(b >= lo) & (b <= hi)]  # boolean indexing: np.extract goes through nonzero()
         self._band_size[r] += kept.size
         if band is None or self._band_size[r] > _BAND_CAP:
             self._band[r] = None  # massive ties: radix selection instead
