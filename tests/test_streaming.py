@@ -265,3 +265,40 @@ def test_model_scope_tie_budgets_follow_names_not_thread_order():
         assert [got[k][1].equal_left for k in "abc"] == [2, 0, 0]
         assert all(got[k][0].value == v for k in "abc")
     assert found[0].equal_left == 3  # the model-wide thresholds are not consumed
+
+
+def _count_reads(monkeypatch):
+    counts = []
+    real = engine.stream_tensor
+
+    def counting(call, ctx, ranges, read, emit, cancelled=lambda: False, **kw):
+        n = [0]
+
+        def counted(start, stop):
+            n[0] += 1
+            return read(start, stop)
+
+        real(call, ctx, ranges, counted, emit, cancelled, **kw)
+        counts.append((len(ranges), n[0]))
+
+    monkeypatch.setattr(engine, "stream_tensor", counting)
+    return counts
+
+
+def test_ties_top_k_falls_back_to_radix_when_the_bracket_misses(monkeypatch):
+    """The sampled chunks hold only tiny task vectors, so the bracket misses the k-th largest: radix
+    selection finds the threshold in two more passes, then the merge pass; the whole tensor's bits."""
+    c_size = 4096
+    n = c_size * 20
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(n, generator=g) * 0.05
+    scale = torch.ones(n)
+    for c in (0, 5, 10, 15):  # the chunks the sample pass reads (stride 5 of 20)
+        scale[c * c_size : (c + 1) * c_size] = 1e-4
+    base = {"v": b}
+    experts = [{"v": b + torch.randn(n, generator=g) * 1e-2 * scale} for _ in range(3)]
+    counts = _count_reads(monkeypatch)
+    chunked = run(monkeypatch, "ties", {"density": 0.2}, base, experts, [1.0, 1.0, 1.0], chunk=c_size)
+    assert counts[-1] == (20, 4 + 20 + 2 * 20 + 20)  # sample, band (missed), radix x2, merge
+    whole = run(monkeypatch, "ties", {"density": 0.2}, base, experts, [1.0, 1.0, 1.0], chunk=1 << 30)
+    same(chunked["v"], whole["v"], "v")
