@@ -270,3 +270,16 @@ def test_extract_unknown_task_and_missing_bundle(toy, tmp_path, capsys):
     code, err = run(["extract", str(tmp_path / "nobundle"), "e0", str(tmp_path / "t")], capsys)
     assert code == 2 and "nobundle" in err
     assert not (tmp_path / "t").exists()
+
+
+def test_the_command_flushes_and_exits_with_mains_code():
+    """`sefusion` (cli.run) skips the interpreter's teardown with os._exit: what it printed still arrives
+    (pipes flushed) and the exit code is main()'s."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "sefusion", "methods"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "ties" in ok.stdout and ok.stdout.endswith("\n")
+    bad = subprocess.run([sys.executable, "-m", "sefusion", "inspect", "/no/such/model"], capture_output=True,
+                         text=True)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("sefusion: error:") and "Traceback" not in bad.stderr

@@ -8,7 +8,9 @@ neither leaves a partial output folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -394,5 +396,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The `sefusion` command: main(), then exit without tearing the interpreter down.
+
+    Everything the command writes is closed and renamed before main() returns; what is left is freeing
+    torch's and numpy's module state one object at a time, which takes 0.5-1 s on this 2-core machine
+    (a third of a small merge). Streams and log handlers are flushed first.
+    """
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can reach it
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
