@@ -99,25 +99,22 @@ def head_tasks(heads: Mapping[str, Tensor]) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[Example]:
     from ..tasks.base import Example
+    from ..tasks.corpus_jsonl import jsonl_records
+    from ..tasks.corpus_types import CorpusError
 
     out = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StatisticsError(f"cannot read the data file {path}: {exc}") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StatisticsError(f"{path}:{i}: not JSON ({exc.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise StatisticsError(f"{path}:{i}: each line needs a string 'text' (and 'text_pair' for pairs)")
-        pair = rec.get("text_pair")
-        if pair is not None and not isinstance(pair, str):
-            raise StatisticsError(f"{path}:{i}: 'text_pair' must be a string")
-        out.append(Example(rec["text"], pair, int(rec.get("label", 0) or 0)))
+        for i, rec in jsonl_records(path):
+            if not isinstance(rec.get("text"), str):
+                raise StatisticsError(
+                    f"{path}:{i}: each line needs a string 'text' (and 'text_pair' for pairs)"
+                )
+            pair = rec.get("text_pair")
+            if pair is not None and not isinstance(pair, str):
+                raise StatisticsError(f"{path}:{i}: 'text_pair' must be a string")
+            out.append(Example(rec["text"], pair, int(rec.get("label", 0) or 0)))
+    except CorpusError as exc:
+        raise StatisticsError(str(exc)) from None
     if not out:
         raise StatisticsError(f"the data file {path} holds no example")
     return out

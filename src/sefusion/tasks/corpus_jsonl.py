@@ -25,7 +25,8 @@ from .corpus_extract import canonical_language, clean_block_doc, first_paragraph
 from .corpus_types import Corpus, CorpusError, Function
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSONL file (.gz too); CorpusError names the line."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
@@ -67,7 +68,7 @@ def read_codesearchnet(path: str | Path, *, language: str | None = None) -> Corp
     path = Path(path)
     want = canonical_language(language) if language else None
     functions = []
-    for i, rec in _records(path):
+    for i, rec in jsonl_records(path):
         if "code" not in rec:
             raise CorpusError(f"{path}:{i}: CodeSearchNet record without a 'code' field")
         if not (rec.get("language") or want):
@@ -119,7 +120,7 @@ def read_codexglue_defect(path: str | Path) -> Corpus:
     """CodeXGLUE defect-detection JSONL (`func`, `target`) as C functions with `label` = target."""
     path = Path(path)
     functions = []
-    for i, rec in _records(path):
+    for i, rec in jsonl_records(path):
         if "func" not in rec or "target" not in rec:
             raise CorpusError(f"{path}:{i}: CodeXGLUE defect record needs 'func' and 'target' fields")
         try:
@@ -146,7 +147,7 @@ def read_codexglue_defect(path: str | Path) -> Corpus:
 def read_jsonl(path: str | Path, *, language: str | None = None) -> Corpus:
     """Either format, told apart by the first record's fields."""
     path = Path(path)
-    first = next(_records(path), None)
+    first = next(jsonl_records(path), None)
     if first is None:
         raise CorpusError(f"{path} holds no records")
     keys = first[1].keys()
