@@ -784,3 +784,23 @@ def test_a_corrupt_cache_file_is_rebuilt(tmp_path):
     path.write_bytes(b"not gzip")
     again = build_task("consistency-go", sizes=SMALL, cache=cache, dirs={"go": src})
     assert again == first
+
+
+def test_balanced_takes_equal_sides_and_skips_what_builders_refuse():
+    import random
+
+    from sefusion.tasks.base import balanced
+
+    def pos(i):
+        return Example(f"p{i}", None, 1)
+
+    def neg(i):
+        return Example(f"n{i}", None, 0) if i % 2 == 0 else None  # odd items cannot be negatives
+
+    out = balanced(list(range(40)), 5, random.Random(0), pos, neg, eligible=lambda i: i != 3)
+    labels = Counter(ex.label for ex in out)
+    assert labels[0] == labels[1] == 5
+    assert all(int(ex.text[1:]) % 2 == 0 for ex in out if ex.label == 0)
+    assert "p3" not in {ex.text for ex in out} and "n3" not in {ex.text for ex in out}
+    # the shorter side bounds both: no negatives at all gives nothing
+    assert balanced(list(range(10)), 3, random.Random(0), pos, lambda i: None) == []

@@ -183,6 +183,34 @@ def take(items: Sequence[Any], n: int, rng: random.Random) -> list[Any]:
     return items[:n]
 
 
+def balanced(
+    order: Sequence[int],
+    half: int,
+    rng: random.Random,
+    positive: Callable[[int], Example | None],
+    negative: Callable[[int], Example | None],
+    eligible: Callable[[int], bool] = lambda i: True,
+) -> list[Example]:
+    """Up to `half` positives and as many negatives, walking `order`: each eligible item becomes a
+    positive or a negative by a fair coin (the one side once the other is full); a builder that returns
+    None skips the item. Both sides are cut to the shorter, then shuffled together."""
+    pos: list[Example] = []
+    neg: list[Example] = []
+    for i in order:
+        if len(pos) >= half and len(neg) >= half:
+            break
+        if not eligible(i):
+            continue
+        want_pos = len(pos) < half and (len(neg) >= half or rng.random() < 0.5)
+        ex = positive(i) if want_pos else negative(i)
+        if ex is not None:
+            (pos if want_pos else neg).append(ex)
+    n = min(len(pos), len(neg))
+    examples = pos[:n] + neg[:n]
+    rng.shuffle(examples)
+    return examples
+
+
 # ------------------------------------------------------------------------------------------- registry
 
 

@@ -16,7 +16,7 @@ import random
 
 from ._code import analyze
 from ._mutate import Vocabulary, reformat, rename
-from .base import SPLITS, BuildContext, Built, Example, register_task
+from .base import SPLITS, BuildContext, Built, Example, balanced, register_task
 from .corpus import Function
 
 
@@ -51,30 +51,25 @@ def build_clone(ctx: BuildContext) -> Built:
         order = list(range(len(functions)))
         rng.shuffle(order)
         half = min(ctx.sizes.split(split), len(functions)) // 2
-        pos: list[Example] = []
-        neg: list[Example] = []
-        for i in order:
-            if len(pos) >= half and len(neg) >= half:
-                break
+
+        def positive(i: int, functions=functions, rng=rng) -> Example | None:
             f = functions[i]
-            want_pos = len(pos) < half and (len(neg) >= half or rng.random() < 0.5)
-            meta = {"path": f.path, "function": f.name}
-            if want_pos:
-                code = rewrite(f, rng, vocab)
-                if code is not None:
-                    pos.append(Example(f.code, code, 1, {**meta, "kind": "clone"}))
-                continue
+            code = rewrite(f, rng, vocab)
+            meta = {"path": f.path, "function": f.name, "kind": "clone"}
+            return Example(f.code, code, 1, meta) if code is not None else None
+
+        def negative(i: int, functions=functions, rng=rng, rank=rank, by_length=by_length) -> Example | None:
+            f = functions[i]
             r = rank[i]
             window = [by_length[k] for k in range(max(0, r - 8), min(len(functions), r + 9)) if k != r]
             window = [j for j in window if functions[j].name != f.name and functions[j].code != f.code]
             if not window:
-                continue
+                return None
             other = functions[rng.choice(window)]
             code = rewrite(other, rng, vocab)
-            if code is not None:
-                neg.append(Example(f.code, code, 0, {**meta, "kind": "different", "other": other.name}))
-        n = min(len(pos), len(neg))
-        examples = pos[:n] + neg[:n]
-        rng.shuffle(examples)
+            meta = {"path": f.path, "function": f.name, "kind": "different", "other": other.name}
+            return Example(f.code, code, 0, meta) if code is not None else None
+
+        examples = balanced(order, half, rng, positive, negative)
         out[split] = examples
     return Built(out)

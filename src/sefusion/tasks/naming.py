@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from ._code import analyze, replace_spans
-from .base import SPLITS, BuildContext, Built, Example, register_task
+from .base import SPLITS, BuildContext, Built, Example, balanced, register_task
 from .corpus import Function
 
 
@@ -44,30 +44,29 @@ def build_naming(ctx: BuildContext) -> Built:
         rng.shuffle(order)
         half = min(ctx.sizes.split(split), len(functions)) // 2
         names = sorted({f.name for f in functions})
-        pos: list[Example] = []
-        neg: list[Example] = []
-        for i in order:
-            if len(pos) >= half and len(neg) >= half:
-                break
+        spans: dict[int, list[tuple[int, int]] | None] = {}
+
+        def eligible(i: int, functions=functions, spans=spans) -> bool:
+            spans[i] = renamable(functions[i])
+            return spans[i] is not None
+
+        def positive(i: int, functions=functions) -> Example | None:
             f = functions[i]
-            spans = renamable(f)
-            if spans is None:
-                continue
-            meta = {"path": f.path, "function": f.name}
-            if len(pos) < half and (len(neg) >= half or rng.random() < 0.5):
-                pos.append(Example(f.code, None, 1, {**meta, "kind": "consistent"}))
-                continue
+            return Example(f.code, None, 1, {"path": f.path, "function": f.name, "kind": "consistent"})
+
+        def negative(i: int, functions=functions, rng=rng, names=names, spans=spans) -> Example | None:
+            f = functions[i]
             for _ in range(100):
                 other = names[rng.randrange(len(names))]
                 # another name the code does not show anywhere, in the same style (capitalized or not)
                 if other != f.name and other[:1].isupper() == f.name[:1].isupper() and other not in f.code:
                     break
             else:
-                continue
-            code = replace_spans(f.code, [(s, e, other) for s, e in spans])
-            neg.append(Example(code, None, 0, {**meta, "kind": "inconsistent", "name_of": other}))
-        n = min(len(pos), len(neg))
-        examples = pos[:n] + neg[:n]
-        rng.shuffle(examples)
+                return None
+            code = replace_spans(f.code, [(s, e, other) for s, e in spans[i] or []])
+            meta = {"path": f.path, "function": f.name, "kind": "inconsistent", "name_of": other}
+            return Example(code, None, 0, meta)
+
+        examples = balanced(order, half, rng, positive, negative, eligible)
         out[split] = examples
     return Built(out)
