@@ -433,20 +433,9 @@ class Streamer:
             return
         from .methods import _ops
 
-        def task_vectors() -> Iterator[Tensor]:
-            bar = _progress(len(names), "model-wide top-k", quiet)
-            for name in names:
-                inputs = self.inputs(name)
-                for start, stop in spans(inputs.numel, self.chunk):
-                    base, experts = inputs.read(start, stop)
-                    yield _ops.task_vectors(base, experts, self.weights, "ties")[0]  # (T, n) float32
-                bar.update()
-            bar.close()
-
-        found = _ops.model_thresholds(task_vectors, len(self.experts), self.kwargs["density"])
-
-        def per_tensor() -> Iterator[tuple[str, Tensor]]:
-            bar = _progress(len(names), "model-wide ties", quiet)
+        def task_vectors(desc: str) -> Iterator[tuple[str, Tensor]]:
+            """(name, its task vectors (T, n) float32) of every chunk of every tensor, in order."""
+            bar = _progress(len(names), desc, quiet)
             for name in names:
                 inputs = self.inputs(name)
                 for start, stop in spans(inputs.numel, self.chunk):
@@ -454,6 +443,15 @@ class Streamer:
                     yield name, _ops.task_vectors(base, experts, self.weights, "ties")[0]
                 bar.update()
             bar.close()
+
+        found = _ops.model_thresholds(
+            lambda: (taus for _, taus in task_vectors("model-wide top-k")),
+            len(self.experts),
+            self.kwargs["density"],
+        )
+
+        def per_tensor() -> Iterator[tuple[str, Tensor]]:
+            return task_vectors("model-wide ties")
 
         self.thresholds = _ops.tensor_thresholds(found, list(names), per_tensor)
 

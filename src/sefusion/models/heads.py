@@ -55,11 +55,16 @@ def init_head(
     return {w_name: torch.randn(num_labels, hidden, generator=g) * std, b_name: torch.zeros(num_labels)}
 
 
+def head_tasks(heads: Mapping[str, Tensor]) -> list[str]:
+    """The tasks a dict of head tensors serves (``head.{task}.weight``), sorted."""
+    return sorted({n[len(HEAD_PREFIX) :].rsplit(".", 1)[0] for n in heads if n.startswith(HEAD_PREFIX)})
+
+
 def get_head(heads: Mapping[str, Tensor], task: str) -> tuple[Tensor, Tensor]:
     """(W, b) of `task` from a dict of head tensors; a clear error lists the heads it has."""
     w_name, b_name = head_names(task)
     if w_name not in heads or b_name not in heads:
-        have = sorted({n[len(HEAD_PREFIX) :].rsplit(".", 1)[0] for n in heads if n.startswith(HEAD_PREFIX)})
+        have = head_tasks(heads)
         raise SefusionError(f"no head for task '{task}' (heads present: {', '.join(have) or 'none'})")
     return heads[w_name], heads[b_name]
 

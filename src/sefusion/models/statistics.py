@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import SefusionError
 from ..stats import (
     FISHER,
     GRAM,
@@ -44,7 +43,7 @@ from ..stats import (
     cache_key,
 )
 from .encoder import Encoder
-from .heads import CLASSIFY, HEAD_PREFIX, RETRIEVAL, classify_logits, cosine_matrix, get_head
+from .heads import CLASSIFY, RETRIEVAL, classify_logits, cosine_matrix, get_head, head_tasks
 
 if TYPE_CHECKING:
     from ..tasks.base import Example, TaskData
@@ -92,11 +91,6 @@ def _sample(examples: Sequence[Example], n: int, seed: int, what: str) -> list[E
     return [examples[i] for i in sorted(order[:n])]
 
 
-def head_tasks(heads: Mapping[str, Tensor]) -> list[str]:
-    """The tasks a dict of head tensors serves (``head.{task}.weight``)."""
-    return sorted({n[len(HEAD_PREFIX) :].rsplit(".", 1)[0] for n in heads if n.startswith(HEAD_PREFIX)})
-
-
 def _read_jsonl(path: Path) -> list[Example]:
     from ..tasks.base import Example
     from ..tasks.corpus_jsonl import jsonl_records
@@ -138,7 +132,7 @@ def load_stats_data(
         if isinstance(data, TaskData):
             built = data
         else:
-            spec, _ = get_task(str(data))  # an unknown name lists the tasks
+            get_task(str(data))  # an unknown name fails here, listing the tasks
             sizes = {"train": max(2400, examples), "validation": 1, "test": 1, "pool": 1}
             built = build_task(str(data), sizes=sizes, seed=seed, cache=cache, dirs=dirs)
         spec, _ = get_task(built.task)
@@ -269,15 +263,6 @@ def collect_statistics(
     )
 
 
-def _expert_hash(folder: Path) -> str:
-    from ..io import file_sha256
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise StatisticsError(f"no safetensors file in the expert folder {folder}")
-    return file_sha256(files)
-
-
 def statistics_for(
     expert: str | Path,
     *,
@@ -301,6 +286,7 @@ def statistics_for(
     """
     from .config import default_cache
     from .evaluation import get_encoder, load_model
+    from .train import base_sha256
 
     expert = Path(expert)
     if not expert.is_dir():
@@ -309,7 +295,7 @@ def statistics_for(
     cache_dir = Path(cache) if cache is not None else default_cache()
     body, heads = load_model(expert)
     sd = load_stats_data(data, examples, heads=heads, seed=seed, cache=cache_dir, dirs=dirs)
-    sha = _expert_hash(expert)
+    sha = base_sha256(expert)  # the experts' own cache key hash: memoized per process
     key = cache_key(
         expert_sha256=sha,
         task=sd.task,
@@ -328,13 +314,10 @@ def statistics_for(
     source = Path(base) if base is not None else expert
     enc = get_encoder(source)
     enc.load_body_state(body)
-    try:
-        stats = collect_statistics(
-            enc, heads, sd, kinds, max_length=max_length, batch_size=batch_size, temperature=temperature,
-            quiet=quiet, expert_path=str(expert), expert_sha256=sha,
-        )  # fmt: skip
-    except SefusionError:
-        raise
+    stats = collect_statistics(
+        enc, heads, sd, kinds, max_length=max_length, batch_size=batch_size, temperature=temperature,
+        quiet=quiet, expert_path=str(expert), expert_sha256=sha,
+    )  # fmt: skip
     folder.parent.mkdir(parents=True, exist_ok=True)
     stats.save(folder, overwrite=True)
     return folder

@@ -27,16 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from .._lazy import torch
+from ..methods._data import required_statistics
+from ..registry import METHODS
 from . import grids
 from .scenarios import Scenario, StudyError
 
 log = logging.getLogger("sefusion")
 
 HEAD_PREFIX = "head."
-_STATS_KINDS = {
-    "fisher": ("fisher",),
-    "regmean": ("gram",),
-}  # what each data-aware row reads (pleas: activations)
 
 
 @dataclass
@@ -388,7 +386,8 @@ class Study:
             skipped[method] = f"merges two models; this scenario has {len(self.tasks)} tasks"
             methods.remove(method)
         self.stats_examples = grids.stats_examples(budget.name)
-        kinds = sorted({k for x in methods for k in _STATS_KINDS.get(x, ())})
+        # what the methods' functions declare they read (pleas reads activations, computed when it runs)
+        kinds = sorted({k for x in methods for k in required_statistics(METHODS.get(x).fn)})
         self.stats = None
         if kinds:
             self._progress(
