@@ -197,6 +197,20 @@ def test_encode_is_order_independent_and_pads_dynamically(tiny_base: Path) -> No
     assert pairs.shape == (1, 32)
 
 
+def test_bf16_scoring_stays_close_to_fp32(tiny_base: Path) -> None:
+    """bf16 autocast changes the embeddings by bf16 rounding only (8-bit mantissa), never their shape/dtype."""
+    enc = Encoder.from_pretrained(tiny_base)
+    texts = ["def add(a, b): return a + b", "a docstring", "x = [i * i for i in range(10)]"] * 3
+    fp32 = enc.encode(texts, batch_size=4)
+    bf16 = enc.encode(texts, batch_size=4, precision="bf16")
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    assert not torch.equal(bf16, fp32)  # autocast did run
+    cos = torch.nn.functional.cosine_similarity(bf16, fp32, dim=-1)
+    assert float(cos.min()) > 0.999
+    with pytest.raises(SefusionError, match="precision must be fp32 or bf16"):
+        enc.encode(texts, precision="fp16")
+
+
 def test_missing_base_is_named(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="nowhere"):
         Encoder.from_pretrained(tmp_path / "nowhere")
@@ -427,6 +441,9 @@ def test_budgets() -> None:
     assert q.train(seed=3).seed == 3 and q.train(seed=3).lr == q.lr
     with pytest.raises(SefusionError, match="unknown budget 'fast'; available: quick, full"):
         get_budget("fast")
+    assert q.eval_precision == "fp32" and f.eval_precision == "bf16"
+    with pytest.raises(SefusionError, match="eval_precision must be one of fp32, bf16"):
+        BUDGETS["quick"].__class__(**{**q.__dict__, "eval_precision": "int8"})
 
 
 def test_package_names_are_the_functions_not_submodules() -> None:

@@ -67,6 +67,7 @@ class FakeModels:
             self.deltas[t] = d
         self.calls = {"finetune": 0, "evaluate": 0}
         self.evaluated_splits = []
+        self.precisions = set()
 
     def default_base(self):
         return self.root / "base"
@@ -76,7 +77,10 @@ class FakeModels:
 
     def get_budget(self, name):
         return SimpleNamespace(
-            name=name, sizes={"train": 8}, train=lambda seed=0: TrainConfig(steps=3, seed=seed)
+            name=name,
+            sizes={"train": 8},
+            train=lambda seed=0: TrainConfig(steps=3, seed=seed),
+            eval_precision="fp32",
         )
 
     def _write(self, name, state, key):
@@ -121,8 +125,9 @@ class FakeModels:
                 else bodies[0][k] for k in bodies[0]}  # fmt: skip
         return body, [dict(h) for h in heads]
 
-    def evaluate(self, body, heads, data, split, spec, *, base, max_length=128):
+    def evaluate(self, body, heads, data, split, spec, *, base, max_length=128, precision="fp32"):
         self.calls["evaluate"] += 1
+        self.precisions.add(precision)
         self.evaluated_splits.append(split)
         t = data.task
         dist = 0.0
@@ -247,6 +252,24 @@ def test_resume_after_an_interrupt(tmp_path):
     run_study(StudyConfig(scenario=_config(tmp_path).scenario, out=tmp_path / "r2", quiet=True), models=full,
               tasks_api=FakeTasks())  # fmt: skip
     assert models.calls["evaluate"] - before == full.calls["evaluate"] - 39
+
+
+def test_eval_precision_reaches_every_scoring_pass_and_keys_its_own_records(tmp_path):
+    models = FakeModels(tmp_path / "models")
+    fp32 = run_study(_config(tmp_path), models=models, tasks_api=FakeTasks())
+    assert models.precisions == {"fp32"} and fp32["eval_precision"] == "fp32"
+    n = models.calls["evaluate"]
+    models.precisions.clear()
+    bf16 = run_study(
+        _config(tmp_path, overwrite=True, eval_precision="bf16"), models=models, tasks_api=FakeTasks()
+    )
+    assert models.precisions == {"bf16"} and bf16["eval_precision"] == "bf16"
+    assert models.calls["evaluate"] == 2 * n  # bf16 scores are not read from the fp32 records
+    assert "scoring in bf16" in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(StudyError, match="eval_precision"):
+        run_study(
+            _config(tmp_path, overwrite=True, eval_precision="fp8"), models=models, tasks_api=FakeTasks()
+        )
 
 
 def test_existing_output_is_refused(tmp_path):

@@ -290,6 +290,10 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None, help="comma-separated fusion methods (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--eval-precision", choices=("fp32", "bf16"), default=None,
+        help="precision of the scoring passes (default: the budget's; quick fp32, full bf16 autocast)",
+    )  # fmt: skip
+    p.add_argument(
         "--dir", action="append", default=[], dest="dirs", metavar="LANG=PATH",
         help="a source tree or JSONL data set for LANG (repeatable)",
     )  # fmt: skip
@@ -309,6 +313,7 @@ def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite:
     return StudyConfig(
         scenario=scenario, out=out, budget=args.budget, base=args.base, cache=args.cache, seed=args.seed,
         methods=methods, overwrite=overwrite, quiet=args.quiet, dirs=dirs,
+        eval_precision=getattr(args, "eval_precision", None),
     )  # fmt: skip
 
 

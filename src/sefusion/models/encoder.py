@@ -217,19 +217,27 @@ class Encoder:
 
     def pool(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Mean-pooled embeddings (B, hidden) of a collated batch (with autograd when enabled)."""
-        hidden = self.model(**batch).last_hidden_state  # (B, L, H)
+        hidden = self.model(**batch).last_hidden_state.float()  # (B, L, H); pooled in f32 under autocast
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
     def encode_items(
-        self, items: Sequence[Mapping[str, list[int]]], batch_size: int = 64, *, progress: str | None = None
+        self,
+        items: Sequence[Mapping[str, list[int]]],
+        batch_size: int = 64,
+        *,
+        progress: str | None = None,
+        precision: str = "fp32",
     ) -> Tensor:
         """Embed pre-tokenized items in eval mode, longest first (less padding); returns (N, hidden).
 
-        `progress`: a description to show a progress bar with (None: no bar).
+        `progress`: a description to show a progress bar with (None: no bar). `precision`: "fp32", or
+        "bf16" to run the body under bf16 autocast (the pooled embeddings are returned in float32).
         """
         if batch_size < 1:
             raise SefusionError(f"batch_size must be >= 1, got {batch_size}")
+        if precision not in ("fp32", "bf16"):
+            raise SefusionError(f"precision must be fp32 or bf16, got '{precision}'")
         n = len(items)
         out = torch.empty(n, self.hidden_size)
         if n == 0:
@@ -243,7 +251,8 @@ class Encoder:
             starts = tqdm(
                 range(0, n, batch_size), desc=progress, disable=progress is None, unit="batch", leave=False
             )
-            with torch.inference_mode():
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+            with torch.inference_mode(), autocast:
                 for s in starts:
                     idx = order[s : s + batch_size]
                     out[idx] = self.pool(self.collate([items[i] for i in idx])).float().cpu()
@@ -258,6 +267,8 @@ class Encoder:
         batch_size: int = 64,
         *,
         max_length: int = 128,
+        precision: str = "fp32",
     ) -> Tensor:
         """Embeddings (N, hidden) of texts, or of (text, pair) joint sequences, mean-pooled, in input order."""
-        return self.encode_items(self.tokenize(texts, text_pairs, max_length=max_length), batch_size)
+        items = self.tokenize(texts, text_pairs, max_length=max_length)
+        return self.encode_items(items, batch_size, precision=precision)

@@ -77,6 +77,7 @@ def predict(
     *,
     batch_size: int = 64,
     max_length: int = 128,
+    precision: str = "fp32",
 ) -> list[int]:
     """Predicted class index per example (text, or text + text_pair as one sequence)."""
     pairs = [ex.text_pair for ex in examples]
@@ -88,19 +89,26 @@ def predict(
         [str(p) for p in pairs] if all(has_pair) else None,
         batch_size,
         max_length=max_length,
+        precision=precision,
     )
     return classify_logits(emb, weight.float(), bias.float()).argmax(-1).tolist()
 
 
 def retrieval_similarity(
-    encoder: Encoder, examples: Sequence[Example], *, batch_size: int = 64, max_length: int = 128
+    encoder: Encoder,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+    precision: str = "fp32",
 ) -> Tensor:
     """(Q, P) cosine similarity of each query (``text``) to each candidate (``text_pair``) of the pool."""
     for i, ex in enumerate(examples):
         if ex.text_pair is None:
             raise SefusionError(f"retrieval example {i} has no text_pair (the candidate code)")
-    q = encoder.encode([ex.text for ex in examples], None, batch_size, max_length=max_length)
-    c = encoder.encode([str(ex.text_pair) for ex in examples], None, batch_size, max_length=max_length)
+    kw = {"max_length": max_length, "precision": precision}
+    q = encoder.encode([ex.text for ex in examples], None, batch_size, **kw)
+    c = encoder.encode([str(ex.text_pair) for ex in examples], None, batch_size, **kw)
     return cosine_matrix(q, c)
 
 
@@ -125,11 +133,13 @@ def evaluate(
     batch_size: int = 64,
     max_length: int = 128,
     encoder: Encoder | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Score `body` (+ the task's head from `heads`) on `split` of `data`: {"score", "per_kind", "n"}.
 
     `body` uses the checkpoint names of `base` (``head.*`` entries and tensors the encoder does not
     use are ignored); the encoder comes from `base` (config, tokenizer) unless one is passed.
+    `precision`: "fp32", or "bf16" autocast for the body's forward passes (`Encoder.encode_items`).
     """
     from ..tasks.base import score
 
@@ -137,6 +147,7 @@ def evaluate(
     examples = split_examples(data, split)
     enc = encoder if encoder is not None else get_encoder(base)
     enc.load_body_state(body)
+    kw = {"batch_size": batch_size, "max_length": max_length, "precision": precision}
     if kind == CLASSIFY:
         w, b = get_head(heads, data.task)
         n = num_labels(data, spec)
@@ -144,8 +155,8 @@ def evaluate(
             raise SefusionError(
                 f"head of task '{data.task}' has {w.shape[0]} outputs but the task has {n} labels"
             )
-        pred = predict(enc, examples, w, b, batch_size=batch_size, max_length=max_length)
+        pred = predict(enc, examples, w, b, **kw)
     else:
-        pred = retrieval_similarity(enc, examples, batch_size=batch_size, max_length=max_length)
+        pred = retrieval_similarity(enc, examples, **kw)
     res = score(spec, pred, examples)
     return {"score": float(res["score"]), "per_kind": dict(res.get("per_kind") or {}), "n": int(res["n"])}

@@ -66,7 +66,13 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         f"{results.get('description', '')}",
         "",
         f"- base: `{results['base']}` (sha256 {results.get('base_sha256', '')[:16]}…)",
-        f"- budget: `{results['budget']}`, seed {results['seed']}, sefusion {__version__}",
+        f"- budget: `{results['budget']}`, seed {results['seed']}, sefusion {__version__}; scoring in "
+        f"{results.get('eval_precision', 'fp32')}"
+        + (
+            " (torch autocast; embeddings pooled in float32)"
+            if results.get("eval_precision") == "bf16"
+            else ""
+        ),
         f"- wall time: {results.get('wall_s', 0):.0f} s "
         + "("
         + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("timings_s", {}).items())

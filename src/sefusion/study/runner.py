@@ -49,6 +49,7 @@ class StudyConfig:
     overwrite: bool = False
     quiet: bool = False
     dirs: Mapping[str, Path] = field(default_factory=dict)
+    eval_precision: str | None = None  # None: the budget's (models.Budget.eval_precision)
 
 
 # ----------------------------------------------------------------------------------------- records
@@ -286,6 +287,9 @@ class Study:
         cache = Path(cfg.cache) if cfg.cache else m.default_cache()
         budget = m.get_budget(cfg.budget) if isinstance(cfg.budget, str) else cfg.budget
         self.budget_name = budget.name
+        self.precision = cfg.eval_precision or budget.eval_precision
+        if self.precision not in ("fp32", "bf16"):
+            raise StudyError(f"eval_precision must be fp32 or bf16, got '{self.precision}'")
         specs = {t: tk.get_task(t)[0] for t in self.tasks}
 
         self._progress(
@@ -311,9 +315,16 @@ class Study:
         expert_keys = {
             t: json.loads((experts[t] / "train.json").read_text()).get("key", "") for t in self.tasks
         }
-        records_key = _fingerprint(
-            {"base": str(base), "experts": expert_keys, "budget": budget.name, "seed": cfg.seed, "v": 1}
-        )
+        key_parts = {
+            "base": str(base),
+            "experts": expert_keys,
+            "budget": budget.name,
+            "seed": cfg.seed,
+            "v": 1,
+        }
+        if self.precision != "fp32":  # fp32 runs keep the keys they had before the option existed
+            key_parts["precision"] = self.precision
+        records_key = _fingerprint(key_parts)
         self.records = EvalRecords(cache / "study" / f"{cfg.scenario.name}-{records_key}.jsonl")
 
         base_state = load_state(base)
@@ -442,6 +453,7 @@ class Study:
             },
             "magnitudes": mags,
             "train_config": _jsonable(train_cfg),
+            "eval_precision": self.precision,
             "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
             "wall_s": round(time.perf_counter() - t_start, 1),
         }
@@ -465,8 +477,9 @@ class Study:
                 return hit
             t0 = time.perf_counter()
             res = self.models.evaluate(
-                body, head, data[task], split, specs[task], base=base, max_length=max_length
-            )
+                body, head, data[task], split, specs[task], base=base, max_length=max_length,
+                precision=self.precision,
+            )  # fmt: skip
             res = {k: v for k, v in dict(res).items() if k in ("score", "per_kind", "n")}
             self.timings["evaluation"] = self.timings.get("evaluation", 0.0) + time.perf_counter() - t0
             self.records.put(key, res)
