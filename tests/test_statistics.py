@@ -222,8 +222,45 @@ def test_pleas_of_a_model_with_itself_gives_it_back(tiny):
     for h in out_heads:
         for k, v in heads.items():
             torch.testing.assert_close(h[k], v)
-    with pytest.raises(StatisticsError, match="budget must be 1.0"):
-        pleas_fuse(base, [body, body], [heads, heads], [data, data], examples=6, budget=0.5)
+
+
+def test_pleas_budget_below_one_widens_the_ffn_and_keeps_the_outputs(tiny):
+    """budget 0.5 keeps both models' least-matched half of each FFN: a wider FFN, which the evaluation
+    builds an encoder for (`encoder_for`), and which still computes the model's embeddings."""
+    import math
+
+    from sefusion.errors import RecipeError
+    from sefusion.models.evaluation import encoder_for, evaluate, get_encoder, load_model
+    from sefusion.tasks.base import get_task
+
+    _, base, expert = tiny
+    body, heads = load_model(expert)
+    data = _data()
+    merged, out_heads = pleas_fuse(
+        base, [body, body], [heads, heads], [data, data], examples=6, max_length=64, budget=0.5
+    )
+    ffn = [n for n in body if n.endswith("intermediate.dense.weight")]
+    assert ffn
+    for n in ffn:
+        width, k = body[n].shape[0], math.ceil(0.5 * body[n].shape[0])
+        assert merged[n].shape == (k + 2 * (width - k), body[n].shape[1])
+        out = n.replace("intermediate.dense", "output.dense")
+        assert merged[out].shape == (body[out].shape[0], k + 2 * (width - k))
+    wide = encoder_for(base, merged)
+    assert wide is not get_encoder(base) and wide is encoder_for(base, merged)  # built once, then reused
+    assert encoder_for(base, body) is get_encoder(base)
+    texts = [q for q, _ in TEXTS]
+    narrow = get_encoder(base)
+    narrow.load_body_state(body)
+    want = narrow.encode(texts, max_length=64)
+    wide.load_body_state(merged)
+    torch.testing.assert_close(wide.encode(texts, max_length=64), want, rtol=1e-3, atol=1e-4)
+    spec = get_task(CLS)[0]
+    assert evaluate(merged, out_heads[0], data, "test", spec, base=base) == evaluate(
+        body, heads, data, "test", spec, base=base
+    )
+    with pytest.raises(RecipeError, match="budget must be in"):
+        pleas_fuse(base, [body, body], [heads, heads], [data, data], examples=6, budget=0.0)
 
 
 def test_stats_data_sample_is_seeded_and_sorted():

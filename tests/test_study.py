@@ -438,8 +438,16 @@ def test_pair_scenario_has_a_pleas_row(tmp_path):
                       methods=("linear", "pleas"))  # fmt: skip
     results = run_study(cfg, models=models, tasks_api=FakeTasks())
     assert [r["method"] for r in results["rows"]][-2:] == ["linear", "pleas"]
-    assert models.calls["pleas"] == 2  # one candidate on validation, once more for test
+    assert models.calls["pleas"] == 2 + len(grids.PLEAS_BUDGETS)  # validation, test, then the curve
     assert results["skipped"] == {}
+    curve = results["pleas_budgets"]
+    assert [c["budget"] for c in curve] == [1.0, *grids.PLEAS_BUDGETS] == [1.0, 0.75, 0.5]
+    row = next(r for r in results["rows"] if r["method"] == "pleas")
+    assert curve[0]["test"] == row["test"] and curve[0]["size_vs_budget_1"] == 1.0
+    for c in curve[1:]:
+        assert set(c["validation"]) == set(c["test"]) == {"alpha-python", "beta-python"}
+        assert c["params"] == {"budget": c["budget"], "examples": grids.stats_examples("quick")}
+    assert "PLeaS: merged size against score" in (tmp_path / "report" / "report.md").read_text()
     assert resolve("pair").tasks == ("consistency-python", "naming-python")
 
 

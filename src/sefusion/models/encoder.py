@@ -95,8 +95,14 @@ class Encoder:
         self.hidden_size = int(model.config.hidden_size)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Encoder:
-        """Load any Hugging Face encoder folder (config.json + weights + tokenizer files)."""
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", *, intermediate_size: int | None = None
+    ) -> Encoder:
+        """Load any Hugging Face encoder folder (config.json + weights + tokenizer files).
+
+        `intermediate_size`: build the folder's architecture with a wider (or narrower) FFN instead, its
+        weights left for `load_body_state` (PLeaS with budget < 1 keeps both models' least-matched units).
+        """
         import transformers
         from transformers import AutoModel, AutoTokenizer
 
@@ -111,7 +117,16 @@ class Encoder:
         transformers.logging.set_verbosity_error()  # "some weights were not used" is expected for *ForX files
         transformers.utils.logging.disable_progress_bar()  # one bar per load is noise in a study
         try:
-            model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+            if intermediate_size is None:
+                model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+            else:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(str(path))
+                if not hasattr(config, "intermediate_size"):
+                    raise ValueError(f"{type(config).__name__} has no intermediate_size to change")
+                config.intermediate_size = int(intermediate_size)
+                model = AutoModel.from_config(config, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot load the encoder in {path}: {exc}") from None

@@ -28,15 +28,31 @@ from .heads import CLASSIFY, classify_logits, cosine_matrix, get_head, head_kind
 if TYPE_CHECKING:
     from ..tasks.base import Example, TaskData, TaskSpec
 
-_ENCODERS: dict[tuple[str, str], Encoder] = {}
+_ENCODERS: dict[tuple[str, str, int | None], Encoder] = {}
 
 
-def get_encoder(base: str | Path, device: str = "cpu") -> Encoder:
-    """The in-memory Encoder of `base` (built once per process and folder, then reused)."""
-    key = (str(Path(base).resolve()), str(device))
+def get_encoder(base: str | Path, device: str = "cpu", *, intermediate_size: int | None = None) -> Encoder:
+    """The in-memory Encoder of `base` (built once per process, folder and FFN width, then reused);
+    `intermediate_size` other than None: the base's architecture with that FFN width."""
+    key = (str(Path(base).resolve()), str(device), intermediate_size)
     enc = _ENCODERS.get(key)
     if enc is None:
-        enc = _ENCODERS[key] = Encoder.from_pretrained(base, device=device)
+        enc = _ENCODERS[key] = Encoder.from_pretrained(
+            base, device=device, intermediate_size=intermediate_size
+        )
+    return enc
+
+
+def encoder_for(base: str | Path, body: Mapping[str, Tensor], device: str = "cpu") -> Encoder:
+    """The Encoder that `body` fits: the base's, or the base's architecture with the FFN width of `body`
+    when its FFN tensors are wider (a PLeaS merge with budget < 1)."""
+    enc = get_encoder(base, device)
+    for name, key in enc.name_map.items():
+        if name.endswith("intermediate.dense.weight") and name in body:
+            width = int(body[name].shape[0])
+            if width != int(enc._tensor(key).shape[0]):
+                return get_encoder(base, device, intermediate_size=width)
+            break  # any other mismatch: load_body_state names it
     return enc
 
 
@@ -145,7 +161,7 @@ def evaluate(
 
     kind = head_kind(spec, data.task, num_labels(data, spec))
     examples = split_examples(data, split)
-    enc = encoder if encoder is not None else get_encoder(base)
+    enc = encoder if encoder is not None else encoder_for(base, body)
     enc.load_body_state(body)
     kw = {"batch_size": batch_size, "max_length": max_length, "precision": precision}
     if kind == CLASSIFY:

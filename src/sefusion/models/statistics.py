@@ -409,15 +409,13 @@ def pleas_fuse(
     Both bodies run on the same `examples` train examples (half from each task), their hidden units are
     matched and every layer is fit by least squares (`sefusion.methods.pleas.merge_encoders`). The merged
     residual stream is in model A's unit order, so A's head is kept and B's reads B's units through the
-    matching (`EncoderMerge.head_input`). `budget` < 1 widens the FFN, which the base's config does not
-    describe; it is refused here (use the method's Python API for wider models).
+    matching (`EncoderMerge.head_input`). `budget` < 1 keeps both models' least-matched FFN units: the
+    body's FFN is wider than the base's (`evaluation.encoder_for` builds the encoder it fits).
     """
     from ..methods.pleas import check_pair, encoder_activation_keys, merge_encoders
     from .evaluation import get_encoder
 
     check_pair(len(bodies))
-    if budget != 1.0:
-        raise StatisticsError("pleas in the study keeps the base's width: budget must be 1.0")
     enc = get_encoder(base)
     items = pleas_items(enc, datas, examples, seed=seed, max_length=max_length)
     names = list(bodies[0])

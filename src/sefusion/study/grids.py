@@ -31,6 +31,9 @@ PER_TASK = frozenset({"tall_masks", "scaling_masks"})
 # methods that read each expert's statistics on its own train data (METHODS.md, "Data-aware methods")
 DATA_AWARE = frozenset({"fisher", "regmean", "pleas"})
 PAIR_ONLY = frozenset({"pleas"})  # two models: a row only in two-task scenarios
+# PLeaS budgets below the row's 1.0, reported as a size/score curve beside the row (the paper's trade-off:
+# budget b keeps the FFN's (1 - b) least-matched units of both models, an FFN (2 - b) times as wide)
+PLEAS_BUDGETS = (0.75, 0.5)
 
 _LAMBDA_FULL = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0
 _LAMBDA_QUICK = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -74,7 +77,7 @@ def grid(method: str, budget: str) -> list[dict[str, Any]]:
     if method == "regmean":
         return [{"alpha": 0.95}]
     if method == "pleas":
-        return [{"budget": 1.0}]  # < 1 widens the FFN: a model the base's config no longer describes
+        return [{"budget": 1.0}]  # the base's size, like every other row; < 1: PLEAS_BUDGETS
     raise KeyError(method)
 
 

@@ -136,6 +136,20 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         )
     for method, why in (results.get("skipped") or {}).items():
         L.append(f"\n- `{method}` not run: {why}.")
+    curve = results.get("pleas_budgets") or []
+    if curve:
+        L += ["", "### PLeaS: merged size against score (budget)", ""]
+        L.append(
+            "Budget b merges the best-matched share b of each FFN's units and keeps the rest of *both* models "
+            "side by side (a wider FFN); residual stream and heads are always merged. Every budget is scored "
+            "on validation and test; none is selected."
+        )
+        L.append("")
+        L += _table(
+            ["budget", *tasks, "avg norm.", "bytes", "size vs b=1"],
+            [[c["budget"], *(c["normalized"][t] for t in tasks), c["avg_normalized"], _mb(c["storage_bytes"]),
+              c["size_vs_budget_1"]] for c in curve],
+        )  # fmt: skip
 
     by = {r["method"]: r for r in results["rows"]}
     if "tall_masks" in by and "scaling_masks" in by:

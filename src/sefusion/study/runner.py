@@ -415,6 +415,10 @@ class Study:
             row = self._timed(method, lambda method=method: self._fusion_row(
                 method, base_body, expert_list, heads, ref_val, ref_test, evaluate, extras))  # fmt: skip
             rows.append(row)
+        pleas_budgets = []
+        if "pleas" in methods and "pleas" not in skipped:
+            pleas_budgets = self._timed("pleas", lambda: self._pleas_budgets(
+                rows, expert_list, heads, ref_test, evaluate))  # fmt: skip
 
         mags = magnitudes(base_body, bodies)
         results = {
@@ -445,6 +449,7 @@ class Study:
             "rows": rows,
             "masks": extras,
             "skipped": skipped,
+            "pleas_budgets": pleas_budgets,
             "statistics": {
                 "examples": self.stats_examples,
                 "split": "train",
@@ -557,6 +562,38 @@ class Study:
         )
         row["grid"] = [{"params": c, "validation": s} for c, s in zip(candidates, val_scores, strict=True)]
         return row
+
+    def _pleas_budgets(self, rows, experts, heads, ref_test, evaluate) -> list[dict[str, Any]]:
+        """PLeaS's size/score trade-off (the paper's budget curve): the row's budget 1.0 and each of
+        grids.PLEAS_BUDGETS, every one scored on validation and test (a curve, nothing selected)."""
+        tasks, cfg = self.tasks, self.cfg
+        base, datas, max_length = self.pair_inputs
+        row = next(r for r in rows if r["method"] == "pleas")
+        base_params = None
+        out = []
+        for b in (1.0, *grids.PLEAS_BUDGETS):
+            if b == 1.0:
+                val, test, storage = row["validation"], row["test"], row["storage_bytes"]
+                params = row["params"]
+            else:
+                params = {"budget": b, "examples": self.stats_examples}
+                self._progress(f"pleas budget {b}")
+                body, pair_heads = self.models.pleas_fuse(
+                    base, experts, [heads[t] for t in tasks], datas, examples=params["examples"],
+                    budget=b, seed=cfg.seed, max_length=max_length)  # fmt: skip
+                cand = dict(zip(tasks, pair_heads, strict=True))
+                val = {t: evaluate("pleas", params, t, "validation", body, cand[t])["score"] for t in tasks}
+                test = {t: evaluate("pleas", params, t, "test", body, cand[t])["score"] for t in tasks}
+                storage = storage_bytes("pleas", body, cand)
+            normalized = grids.normalize(test, ref_test)
+            if base_params is None:
+                base_params = storage
+            out.append({
+                "budget": b, "params": params, "validation": val, "test": test, "normalized": normalized,
+                "avg_normalized": grids.avg(list(normalized.values())), "storage_bytes": storage,
+                "size_vs_budget_1": storage / base_params if base_params else float("nan"),
+            })  # fmt: skip
+        return out
 
 
 def _jsonable(obj: Any) -> Any:
