@@ -462,5 +462,12 @@ def test_summary_puts_scenarios_side_by_side(study, capsys):
     line = next(x for x in out.splitlines() if x.startswith("| ties |"))
     assert f"{ties['avg_normalized']:.3f}" in line and f"{min(ties['normalized'].values()):.3f}" in line
     assert "alpha-python" in out and "chance" in out
+    deg = next(x for x in out.splitlines() if x.startswith("| ties |") and "/" in x)
+    assert deg.count(f"{sum(v < 0.9 for v in ties['normalized'].values())}/{len(TASKS)}") == 2
+    mags = results["magnitudes"]["tasks"]
+    weakest = min(mags, key=lambda t: mags[t]["relative"])
+    tall = next(r for r in results["rows"] if r["method"] == "tall_masks")
+    line = next(x for x in out.splitlines() if f"{weakest} (weakest)" in x)
+    assert f"{tall['normalized'][weakest]:.3f}" in line
     assert main(["summary", str(tmp / "nothing-here")]) == 2
     assert "cannot read" in capsys.readouterr().err

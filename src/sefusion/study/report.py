@@ -255,10 +255,14 @@ def plot(results: Mapping[str, Any], out: Path) -> list[str]:
     return files
 
 
+DEGRADED = 0.9  # a task "degrades" under fusion when it keeps less than this share of its expert's score
+
+
 def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
     """Several scenarios side by side: per method, the average normalized test score and the worst task's
-    normalized score in each scenario; then each scenario's experts against chance. Read from the
-    results, as the reports are."""
+    normalized score in each scenario; how many tasks each method degrades (normalized < DEGRADED);
+    TALL-Masks against Scaling-Masks on each scenario's weakest task vector; each scenario's experts
+    against chance. Read from the results, as the reports are."""
     methods: list[str] = []
     for res in runs:
         for r in res["rows"]:
@@ -275,6 +279,35 @@ def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
     L = ["Normalized test score (fused / the task's own expert), averaged over the scenario's tasks, and",
          "that of its worst task (– : not run in that scenario).", ""]  # fmt: skip
     L += _table(header, rows)
+    L += [
+        "",
+        f"Tasks that keep less than {DEGRADED:.0%} of their expert's test score (degraded / tasks):",
+        "",
+    ]
+    deg_rows = []
+    for m in methods:
+        cells = []
+        for res in runs:
+            r = next((r for r in res["rows"] if r["method"] == m), None)
+            vals = list(r["normalized"].values()) if r and r["normalized"] else []
+            cells.append(f"{sum(v < DEGRADED for v in vals)}/{len(vals)}" if vals else None)
+        deg_rows.append([m, *cells])
+    L += _table(["method", *names], deg_rows)
+    weak_rows = []
+    for res in runs:
+        by = {r["method"]: r for r in res["rows"]}
+        mags = (res.get("magnitudes") or {}).get("tasks") or {}
+        if "tall_masks" not in by or "scaling_masks" not in by or not mags:
+            continue
+        order = sorted(mags, key=lambda t: mags[t]["relative"])
+        weakest, strongest = order[0], order[-1]
+        for t, which in ((weakest, "weakest"), (strongest, "strongest")):
+            weak_rows.append([res["scenario"], f"{t} ({which})", mags[t]["relative"],
+                              by["tall_masks"]["normalized"][t], by["scaling_masks"]["normalized"][t]])  # fmt: skip
+    if weak_rows:
+        L += ["", "TALL-Masks and Scaling-Masks on each scenario's weakest and strongest task vector "
+                  "(‖τ_t‖/‖θ0‖ of the body; normalized test scores):", ""]  # fmt: skip
+        L += _table(["scenario", "task", "‖τ_t‖/‖θ0‖", "tall_masks", "scaling_masks"], weak_rows)
     L += ["", "Experts (test score, chance level):", ""]
     for res in runs:
         cells = ", ".join(
