@@ -48,6 +48,7 @@ def test_every_row_on_real_tasks(study):
         assert e["metric"] == ("mrr" if t.startswith("search") else "accuracy")
         assert 0 < e["chance"] < 1
         assert results["data"][t]["sizes"]["test"] > 0
+        assert e["train"]["base_sha256"] == results["base_sha256"]  # one hash of the base everywhere
     for r in results["rows"]:
         for t in TASKS:
             assert 0.0 <= r["test"][t] <= 1.0

@@ -467,10 +467,10 @@ class Study:
     # -------------------------------------------------------------- pieces
     @staticmethod
     def _base_hash(base: Path) -> str:
-        from ..io import file_sha256
+        """sha256 of every weight file of the base: the hash its experts' train.json record."""
+        from ..models.train import base_sha256
 
-        files = sorted(Path(base).glob("*.safetensors"))
-        return file_sha256(files[0]) if files else ""
+        return base_sha256(base)
 
     def _evaluator(self, base: Path, data: Mapping[str, Any], specs: Mapping[str, Any], max_length: int):
         def evaluate(
