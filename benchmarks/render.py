@@ -333,7 +333,9 @@ def _supplement(data: dict, source: str) -> list[str]:
     return out
 
 
-def render(data: dict, source: str = "", supplements: list[tuple[str, dict]] = ()) -> str:
+def render(
+    data: dict, source: str = "", supplements: list[tuple[str, dict]] = (), notes: str = "", notes_source: str = ""
+) -> str:
     machine, versions, settings = data["machine"], data["versions"], data["settings"]
     out = [
         "# Benchmarks: sefusion vs mergekit 0.1.5",
@@ -422,6 +424,9 @@ def render(data: dict, source: str = "", supplements: list[tuple[str, dict]] = (
 
     for sup_source, sup in supplements:
         out += _supplement(sup, sup_source)
+    if notes.strip():
+        out += [f"## Engineering notes (`{notes_source}`: single-process measurements, not side by side)", ""]
+        out += [notes.strip(), ""]
 
     expectations = {}
     for g in data["groups"]:
@@ -516,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--supplement", type=Path, action="append", default=[], help="a later partial run's JSON (repeatable)"
     )
+    p.add_argument(
+        "--notes", type=Path, default=REPO / "benchmarks" / "NOTES.md",
+        help="markdown appended as engineering notes (default benchmarks/NOTES.md, if it exists)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     path = (a.results or newest_result()).resolve()
 
@@ -526,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
             return str(p)
 
     sups = [(rel(s), json.loads(s.read_text())) for s in a.supplement]
-    text = render(json.loads(path.read_text()), rel(path), sups)
+    notes = a.notes.read_text() if a.notes.is_file() else ""
+    text = render(json.loads(path.read_text()), rel(path), sups, notes, rel(a.notes))
     a.output.write_text(text)
     print(f"wrote {a.output}")
     return 0
