@@ -98,3 +98,23 @@ def test_cli_study_refuses_an_existing_folder_and_a_bad_scenario(study, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["study", "no-such-scenario", "--out", str(cfg.out.parent / "x")]) == 2
     assert "available: languages, same-category, cross-category" in capsys.readouterr().err
+
+
+def test_cli_study_eval_precision_flag(monkeypatch, tmp_path, capsys):
+    """--eval-precision reaches the StudyConfig; a value other than fp32/bf16 is refused by argparse."""
+    import sefusion.study as study_pkg
+
+    seen = {}
+
+    def fake_run(cfg):
+        seen["precision"] = cfg.eval_precision
+        raise study_pkg.StudyError("stop here")
+
+    monkeypatch.setattr(study_pkg, "run_study", fake_run)
+    assert main(["study", "pair", "--out", str(tmp_path / "o"), "--eval-precision", "bf16"]) == 2
+    assert seen["precision"] == "bf16" and "stop here" in capsys.readouterr().err
+    assert main(["study", "pair", "--out", str(tmp_path / "o")]) == 2
+    assert seen["precision"] is None  # the budget's own
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "pair", "--out", str(tmp_path / "o"), "--eval-precision", "fp16"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
