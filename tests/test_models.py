@@ -7,6 +7,7 @@ files; task data is built by hand (tasks.base records; a stand-in spec with head
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -311,6 +312,37 @@ def test_expert_learns_and_is_cached(tiny_base: Path, tmp_path: Path) -> None:
     assert other != out
 
 
+def test_bf16_training_learns_runs_under_autocast_and_is_keyed_apart(tiny_base: Path, tmp_path: Path) -> None:
+    data = toy_classify("toy")
+    bf16 = FAST.replace(precision="bf16")
+    seen: list[torch.dtype] = []
+    import sefusion.models.encoder as enc_mod
+
+    real_pool = enc_mod.Encoder.pool
+
+    def spy(self: Any, batch: Any) -> torch.Tensor:
+        # the dtype a matmul gets inside the pool call: bf16 only under an active CPU autocast
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return real_pool(self, batch)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(enc_mod.Encoder, "pool", spy)
+        out = finetune(tiny_base, [data], [CLS2], bf16, tmp_path, quiet=True)
+    assert seen and set(seen) == {torch.bfloat16}
+    info = read_train_info(out)
+    assert info["config"]["precision"] == "bf16"
+    losses = info["losses"]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    body, heads = load_model(out)
+    assert all(t.dtype == torch.float32 for t in body.values())  # master weights stay float32
+    assert evaluate(body, heads, data, "validation", CLS2, base=tiny_base)["score"] >= 0.9
+    fp32 = finetune(tiny_base, [data], [CLS2], FAST, tmp_path, quiet=True)
+    assert fp32 != out and "precision" not in read_train_info(fp32)["config"]  # fp32 keys as before
+    with pytest.raises(SefusionError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        FAST.replace(precision="fp16")
+
+
 def _heads(n: int) -> dict[str, torch.Tensor]:
     w, b = head_names("toy")
     return {w: torch.zeros(n, 32), b: torch.zeros(n)}
@@ -442,6 +474,9 @@ def test_budgets() -> None:
     with pytest.raises(SefusionError, match="unknown budget 'fast'; available: quick, full"):
         get_budget("fast")
     assert q.eval_precision == "fp32" and f.eval_precision == "bf16"
+    assert q.train().precision == "fp32" and f.train().precision == "bf16"
+    with pytest.raises(SefusionError, match="train_precision must be one of fp32, bf16"):
+        BUDGETS["quick"].__class__(**{**q.__dict__, "train_precision": "fp16"})
     with pytest.raises(SefusionError, match="eval_precision must be one of fp32, bf16"):
         BUDGETS["quick"].__class__(**{**q.__dict__, "eval_precision": "int8"})
 

@@ -68,6 +68,7 @@ class FakeModels:
         self.calls = {"finetune": 0, "evaluate": 0}
         self.evaluated_splits = []
         self.precisions = set()
+        self.train_precisions = set()
 
     def default_base(self):
         return self.root / "base"
@@ -79,8 +80,9 @@ class FakeModels:
         return SimpleNamespace(
             name=name,
             sizes={"train": 8},
-            train=lambda seed=0: TrainConfig(steps=3, seed=seed),
+            train=lambda seed=0, precision="fp32": TrainConfig(steps=3, seed=seed, precision=precision),
             eval_precision="fp32",
+            train_precision="fp32",
         )
 
     def _write(self, name, state, key):
@@ -93,6 +95,7 @@ class FakeModels:
 
     def finetune(self, base, datas, specs, cfg, cache, quiet=False):
         self.calls["finetune"] += 1
+        self.train_precisions.add(cfg.precision)
         tasks = [d.task for d in datas]
         state = {k: v.clone() for k, v in self.base.items()}
         for t in tasks:
@@ -269,6 +272,23 @@ def test_eval_precision_reaches_every_scoring_pass_and_keys_its_own_records(tmp_
     with pytest.raises(StudyError, match="eval_precision"):
         run_study(
             _config(tmp_path, overwrite=True, eval_precision="fp8"), models=models, tasks_api=FakeTasks()
+        )
+
+
+def test_train_precision_reaches_every_finetune_and_the_report(tmp_path):
+    models = FakeModels(tmp_path / "models")
+    fp32 = run_study(_config(tmp_path), models=models, tasks_api=FakeTasks())
+    assert models.train_precisions == {"fp32"} and fp32["train_precision"] == "fp32"
+    models.train_precisions.clear()
+    bf16 = run_study(
+        _config(tmp_path, overwrite=True, train_precision="bf16"), models=models, tasks_api=FakeTasks()
+    )
+    assert models.train_precisions == {"bf16"} and bf16["train_precision"] == "bf16"
+    assert bf16["train_config"]["precision"] == "bf16"
+    assert "training in bf16" in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(StudyError, match="train_precision must be fp32 or bf16, got 'fp8'"):
+        run_study(
+            _config(tmp_path, overwrite=True, train_precision="fp8"), models=models, tasks_api=FakeTasks()
         )
 
 

@@ -294,6 +294,10 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
         help="precision of the scoring passes (default: the budget's; quick fp32, full bf16 autocast)",
     )  # fmt: skip
     p.add_argument(
+        "--train-precision", choices=("fp32", "bf16"), default=None,
+        help="precision of fine-tuning (default: the budget's; quick fp32, full bf16 autocast)",
+    )  # fmt: skip
+    p.add_argument(
         "--dir", action="append", default=[], dest="dirs", metavar="LANG=PATH",
         help="a source tree or JSONL data set for LANG (repeatable)",
     )  # fmt: skip
@@ -314,6 +318,7 @@ def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite:
         scenario=scenario, out=out, budget=args.budget, base=args.base, cache=args.cache, seed=args.seed,
         methods=methods, overwrite=overwrite, quiet=args.quiet, dirs=dirs,
         eval_precision=getattr(args, "eval_precision", None),
+        train_precision=getattr(args, "train_precision", None),
     )  # fmt: skip
 
 

@@ -513,16 +513,20 @@ def _step_loss(
     feats: Mapping[str, Tensor],
     cfg: TrainConfig,
 ) -> Tensor:
+    # bf16: the body runs under autocast; the pooled embeddings, the head and the loss stay float32
+    autocast = torch.autocast(enc.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    def pool(items: Sequence[Mapping[str, list[int]]]) -> Tensor:
+        with autocast:
+            out = enc.pool(enc.collate(items))
+        return out.float()
+
     if r.kind == RETRIEVAL:
         assert r.cands is not None
-        q = enc.pool(enc.collate([r.items[i] for i in idx]))
-        c = enc.pool(enc.collate([r.cands[i] for i in idx]))
+        q = pool([r.items[i] for i in idx])
+        c = pool([r.cands[i] for i in idx])
         return contrastive_loss(q, c, cfg.temperature)
-    pooled = (
-        feats[r.name][idx].to(enc.device)
-        if r.name in feats
-        else enc.pool(enc.collate([r.items[i] for i in idx]))
-    )
+    pooled = feats[r.name][idx].to(enc.device) if r.name in feats else pool([r.items[i] for i in idx])
     w_name, b_name = head_names(r.name)
     logits = classify_logits(pooled, heads[w_name], heads[b_name])
     assert r.labels is not None

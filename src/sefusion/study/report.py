@@ -72,6 +72,12 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
             " (torch autocast; embeddings pooled in float32)"
             if results.get("eval_precision") == "bf16"
             else ""
+        )
+        + f"; training in {results.get('train_precision', 'fp32')}"
+        + (
+            " (torch autocast; float32 weights, gradients and AdamW state)"
+            if results.get("train_precision") == "bf16"
+            else ""
         ),
         f"- wall time: {results.get('wall_s', 0):.0f} s "
         + "("

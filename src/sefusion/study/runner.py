@@ -50,6 +50,7 @@ class StudyConfig:
     quiet: bool = False
     dirs: Mapping[str, Path] = field(default_factory=dict)
     eval_precision: str | None = None  # None: the budget's (models.Budget.eval_precision)
+    train_precision: str | None = None  # None: the budget's (models.Budget.train_precision)
 
 
 # ----------------------------------------------------------------------------------------- records
@@ -304,7 +305,10 @@ class Study:
             sizes = {s: len(v) for s, v in data[t].splits.items()}
             self._progress(f"  {t}: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
 
-        train_cfg = budget.train(seed=cfg.seed)
+        train_precision = cfg.train_precision or budget.train_precision
+        if train_precision not in ("fp32", "bf16"):
+            raise StudyError(f"train_precision must be fp32 or bf16, got '{train_precision}'")
+        train_cfg = budget.train(seed=cfg.seed, precision=train_precision)
         experts = {}
         for t in self.tasks:
             self._progress(f"expert {t}")
@@ -459,6 +463,7 @@ class Study:
             "magnitudes": mags,
             "train_config": _jsonable(train_cfg),
             "eval_precision": self.precision,
+            "train_precision": train_cfg.precision,
             "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
             "wall_s": round(time.perf_counter() - t_start, 1),
         }
