@@ -234,9 +234,10 @@ def plot(results: Mapping[str, Any], out: Path) -> list[str]:
     ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=35, ha="right")
     ax.set_ylabel("normalized test score")
     ax.set_title(f"{results['scenario']}: score / individual expert ({results['budget']} budget)")
-    ax.legend(fontsize=8, ncol=min(3, len(tasks)))
+    # beside the axes: inside, it covers the bars of whichever methods sit under it
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(out / "normalized.png", dpi=110)
+    fig.savefig(out / "normalized.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     files.append("normalized.png")
 
