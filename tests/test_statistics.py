@@ -247,6 +247,7 @@ def test_pleas_budget_below_one_widens_the_ffn_and_keeps_the_outputs(tiny):
         out = n.replace("intermediate.dense", "output.dense")
         assert merged[out].shape == (body[out].shape[0], k + 2 * (width - k))
     wide = encoder_for(base, merged)
+    assert not wide.model.training and not get_encoder(base).model.training  # same mode either way
     assert wide is not get_encoder(base) and wide is encoder_for(base, merged)  # built once, then reused
     assert encoder_for(base, body) is get_encoder(base)
     texts = [q for q, _ in TEXTS]

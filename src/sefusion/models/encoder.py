@@ -126,7 +126,8 @@ class Encoder:
                 if not hasattr(config, "intermediate_size"):
                     raise ValueError(f"{type(config).__name__} has no intermediate_size to change")
                 config.intermediate_size = int(intermediate_size)
-                model = AutoModel.from_config(config, dtype=torch.float32)
+                # from_config leaves the model in training mode (dropout on); from_pretrained does not
+                model = AutoModel.from_config(config, dtype=torch.float32).eval()
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot load the encoder in {path}: {exc}") from None
