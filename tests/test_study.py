@@ -455,8 +455,9 @@ def test_pair_scenario_has_a_pleas_row(tmp_path):
     p.write_text("name: pair\ntasks: [alpha-python, beta-python]\n")
     models = FakeModels(tmp_path / "models")
     cfg = StudyConfig(scenario=resolve(str(p)), out=tmp_path / "report", quiet=True,
-                      methods=("linear", "pleas"))  # fmt: skip
+                      methods=("linear", "pleas"), eval_precision="bf16")  # fmt: skip
     results = run_study(cfg, models=models, tasks_api=FakeTasks())
+    assert models.precisions == {"bf16", "fp32"}  # the rows in bf16, the curve's budgets < 1 in fp32
     assert [r["method"] for r in results["rows"]][-2:] == ["linear", "pleas"]
     assert models.calls["pleas"] == 2 + len(grids.PLEAS_BUDGETS)  # validation, test, then the curve
     assert results["skipped"] == {}
@@ -466,7 +467,12 @@ def test_pair_scenario_has_a_pleas_row(tmp_path):
     assert curve[0]["test"] == row["test"] and curve[0]["size_vs_budget_1"] == 1.0
     for c in curve[1:]:
         assert set(c["validation"]) == set(c["test"]) == {"alpha-python", "beta-python"}
-        assert c["params"] == {"budget": c["budget"], "examples": grids.stats_examples("quick")}
+        # budget < 1 is scored in fp32 whatever the study's precision (bf16 ruins widened models)
+        assert c["params"] == {
+            "budget": c["budget"],
+            "examples": grids.stats_examples("quick"),
+            "scoring": "fp32",
+        }
     assert "PLeaS: merged size against score" in (tmp_path / "report" / "report.md").read_text()
     assert resolve("pair").tasks == ("consistency-python", "naming-python")
 
