@@ -587,9 +587,9 @@ class Study:
                 val, test, storage = row["validation"], row["test"], row["storage_bytes"]
                 params = row["params"]
             else:
-                # scored in fp32 whatever the study's precision: a widened model keeps near-duplicate FFN
-                # units of both experts, and bf16 autocast ruins it (budget 0.75 on the pair scenario:
-                # validation 0.895 / 0.765 in fp32, 0.55 / 0.565 under bf16)
+                # scored in fp32 whatever the study's precision: a widened model (FFN units of both experts
+                # side by side) loses nearly all it learned under bf16 autocast (budget 0.75 on the pair
+                # scenario: validation 0.895 / 0.765 in fp32, 0.55 / 0.565 under bf16; cause not established)
                 params = {"budget": b, "examples": self.stats_examples, "scoring": "fp32"}
                 self._progress(f"pleas budget {b}")
                 body, pair_heads = self.models.pleas_fuse(
