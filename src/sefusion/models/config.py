@@ -78,9 +78,6 @@ class TrainConfig:
         return replace(self, **changes)
 
 
-EVAL_PRECISIONS = PRECISIONS
-
-
 @dataclass(frozen=True)
 class Budget:
     """Steps, batch, length and data sizes of one budget.

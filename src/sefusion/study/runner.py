@@ -28,6 +28,7 @@ from typing import Any
 
 from .._lazy import torch
 from ..methods._data import required_statistics
+from ..models.config import PRECISIONS
 from ..registry import METHODS
 from . import grids
 from .scenarios import Scenario, StudyError
@@ -289,7 +290,7 @@ class Study:
         budget = m.get_budget(cfg.budget) if isinstance(cfg.budget, str) else cfg.budget
         self.budget_name = budget.name
         self.precision = cfg.eval_precision or budget.eval_precision
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise StudyError(f"eval_precision must be fp32 or bf16, got '{self.precision}'")
         specs = {t: tk.get_task(t)[0] for t in self.tasks}
 
@@ -306,7 +307,7 @@ class Study:
             self._progress(f"  {t}: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
 
         train_precision = cfg.train_precision or budget.train_precision
-        if train_precision not in ("fp32", "bf16"):
+        if train_precision not in PRECISIONS:
             raise StudyError(f"train_precision must be fp32 or bf16, got '{train_precision}'")
         train_cfg = budget.train(seed=cfg.seed, precision=train_precision)
         experts = {}
@@ -597,11 +598,12 @@ class Study:
                     budget=b, seed=cfg.seed, max_length=max_length)  # fmt: skip
                 cand = dict(zip(tasks, pair_heads, strict=True))
                 val = {
-                    t: evaluate("pleas", params, t, "validation", body, cand[t], "fp32")["score"]
+                    t: evaluate("pleas", params, t, "validation", body, cand[t], params["scoring"])["score"]
                     for t in tasks
                 }
                 test = {
-                    t: evaluate("pleas", params, t, "test", body, cand[t], "fp32")["score"] for t in tasks
+                    t: evaluate("pleas", params, t, "test", body, cand[t], params["scoring"])["score"]
+                    for t in tasks
                 }
                 storage = storage_bytes("pleas", body, cand)
             normalized = grids.normalize(test, ref_test)
