@@ -497,3 +497,56 @@ def test_summary_puts_scenarios_side_by_side(study, capsys):
     assert f"{tall['normalized'][weakest]:.3f}" in line
     assert main(["summary", str(tmp / "nothing-here")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_records_carried_to_another_machine_reuse_every_evaluation(tmp_path):
+    """--records FILE: a second machine (fresh cache, models trained again to the same bytes) scores
+    nothing again, and gives the same rows."""
+    records = tmp_path / "carried.jsonl"
+    first_models = FakeModels(tmp_path / "m1")
+    first = run_study(_config(tmp_path, records=records), models=first_models, tasks_api=FakeTasks())
+    assert first_models.calls["evaluate"] > 0
+    lines = [json.loads(x) for x in records.read_text().splitlines()]
+    assert lines[0].keys() == {"study"}
+    assert {x["model"] for x in lines if "model" in x} >= {f"expert {t}" for t in TASKS} | {"multitask"}
+    assert not (tmp_path / "m1" / "cache" / "study").exists()  # the cache's own file is not used
+    other = FakeModels(tmp_path / "m2")
+    again = run_study(_config(tmp_path, records=records, overwrite=True), models=other, tasks_api=FakeTasks())
+    assert other.calls["evaluate"] == 0
+    assert [r["test"] for r in again["rows"]] == [r["test"] for r in first["rows"]]
+    assert [r["params"] for r in again["rows"]] == [r["params"] for r in first["rows"]]
+
+
+def test_records_refused_when_a_retrained_model_differs(tmp_path):
+    records = tmp_path / "carried.jsonl"
+    run_study(_config(tmp_path, records=records), models=FakeModels(tmp_path / "m1"), tasks_api=FakeTasks())
+    other = FakeModels(tmp_path / "m2")
+    other.deltas["beta-python"]["encoder.layer.0.w"] *= 1.001  # training did not reproduce beta's expert
+    with pytest.raises(StudyError, match=r"carried\.jsonl.*'expert beta-python'.*did not reproduce"):
+        run_study(_config(tmp_path, records=records, overwrite=True), models=other, tasks_api=FakeTasks())
+    assert other.calls["evaluate"] == 0
+
+
+def test_records_of_another_study_or_not_records_refused(tmp_path):
+    records = tmp_path / "carried.jsonl"
+    run_study(_config(tmp_path, records=records), models=FakeModels(tmp_path / "m1"), tasks_api=FakeTasks())
+    with pytest.raises(StudyError, match=r"carried\.jsonl: evaluation records of another study"):
+        run_study(_config(tmp_path, records=records, seed=1, overwrite=True), models=FakeModels(tmp_path / "m2"),
+                  tasks_api=FakeTasks())  # fmt: skip
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text('{"task": "a", "score": 1}\n')
+    with pytest.raises(StudyError, match=r"junk\.jsonl: not an evaluation-records file"):
+        run_study(_config(tmp_path, records=junk, overwrite=True), models=FakeModels(tmp_path / "m3"),
+                  tasks_api=FakeTasks())  # fmt: skip
+
+
+def test_records_of_an_earlier_version_without_a_study_line_still_resume(tmp_path):
+    """Cache files written before the study and model lines existed are read as they are."""
+    models = FakeModels(tmp_path / "m1")
+    run_study(_config(tmp_path), models=models, tasks_api=FakeTasks())
+    (path,) = (tmp_path / "m1" / "cache" / "study").glob("*.jsonl")
+    old = [x for x in path.read_text().splitlines() if "result" in json.loads(x)]
+    path.write_text("\n".join(old) + "\n")
+    n = models.calls["evaluate"]
+    run_study(_config(tmp_path, overwrite=True), models=models, tasks_api=FakeTasks())
+    assert models.calls["evaluate"] == n

@@ -301,6 +301,11 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
         "--dir", action="append", default=[], dest="dirs", metavar="LANG=PATH",
         help="a source tree or JSONL data set for LANG (repeatable)",
     )  # fmt: skip
+    p.add_argument(
+        "--records", type=Path, default=None, metavar="FILE",
+        help="evaluation records to read and extend instead of the cache's (carries a study to another "
+        "machine or session; refused if the models trained there differ from the ones they scored)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
@@ -318,7 +323,7 @@ def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite:
         scenario=scenario, out=out, budget=args.budget, base=args.base, cache=args.cache, seed=args.seed,
         methods=methods, overwrite=overwrite, quiet=args.quiet, dirs=dirs,
         eval_precision=getattr(args, "eval_precision", None),
-        train_precision=getattr(args, "train_precision", None),
+        train_precision=getattr(args, "train_precision", None), records=getattr(args, "records", None),
     )  # fmt: skip
 
 

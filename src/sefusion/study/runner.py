@@ -12,6 +12,8 @@ The flow, for tasks t = 1..T of a scenario:
 
 Every evaluation is appended to a record in the cache as soon as it is made, so a run that stops (a
 session that ends, Ctrl-C) resumes where it stopped; records are keyed by everything that determines them.
+The records are one small JSONL file: carried to another machine (`--records FILE`), they let a study
+resume there once its models are trained again, and are refused if those models' bytes differ.
 """
 
 from __future__ import annotations
@@ -52,25 +54,57 @@ class StudyConfig:
     dirs: Mapping[str, Path] = field(default_factory=dict)
     eval_precision: str | None = None  # None: the budget's (models.Budget.eval_precision)
     train_precision: str | None = None  # None: the budget's (models.Budget.train_precision)
+    records: Path | None = None  # evaluation records to read and extend instead of the cache's own file
 
 
 # ----------------------------------------------------------------------------------------- records
 
 
 class EvalRecords:
-    """Append-only JSONL of evaluations: one line per (row, params, task, split), read back on resume."""
+    """Append-only JSONL of evaluations: one line per (row, params, task, split), read back on resume.
 
-    def __init__(self, path: Path) -> None:
+    Besides evaluations a file holds the study key it belongs to (`{"study": key}`, its first line) and
+    the sha256 of every model its evaluations scored (`{"model": name, "sha256": ...}`): a file carried to
+    another machine or session (`sefusion study --records FILE`) is refused when its study differs or when
+    a model trained there again does not reproduce the bytes these records scored."""
+
+    def __init__(self, path: Path, study: str | None = None) -> None:
         self.path = path
         self.done: dict[str, dict[str, Any]] = {}
+        self.models: dict[str, str] = {}
+        found: str | None = None
         if path.is_file():
-            for line in path.read_text().splitlines():
+            try:
+                lines = path.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise StudyError(f"cannot read evaluation records {path}: {exc}") from None
+            for line in lines:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by an interrupt: drop it, it is recomputed
                     continue
-                self.done[rec["key"]] = rec["result"]
+                if not isinstance(rec, dict):
+                    raise StudyError(
+                        f"{path}: not an evaluation-records file (a line is {type(rec).__name__})"
+                    )
+                if "study" in rec:
+                    found = str(rec["study"])
+                elif "model" in rec:
+                    self.models[str(rec["model"])] = str(rec.get("sha256"))
+                elif "key" in rec and "result" in rec:
+                    self.done[rec["key"]] = rec["result"]
+                else:
+                    raise StudyError(
+                        f"{path}: not an evaluation-records file (a line has keys {sorted(rec)})"
+                    )
+        if study is not None and found is not None and found != study:
+            raise StudyError(
+                f"{path}: evaluation records of another study (key {found}; this study's is {study}: "
+                "a different scenario, base, budget, seed, precision or expert data/config)"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
+        if study is not None and found is None and not self.done:
+            self._append({"study": study})
 
     @staticmethod
     def key(row: str, params: Mapping[str, Any], task: str, split: str) -> str:
@@ -81,8 +115,24 @@ class EvalRecords:
 
     def put(self, key: str, result: dict[str, Any]) -> None:
         self.done[key] = result
+        self._append({"key": key, "result": result})
+
+    def check_model(self, name: str, sha256: str) -> None:
+        """Refuse records made with other bytes of model `name`; record its sha256 the first time."""
+        seen = self.models.get(name)
+        if seen is None:
+            self.models[name] = sha256
+            self._append({"model": name, "sha256": sha256})
+        elif seen != sha256:
+            raise StudyError(
+                f"{self.path}: these evaluation records scored a model '{name}' with sha256 {seen[:12]}..., "
+                f"and the one trained here is {sha256[:12]}...: training did not reproduce it, so the "
+                "records do not apply (drop --records, or delete the file, to score this model afresh)"
+            )
+
+    def _append(self, rec: Mapping[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps({"key": key, "result": result}) + "\n")
+            f.write(json.dumps(rec) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ tensors
@@ -246,6 +296,13 @@ def storage_bytes(row: str, body: Mapping[str, Any], heads: Mapping[str, Mapping
 # --------------------------------------------------------------------------------------- the study
 
 
+def _weights_sha256(folder: Path) -> str:
+    """sha256 of a trained model's weight files (what its evaluations scored)."""
+    from ..models.train import base_sha256
+
+    return base_sha256(folder)
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -320,8 +377,8 @@ class Study:
         expert_keys = {
             t: json.loads((experts[t] / "train.json").read_text()).get("key", "") for t in self.tasks
         }
-        key_parts = {
-            "base": str(base),
+        key_parts = {  # the base by its bytes, not its path: records carried to another machine still match
+            "base_sha256": self._base_hash(base),
             "experts": expert_keys,
             "budget": budget.name,
             "seed": cfg.seed,
@@ -330,7 +387,12 @@ class Study:
         if self.precision != "fp32":  # fp32 runs keep the keys they had before the option existed
             key_parts["precision"] = self.precision
         records_key = _fingerprint(key_parts)
-        self.records = EvalRecords(cache / "study" / f"{cfg.scenario.name}-{records_key}.jsonl")
+        records_path = cache / "study" / f"{cfg.scenario.name}-{records_key}.jsonl"
+        if cfg.records:
+            records_path = Path(cfg.records)
+        self.records = EvalRecords(records_path, study=records_key)
+        for t in self.tasks:
+            self.records.check_model(f"expert {t}", _weights_sha256(experts[t]))
 
         base_state = load_state(base)
         states = {t: split_state(load_state(experts[t])) for t in self.tasks}
@@ -363,6 +425,7 @@ class Study:
                     "experts",
                     lambda t=t: m.head_only(base, data[t], specs[t], train_cfg, cache, quiet=cfg.quiet),
                 )
+                self.records.check_model(f"pretrained head {t}", _weights_sha256(folder))
                 pre_heads[t] = split_state(load_state(folder))[1]
             pre_test[t] = evaluate("pretrained", {}, t, "test", base_body, pre_heads[t])
         rows.append(
@@ -383,6 +446,7 @@ class Study:
             lambda: m.finetune(base, [data[t] for t in self.tasks], [specs[t] for t in self.tasks], train_cfg,
                                cache, quiet=cfg.quiet),
         )  # fmt: skip
+        self.records.check_model("multitask", _weights_sha256(mt_folder))
         mt_body, mt_heads_all = split_state(load_state(mt_folder))
         mt_heads = {
             t: {k: v for k, v in mt_heads_all.items() if k.startswith(f"{HEAD_PREFIX}{t}.")}
