@@ -3,8 +3,9 @@
 The flow, for tasks t = 1..T of a scenario:
 1. data: each task built from its corpus (cached), train / validation / test split by source file;
 2. experts: the base fine-tuned on each task alone (cached by base hash + data + config, resumable);
-   `multitask`: one body fine-tuned on all T tasks with per-task heads, the same total steps;
    `pretrained`: the base body with a head trained on the frozen body;
+   `multitask`: one body fine-tuned on all T tasks with per-task heads, the same total steps (trained last,
+   after step 3, which needs only the experts);
 3. fusion: the experts' bodies merged in memory by every method (heads are never fused: task t is served
    with its own expert's head); each candidate of the method's grid scored on validation, the selected
    one scored once on test;
@@ -439,24 +440,6 @@ class Study:
             )
         )
 
-        # multitask: one body, per-task heads, the experts' total steps
-        self._progress(f"multitask ({len(self.tasks)} tasks)")
-        mt_folder = self._timed(
-            "multitask",
-            lambda: m.finetune(base, [data[t] for t in self.tasks], [specs[t] for t in self.tasks], train_cfg,
-                               cache, quiet=cfg.quiet),
-        )  # fmt: skip
-        self.records.check_model("multitask", _weights_sha256(mt_folder))
-        mt_body, mt_heads_all = split_state(load_state(mt_folder))
-        mt_heads = {
-            t: {k: v for k, v in mt_heads_all.items() if k.startswith(f"{HEAD_PREFIX}{t}.")}
-            for t in self.tasks
-        }
-        mt_test = {t: evaluate("multitask", {}, t, "test", mt_body, mt_heads[t]) for t in self.tasks}
-        mt_row = self._row("multitask", {"steps": "sum of the experts' steps"}, None, mt_test, ref_test,
-                           storage_bytes("multitask", mt_body, mt_heads))  # fmt: skip
-        rows.append(mt_row)
-
         # fusion rows
         expert_list = [bodies[t] for t in self.tasks]
         extras: dict[str, Any] = {}
@@ -488,6 +471,26 @@ class Study:
         if "pleas" in methods and "pleas" not in skipped:
             pleas_budgets = self._timed("pleas", lambda: self._pleas_budgets(
                 rows, expert_list, heads, ref_test, evaluate))  # fmt: skip
+
+        # multitask: one body, per-task heads, the experts' total steps. Trained after the fusion rows, which
+        # need only the experts: a run cut short (a session's end) has by then recorded every fusion
+        # evaluation, and a resumed run trains what it lacks. Its row goes where the report lists it.
+        self._progress(f"multitask ({len(self.tasks)} tasks)")
+        mt_folder = self._timed(
+            "multitask",
+            lambda: m.finetune(base, [data[t] for t in self.tasks], [specs[t] for t in self.tasks], train_cfg,
+                               cache, quiet=cfg.quiet),
+        )  # fmt: skip
+        self.records.check_model("multitask", _weights_sha256(mt_folder))
+        mt_body, mt_heads_all = split_state(load_state(mt_folder))
+        mt_heads = {
+            t: {k: v for k, v in mt_heads_all.items() if k.startswith(f"{HEAD_PREFIX}{t}.")}
+            for t in self.tasks
+        }
+        mt_test = {t: evaluate("multitask", {}, t, "test", mt_body, mt_heads[t]) for t in self.tasks}
+        mt_row = self._row("multitask", {"steps": "sum of the experts' steps"}, None, mt_test, ref_test,
+                           storage_bytes("multitask", mt_body, mt_heads))  # fmt: skip
+        rows.insert(2, mt_row)
 
         mags = magnitudes(base_body, bodies)
         results = {
