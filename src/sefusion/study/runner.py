@@ -298,7 +298,8 @@ def storage_bytes(row: str, body: Mapping[str, Any], heads: Mapping[str, Mapping
 
 
 def _weights_sha256(folder: Path) -> str:
-    """sha256 of a trained model's weight files (what its evaluations scored)."""
+    """sha256 of a model folder's weight files: the base's (the hash its experts' train.json record) or a
+    trained model's (what its evaluations scored)."""
     from ..models.train import base_sha256
 
     return base_sha256(folder)
@@ -379,14 +380,13 @@ class Study:
             t: json.loads((experts[t] / "train.json").read_text()).get("key", "") for t in self.tasks
         }
         key_parts = {  # the base by its bytes, not its path: records carried to another machine still match
-            "base_sha256": self._base_hash(base),
+            "base_sha256": _weights_sha256(base),
             "experts": expert_keys,
             "budget": budget.name,
             "seed": cfg.seed,
+            "precision": self.precision,
             "v": 1,
         }
-        if self.precision != "fp32":  # fp32 runs keep the keys they had before the option existed
-            key_parts["precision"] = self.precision
         records_key = _fingerprint(key_parts)
         records_path = cache / "study" / f"{cfg.scenario.name}-{records_key}.jsonl"
         if cfg.records:
@@ -497,7 +497,7 @@ class Study:
             "scenario": cfg.scenario.name,
             "description": cfg.scenario.description,
             "base": str(base),
-            "base_sha256": self._base_hash(base),
+            "base_sha256": _weights_sha256(base),
             "budget": budget.name,
             "seed": cfg.seed,
             "tasks": self.tasks,
@@ -538,13 +538,6 @@ class Study:
         return results
 
     # -------------------------------------------------------------- pieces
-    @staticmethod
-    def _base_hash(base: Path) -> str:
-        """sha256 of every weight file of the base: the hash its experts' train.json record."""
-        from ..models.train import base_sha256
-
-        return base_sha256(base)
-
     def _evaluator(self, base: Path, data: Mapping[str, Any], specs: Mapping[str, Any], max_length: int):
         def evaluate(
             row: str,
