@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tasks.corpus_cli import add_corpus_parser  # stdlib only: --help stays fast
 
     add_corpus_parser(sub, [common])
+    from .models.causal_cli import add_causal_parsers  # stdlib only: --help stays fast
+
+    add_causal_parsers(sub, [common])
     return parser
 
 
@@ -371,6 +374,18 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
     return run_corpus(args)
 
 
+def _cmd_base(args: argparse.Namespace) -> int:
+    from .models.causal_cli import run_base
+
+    return run_base(args)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .models.causal_cli import run_train
+
+    return run_train(args)
+
+
 COMMANDS = {
     "merge": _cmd_merge,
     "extract": _cmd_extract,
@@ -380,6 +395,8 @@ COMMANDS = {
     "study": _cmd_study,
     "summary": _cmd_summary,
     "corpus": _cmd_corpus,
+    "base": _cmd_base,
+    "train": _cmd_train,
 }
 
 

