@@ -362,3 +362,12 @@ def test_default_base_generates_a_humaneval_body():
     prompt = 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n'
     (body,) = causal.generate(model, tok, [prompt], max_new_tokens=48, stop=["\ndef", "\nclass", "\nif"])
     assert "return" in body and "a + b" in body.replace("b + a", "a + b")
+
+
+@pytest.mark.slow
+def test_default_base_takes_a_lora_step(tmp_path):
+    cfg = CausalTrainConfig(steps=1, batch=2, micro_batch=2, max_len=64)
+    data = [("def add(a, b):\n", "    return a + b\n"), ("def neg(x):\n", "    return -x\n")]
+    out = train_causal(causal.resolve_base(causal.DEFAULT_BASE), data, cfg, tmp_path / "ad", progress=False)
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["precision"] == "bf16" and len(meta["losses"]) == 1 and meta["losses"][0] < 5

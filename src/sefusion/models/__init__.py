@@ -6,6 +6,8 @@
 * train.py: `finetune` (one task: an expert; several: a multitask model), `head_only` (the `pretrained`
   row), cached by key, resumable, atomic output folders. `TrainConfig` and `BUDGETS` (config.py).
 * evaluation.py: `evaluate(body, heads, data, split, spec, base=...)` from in-memory tensors.
+* causal.py / causal_train.py: causal code LMs (offline GGUF bases dequantized once, greedy generation
+  with per-row stops; LoRA / QLoRA / full fine-tuning on target tokens). Import those modules directly.
 * statistics.py: the statistics pass of the data-aware methods (Fisher, Gram matrices, PLeaS features),
   cached like the experts.
 

@@ -323,7 +323,7 @@ def _train_step(model: Any, micro: Sequence[dict[str, Any]], cfg: CausalTrainCon
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=cfg.precision == "bf16"):
             loss, _ = target_loss(core, m, head_at_targets=cfg.head_at_targets)
         (loss / max(total, 1)).backward()
-        value += float(loss) / max(total, 1)
+        value += float(loss.detach()) / max(total, 1)
     return value
 
 
