@@ -273,10 +273,11 @@ def _plain(model, tok, prompt, n):
     return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def test_generate_with_row_stops_equals_plain_greedy_cut_at_the_stop(bases):
-    model, tok = causal.load_causal(bases["llama"])
+@pytest.mark.parametrize("shape", ["llama", "gemma"])
+def test_generate_with_row_stops_equals_plain_greedy_cut_at_the_stop(bases, shape):
+    model, tok = causal.load_causal(bases[shape])
     plain = [_plain(model, tok, p, 24) for p in PROMPTS]
-    assert len(set(plain)) == len(plain)
+    assert len(set(plain)) >= 4  # the output depends on the prompt
     stop = sorted({t[3:5] for t in plain if len(t) > 6})  # strings that do occur mid-output
     calls = []
     hook = model.register_forward_hook(lambda *a: calls.append(1))

@@ -336,28 +336,6 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
-def _stop_criteria(tokenizer: Any, stop: Sequence[str], prompt_len: int) -> Any:
-    """A per-row StoppingCriteria: a row is done once its decoded new tail holds a stop string.
-
-    Decoding only the last few tokens of each row keeps the check cheap (the `stop_strings` option of
-    `generate` is slow on a 150k-entry vocabulary); the text is cut at the stop afterwards anyway.
-    """
-    import torch
-    from transformers import StoppingCriteria
-
-    tail = max(len(s) for s in stop) + 4  # every token decodes to at least one character, or nearly
-
-    class RowStop(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            new = input_ids[:, prompt_len:]
-            start = max(0, new.shape[1] - tail)
-            texts = tokenizer.batch_decode(new[:, start:], skip_special_tokens=True)
-            done = [any(s in t for s in stop) for t in texts]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return RowStop()
-
-
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to (not including) the earliest occurrence of any stop string."""
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -385,8 +363,9 @@ def generate(
 ) -> list[str]:
     """Greedy completions of `prompts` (only the new text, cut at the first stop string), in input order.
 
-    Prompts are batched by token length (little padding), and each row stops as soon as its new text
-    holds a stop string, so a batch ends with its longest *needed* completion, not at `max_new_tokens`.
+    Prompts are batched by token length (little padding). Each row leaves the batch, KV cache included,
+    as soon as its new text holds a stop string or it emits EOS: a step computes only the rows still
+    running, and a batch ends with its longest *needed* completion, not at `max_new_tokens`.
     """
     from tqdm.auto import tqdm
 
@@ -404,38 +383,58 @@ def generate(
     return out
 
 
-def _greedy_config(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
-    """Plain greedy decoding: the checkpoint's own sampling and repetition settings are not applied."""
-    from transformers import GenerationConfig
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
 
-    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+
+def _stopped(tokenizer: Any, new: list[int], stop: Sequence[str], tail: int) -> bool:
+    """Whether the decoded tail of a row's new tokens holds a stop string (cheap: the last few tokens)."""
+    return bool(stop) and any(s in tokenizer.decode(new[-tail:], skip_special_tokens=True) for s in stop)
 
 
 def _generate_batch(
     model: Any, tokenizer: Any, batch: list[list[int]], max_new_tokens: int, stop: Sequence[str]
 ) -> list[str]:
+    """Greedy decoding of one left-padded batch, dropping each row from the batch (and its KV cache)
+    as soon as it ends (EOS or a stop string): the rows still running are all a step computes."""
     import torch
-    from transformers import StoppingCriteriaList
+    from transformers import DynamicCache
 
-    width = max(len(b) for b in batch)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])
-    mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
     device = next(model.parameters()).device
-    criteria = StoppingCriteriaList([_stop_criteria(tokenizer, stop, width)] if stop else [])
+    width, pad = max(len(b) for b in batch), tokenizer.pad_token_id
+    step_ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache, eos = DynamicCache(config=model.config), _eos_ids(model, tokenizer)
+    tail = max((len(s) for s in stop), default=0) + 4  # a token decodes to at least one character, or nearly
+    alive, new = list(range(len(batch))), [[] for _ in batch]
     with torch.inference_mode():
-        gen = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            generation_config=_greedy_config(model, tokenizer, max_new_tokens),
-            stopping_criteria=criteria,
-        )
-    return tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        for _ in range(max_new_tokens):
+            logits = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            nxt = logits.argmax(-1)
+            keep = []
+            for j, row in enumerate(alive):
+                token = int(nxt[j])
+                if token in eos:
+                    continue
+                new[row].append(token)
+                if not _stopped(tokenizer, new[row], stop, tail):
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                idx = torch.tensor(keep, device=device)
+                cache.batch_select_indices(idx)
+                mask, nxt, positions = mask[idx], nxt[idx], positions[idx]
+                alive = [alive[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            step_ids, positions = nxt[:, None], positions[:, -1:] + 1
+    return [tokenizer.decode(n, skip_special_tokens=True) for n in new]
