@@ -180,6 +180,14 @@ class Recipe(BaseModel):
         base = fix(self.base) if self.base is not None else None
         return self.model_copy(update={"base": base, "models": models})
 
+    def input_paths(self) -> list[str]:
+        """Every file or folder the recipe reads (base, experts or adapters, statistics, data files):
+        an output must stay apart from all of them."""
+        paths = [self.base] if self.base is not None else []
+        for m in self.models:
+            paths += [m.path, m.stats, m.data if m.data_is_file else None]
+        return [p for p in paths if p is not None]
+
     def entry_examples(self, index: int) -> int | None:
         """How many examples models[index]'s statistics come from, as the recipe says: its `examples:`,
         else its `params.examples`, else the recipe's `params.examples`; None where none is set."""

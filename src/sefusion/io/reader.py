@@ -190,6 +190,10 @@ class SafetensorsReader(ModelReader):
         except KeyError:
             raise self._missing(name) from None
 
+    def info(self, name: str) -> TensorInfo:
+        """Where tensor `name`'s bytes lie: file, byte offset and length, shape and dtype."""
+        return self._entry(name)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
 

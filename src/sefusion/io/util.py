@@ -51,6 +51,13 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """NaN and ±Inf entries of a floating tensor (0 for other dtypes); one pass when there are none."""
+    if not (tensor.is_floating_point() or tensor.is_complex()) or bool(torch.isfinite(tensor).all()):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
 def check_finite(name: str, tensor: torch.Tensor, file: str | Path) -> None:
     """Raise CheckpointError when a floating tensor holds NaN or ±Inf."""
     if not (tensor.is_floating_point() or tensor.is_complex()):
