@@ -219,7 +219,7 @@ class Bundle:
             raise CheckpointError(f"{self.path} is not a sefusion bundle (no {MANIFEST})")
         try:
             self.manifest = json.loads(mf.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"{mf} is not valid JSON: {exc}") from None
         self.spec = parse_manifest(self.manifest, mf)
         self.store = open_model(self.path)
