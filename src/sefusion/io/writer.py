@@ -295,9 +295,10 @@ class ModelWriter:
                 self._nonfinite[name] = self._nonfinite.get(name, 0) + bad
         total = self._nonfinite.get(name, 0)
         if done and total:
+            dt = str(tensor.dtype).removeprefix("torch.")
             raise NonFiniteOutputError(
-                f"output tensor '{name}' would hold {total} non-finite values (NaN/Inf) in {tensor.dtype} "
-                f"(from NaN/Inf parameters or inputs, or an overflow on the cast to {tensor.dtype}); nothing "
+                f"output tensor '{name}' would hold {total} non-finite values (NaN/Inf) in {dt} "
+                f"(from NaN/Inf parameters or inputs, or an overflow on the cast to {dt}); nothing "
                 f"was written to {self.out}; pass --allow-nonfinite to write it anyway"
             )
 
