@@ -199,13 +199,30 @@ def test_kill_9_then_rerun_succeeds_and_leaves_only_out(tmp_path):
     assert set(read_folder(out)) == {f"layers.{i}.w" for i in range(4)}
 
 
-def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path):
+def test_ctrl_c_while_the_command_imports_exits_130_without_traceback(tmp_path):
     cmd, _ = big_merge(tmp_path)
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.15)  # python is up; sefusion is importing
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text():  # torch is loading: the command's imports
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_before_the_command_starts_exits_130_without_traceback():
+    """The handler `python -m sefusion` and the `sefusion` script install first, for the imports before
+    the command runs (argparse, logging, sefusion's modules)."""
+    code = (
+        "import os, signal, time; import sefusion.__main__ as m; "
+        "signal.signal(signal.SIGINT, m._interrupted_at_start); os.kill(os.getpid(), signal.SIGINT); "
+        "time.sleep(30)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 130 and proc.stderr == "sefusion: interrupted; no output was written\n"

@@ -139,18 +139,6 @@ def make_plan(
     return Plan(merged=merged, from_base=from_base, per_task=per_task)
 
 
-def check_inputs(
-    recipe: Recipe, spec: MethodSpec, base: ModelReader | None, experts: Sequence[ModelReader], plan: Plan
-) -> None:
-    """Dtypes that cannot merge, and the config.json each output will carry (sefusion.io.checks)."""
-    from .io.checks import check_config, check_expert_dtypes
-
-    ref = base if base is not None else experts[0]
-    check_expert_dtypes(ref, experts, recipe.task_names, plan.merged, recipe.is_excluded)
-    for reader in experts if spec.kind == "bundle" else [ref]:
-        check_config(reader)
-
-
 def _resolve_task_params(kwargs: dict[str, Any], spec: MethodSpec, task_names: Sequence[str]) -> None:
     """Check per-task parameters against the task names before any tensor is read: `lambdas` maps become
     one value per expert; a CABS `order` must name every task once."""
@@ -595,6 +583,7 @@ def merge(
     import time
 
     from .io import parse_size
+    from .io.checks import check_inputs
 
     t0 = time.perf_counter()
     src: Any = None
@@ -619,7 +608,9 @@ def merge(
         base, experts = open_inputs(recipe, spec)
         try:
             plan = make_plan(recipe, base, experts, task_names)
-            check_inputs(recipe, spec, base, experts, plan)
+            check_inputs(
+                recipe, base or experts[0], experts, plan.merged, configs_of_experts=spec.kind == "bundle"
+            )
             feed = None
             if required_statistics(spec.fn):
                 feed = StatsFeed(spec, stats or [], plan.merged, task_names)

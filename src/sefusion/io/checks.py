@@ -5,11 +5,30 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 from .reader import ModelReader
 
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
 log = logging.getLogger("sefusion")
+
+
+def check_inputs(
+    recipe: Recipe,
+    ref: ModelReader,
+    experts: Sequence[ModelReader],
+    merged: Sequence[str],
+    *,
+    configs_of_experts: bool,
+) -> None:
+    """Dtypes that cannot merge, and the config.json each output will carry (the reference model's, or
+    each expert's in a bundle)."""
+    check_expert_dtypes(ref, experts, recipe.task_names, merged, recipe.is_excluded)
+    for reader in experts if configs_of_experts else [ref]:
+        check_config(reader)
 
 
 def check_expert_dtypes(

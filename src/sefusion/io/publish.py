@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -23,6 +22,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import OutputExistsError, SefusionError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks; publishing stays atomic, leftovers are left alone
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("sefusion")
 
@@ -108,7 +112,10 @@ def make_tmp(out: str | Path, overwrite: bool) -> Path:
 
 
 def _lock(path: Path, *, blocking: bool) -> int:
-    """An open descriptor of `path` holding an exclusive flock; -1 when `blocking` is False and it is held."""
+    """An open descriptor of `path` holding an exclusive flock; -1 when `blocking` is False and it is held
+    (or when locks are not available)."""
+    if fcntl is None:
+        return -1
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -134,7 +141,8 @@ def _parent_lock(folder: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def _owner_alive(name: str) -> bool:
@@ -207,15 +215,22 @@ def move_into_place(tmp: Path, out: str | Path, overwrite: bool) -> None:
     out = Path(out)
     with _parent_lock(out.parent):
         check_output(out, overwrite)  # again: it may have appeared (or become a link) meanwhile
-        if out.exists():
-            aside = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(out, aside)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(aside, out)
-                raise
-            remove(aside)
-        else:
-            os.rename(tmp, out)
+        try:
+            _replace(tmp, out)
+        except OSError as exc:
+            raise _os_error(out, exc) from None
     _unlock(tmp)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        aside = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out, aside)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(aside, out)
+            raise
+        remove(aside)
+    else:
+        os.rename(tmp, out)
