@@ -379,3 +379,24 @@ def test_good_bundle_still_extracts_and_inspects(toy, tmp_path, capsys):
     assert main(extract_argv(bundle, tmp_path)) == 0
     assert main(["inspect", str(bundle)]) == 0
     assert "bundle" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_count_nonfinite_matches_the_direct_count(dtype):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sefusion.io.util import count_nonfinite
+
+    specials = st.sampled_from([float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 6e4, 1e308, 0.0])
+    values = st.lists(st.floats(-10, 10) | specials, max_size=300)
+
+    @settings(max_examples=60, deadline=None)
+    @given(values)
+    def check(xs):
+        t = torch.tensor(xs, dtype=torch.float64).to(dtype)  # overflow on the cast is part of the test
+        assert count_nonfinite(t) == int((~torch.isfinite(t)).sum())
+
+    check()
+    assert count_nonfinite(torch.full((1000,), 3e38)) == 0  # the sum overflows, the entries do not
+    assert count_nonfinite(torch.arange(5)) == 0
