@@ -400,3 +400,29 @@ def test_count_nonfinite_matches_the_direct_count(dtype):
     check()
     assert count_nonfinite(torch.full((1000,), 3e38)) == 0  # the sum overflows, the entries do not
     assert count_nonfinite(torch.arange(5)) == 0
+
+
+def test_shard_outside_the_folder_is_refused_before_it_is_opened(toy, tmp_path, capsys, monkeypatch):
+    import builtins
+    import io
+
+    env = toy()
+    argv, _ = index_shard_outside(env, tmp_path)
+    opened: list[str] = []
+    real_open, real_os_open = builtins.open, os.open
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    def spy_os_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_os_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(io, "open", spy_open)  # pathlib's read_text
+    monkeypatch.setattr(os, "open", spy_os_open)
+    assert main(argv) == 2
+    assert "outside the model folder" in capsys.readouterr().err
+    assert any(p.endswith("model.safetensors.index.json") for p in opened)  # the spies see the reads
+    assert not [p for p in opened if p.startswith(str(tmp_path / "outside"))]
