@@ -339,23 +339,28 @@ def _tests_meta(f: Function) -> dict[str, Any]:
     return {"tests": tests, "module": module, "paths": roots, "qualname": f.qualname}
 
 
+GENERATE_HEAD = "Complete this Python function. Reply with its body only.\n"
+
+
+def generate_example(f: Function) -> GenExample | None:
+    """The `generate-python` example of one function: signature + docstring -> body; None when it does
+    not parse or has no body below its docstring."""
+    parts = split_function(f.code)
+    if parts is None or not parts[1].strip():
+        return None
+    signature, body = parts
+    indent = _indent_of(body)
+    shown = f"{signature}\n{_docstring_block(f.doc_full or f.docstring, indent)}"
+    meta = _meta(f, indent=indent, signature=signature, **_tests_meta(f))
+    return GenExample(GENERATE_HEAD + fenced(shown, "python"), body, meta)
+
+
 @register_task(
     "generate", head="generate", metric="text", languages=("python",), defaults=LIMITS,
     registry=GENERATIVE_TASKS,
 )  # fmt: skip
 def build_generate(ctx: BuildContext) -> Built:
     """Signature + docstring -> the function's body (pass@1 on the doctests of held-out functions)."""
-    head = "Complete this Python function. Reply with its body only.\n"
-
-    def make(f: Function) -> GenExample | None:
-        parts = split_function(f.code)
-        if parts is None or not parts[1].strip():
-            return None
-        signature, body = parts
-        indent = _indent_of(body)
-        shown = f"{signature}\n{_docstring_block(f.doc_full or f.docstring, indent)}"
-        meta = _meta(f, indent=indent, signature=signature, **_tests_meta(f))
-        return GenExample(head + fenced(shown, "python"), body, meta)
 
     def order(split: str, made: list[GenExample], n: int, rng: Any) -> list[GenExample]:
         if split != "test":
@@ -363,7 +368,7 @@ def build_generate(ctx: BuildContext) -> Built:
         with_tests = [ex for ex in made if "tests" in ex.meta]  # the executed problems come first
         return (with_tests + take([ex for ex in made if "tests" not in ex.meta], n, rng))[:n]
 
-    built = _examples(ctx, "generate", make, order)
+    built = _examples(ctx, "generate", generate_example, order)
     built.info["doctest_functions"] = {
         s: sum(1 for ex in built.splits[s] if "tests" in ex.meta) for s in SPLITS
     }
