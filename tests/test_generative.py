@@ -54,6 +54,17 @@ def test_names_resolve_and_each_registry_refuses_the_other():
         get_generative("generate-go")
 
 
+def test_encoder_study_refuses_a_generative_task_in_one_line(tmp_path, capsys):
+    from sefusion.cli import main
+
+    scenario = tmp_path / "sc.yaml"
+    scenario.write_text("tasks: [summarize-go, naming-python]\n")
+    code = main(["study", str(scenario), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "out").exists()
+    assert "task 'summarize-go' is a generative task" in err
+
+
 @pytest.mark.parametrize("kind", ["summarize", "repair", "complete"])
 @pytest.mark.parametrize("lang", LANGUAGES)
 def test_builders_split_by_file_deterministically(kind, lang):
@@ -260,6 +271,22 @@ def test_body_indentation_is_repaired(problems):
     area = problems["area"]
     body = "value = math.pi * r * r\nreturn value"  # no indentation at all
     assert per_example_scores("generate-python", [area], [body], runner=subprocess_runner) == [1.0]
+
+
+def test_corpus_keeps_python_qualname_and_whole_docstring():
+    from sefusion.tasks.corpus import Function
+    from sefusion.tasks.corpus_extract import extract
+
+    got = {f.name: f for f in extract("python", textwrap.dedent(MODULE), "geomod.py", "s")}
+    assert got["double"].qualname == "Box.double" and got["area"].qualname == "area"
+    assert got["area"].docstring == "Area of a circle of radius r."
+    assert got["area"].doc_full.startswith("Area of a circle of radius r.\n\n>>> round(area(1.0), 4)")
+    nested = extract("python", 'def f(a):\n    """Outer one here."""\n    def g(b):\n        """Inner one here."""\n'
+                     "        c = b\n        return c\n    return g(a)\n", "m.py", "s")  # fmt: skip
+    assert {f.qualname for f in nested} == {"f", "f.<locals>.g"}
+    old = got["area"].to_json()
+    del old["doc_full"], old["qualname"]  # a record written before these fields existed
+    assert Function.from_json(old).doc_full == "" and Function.from_json(got["area"].to_json()) == got["area"]
 
 
 # ----------------------------------------------------------------------------------------- translate
