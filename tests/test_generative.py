@@ -76,7 +76,7 @@ def test_builders_split_by_file_deterministically(kind, lang):
     assert a.train and a.test
     for ex in a.train + a.test:
         assert f"```{lang}\n" in ex.prompt and ex.target and ex.meta["language"] == lang
-        assert len(ex.prompt) <= 1600 and len(ex.target) <= 1000
+        assert len(ex.prompt) <= 1500 and len(ex.target) <= 768
 
 
 def test_summarize_target_is_the_first_doc_sentence_and_not_in_the_prompt():
