@@ -261,8 +261,14 @@ def test_pass_at_1_executes_doctests(problems):
     ]
     got = per_example_scores("generate-python", exs, wrong, runner=subprocess_runner)
     assert got[0] == 0.0 and got[2] == 0.0 and got[3] == 1.0  # a whole def in a fence counts as written
-    broken = per_example_scores("generate-python", exs[:1], ["    return (("], runner=subprocess_runner)
-    assert broken == [0.0]
+    broken = per_example_scores(
+        "generate-python", [exs[0], exs[0]], ["    return ((", ""], runner=subprocess_runner
+    )
+    assert broken == [0.0, 0.0]
+    assert per_example_scores("generate-python", [exs[0], exs[0]], ["    return ((", ""], "parses") == [
+        0.0,
+        0.0,
+    ]
     summary = score_generative("generate-python", exs, right, runner=subprocess_runner)
     assert summary["pass@1"] == 1.0 and summary["problems"] == 3.0 and summary["n"] == 5.0
 
@@ -330,3 +336,9 @@ def test_standard_library_generative_tasks(tmp_path):
         assert min(sizes[name]) > 100
     doctests = build_generative("generate-python", cache=tmp_path).provenance["doctest_functions"]
     assert doctests["test"] > 10
+
+
+def test_pass_at_1_without_a_sandbox_is_one_clear_error(problems, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sefusion.sandbox", None)  # as if the sandbox were not installed
+    with pytest.raises(TaskError, match="pass@1 runs code in sefusion.sandbox"):
+        score_generative("generate-python", [problems["area"]], ["    return 0"])

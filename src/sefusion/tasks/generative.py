@@ -395,8 +395,8 @@ def generated_function(example: GenExample, output: str) -> str:
     if re.match(rf"(?:@.*\n)*(?:async\s+)?def\s+{re.escape(name)}\b", code):
         return code
     indent = example.meta.get("indent") or "    "
-    signature = example.meta["signature"]
-    return f"{signature}\n{textwrap.indent(code, indent, lambda line: True) if code.strip() else indent + 'pass'}"
+    body = textwrap.indent(code, indent, lambda line: True) if code.strip() else ""
+    return f"{example.meta['signature']}\n{body}"  # an empty reply leaves a def without a body
 
 
 def _source_of(example: GenExample) -> str:
@@ -461,8 +461,12 @@ Runner = Callable[..., Sequence[Any]]  # sefusion.sandbox.run_all: programs -> o
 def _runner(runner: Runner | None) -> Runner:
     if runner is not None:
         return runner
-    from ..sandbox import run_all  # the sandbox is imported only when something is executed
-
+    try:
+        from ..sandbox import run_all  # imported only when something is executed
+    except ImportError as exc:
+        raise TaskError(
+            f"pass@1 runs code in sefusion.sandbox, which cannot be imported here ({exc})"
+        ) from None
     return run_all
 
 
