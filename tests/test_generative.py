@@ -269,6 +269,8 @@ def test_pass_at_1_executes_doctests(problems):
         0.0,
         0.0,
     ]
+    cheat = "def area(r):\n    return 0\nimport sys\nsys.exit(0)"  # exits 0 before any doctest runs
+    assert per_example_scores("generate-python", exs[:1], [cheat], runner=subprocess_runner) == [0.0]
     summary = score_generative("generate-python", exs, right, runner=subprocess_runner)
     assert summary["pass@1"] == 1.0 and summary["problems"] == 3.0 and summary["n"] == 5.0
 

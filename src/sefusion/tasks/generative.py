@@ -407,22 +407,27 @@ def _source_of(example: GenExample) -> str:
 _PROGRAM = """\
 import doctest, importlib, sys
 sys.path[:0] = {paths!r}
-module = importlib.import_module({module!r})
-owner = module
-for part in {owner!r}:
-    owner = getattr(owner, part)
-space = {{}}
-exec(compile({code!r}, "<generated>", "exec"), vars(module), space)
-new, old = space[{name!r}], vars(owner).get({name!r})
-for kind in (staticmethod, classmethod):
-    if isinstance(old, kind) and not isinstance(new, kind):
-        new = kind(new)
-if isinstance(old, property) and not isinstance(new, property):
-    new = property(new, old.fset, old.fdel, old.__doc__)
-setattr(owner, {name!r}, new)
-test = doctest.DocTestParser().get_doctest({tests!r}, dict(vars(module)), {qualname!r}, "<doctest>", 0)
-result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test, out=sys.stderr.write)
-sys.exit(1 if result.failed or not result.attempted else 0)
+ok = False
+try:  # a SystemExit from the generated code (`sys.exit(0)` at its top level) is a failure, not a pass
+    module = importlib.import_module({module!r})
+    owner = module
+    for part in {owner!r}:
+        owner = getattr(owner, part)
+    space = {{}}
+    exec(compile({code!r}, "<generated>", "exec"), vars(module), space)
+    new, old = space[{name!r}], vars(owner).get({name!r})
+    for kind in (staticmethod, classmethod):
+        if isinstance(old, kind) and not isinstance(new, kind):
+            new = kind(new)
+    if isinstance(old, property) and not isinstance(new, property):
+        new = property(new, old.fset, old.fdel, old.__doc__)
+    setattr(owner, {name!r}, new)
+    test = doctest.DocTestParser().get_doctest({tests!r}, dict(vars(module)), {qualname!r}, "<doctest>", 0)
+    result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test, out=sys.stderr.write)
+    ok = result.attempted > 0 and not result.failed
+except BaseException as exc:
+    print(f"{{type(exc).__name__}}: {{exc}}", file=sys.stderr)
+sys.exit(0 if ok else 1)
 """
 
 
