@@ -79,6 +79,16 @@ def test_builders_split_by_file_deterministically(kind, lang):
         assert len(ex.prompt) <= 1500 and len(ex.target) <= 768
 
 
+@pytest.mark.parametrize("kind", ["summarize", "repair", "complete", "generate"])
+def test_no_target_holds_a_stop_string(kind):
+    from sefusion.tasks.generative import STOP_STRINGS
+
+    for lang in ["python"] if kind == "generate" else LANGUAGES:
+        data = build(f"{kind}-{lang}")
+        for ex in data.train + data.test:
+            assert not any(stop in ex.target for stop in STOP_STRINGS[kind]), ex.target
+
+
 def test_summarize_target_is_the_first_doc_sentence_and_not_in_the_prompt():
     data = build("summarize-python")
     for ex in data.test:

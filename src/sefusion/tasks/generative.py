@@ -65,6 +65,15 @@ KIND_METRICS = {
     "translate": ("bleu4", "exact_match"),
 }
 LIMITS = {"max_prompt_chars": 1500, "max_target_chars": 768}
+# where generation may stop: builders drop a function whose target holds one, so a reply cut there
+# loses nothing it needs
+STOP_STRINGS = {
+    "generate": ("\n```", "\ndef ", "\nclass ", "\nif __name__"),
+    "summarize": ("\n",),
+    "repair": ("\n```",),
+    "complete": ("\n",),
+    "translate": ("\n```",),
+}
 
 
 @dataclass(frozen=True)
@@ -159,18 +168,21 @@ def _meta(f: Function, **more: Any) -> dict[str, Any]:
     return {"file": f.path, "source": f.source, "function": f.name, "language": f.language, **more}
 
 
-def _fits(ctx: BuildContext, prompt: str, target: str) -> bool:
+def _fits(ctx: BuildContext, kind: str, prompt: str, target: str) -> bool:
+    """Within the length limits, and no stop string in the target (a reply cut there would lose it)."""
     o = ctx.options
+    if any(stop in target for stop in STOP_STRINGS[kind]):
+        return False
     return len(prompt) <= o["max_prompt_chars"] and len(target) <= o["max_target_chars"]
 
 
 Maker = Callable[[Function], "GenExample | None"]
 
 
-def _made(ctx: BuildContext, split: str, make: Maker) -> list[GenExample]:
-    """The examples `make` gives for a split's functions (None skips one), within the length limits."""
+def _made(ctx: BuildContext, kind: str, split: str, make: Maker) -> list[GenExample]:
+    """The examples `make` gives for a split's functions (None skips one) that `_fits` keeps."""
     made = (make(f) for f in ctx.splits()[split])
-    return [ex for ex in made if ex is not None and _fits(ctx, ex.prompt, ex.target)]
+    return [ex for ex in made if ex is not None and _fits(ctx, kind, ex.prompt, ex.target)]
 
 
 def _records(examples: Sequence[GenExample]) -> list[Example]:
@@ -181,7 +193,7 @@ def _examples(ctx: BuildContext, kind: str, make: Maker, order: Callable | None 
     """Per split: a seeded sample of the split's size (`order(split, examples, n)` may choose instead)."""
     out: dict[str, list[Example]] = {}
     for split in SPLITS:
-        made, n = _made(ctx, split, make), ctx.sizes.split(split)
+        made, n = _made(ctx, kind, split, make), ctx.sizes.split(split)
         rng = ctx.rng(kind, ctx.lang, split)
         out[split] = _records(order(split, made, n, rng) if order else take(made, n, rng))
     return Built(out, info={"limits": {k: ctx.options[k] for k in LIMITS}})
@@ -261,7 +273,7 @@ def build_repair(ctx: BuildContext) -> Built:
     head = f"Fix the bug in this {LANG_NAMES[ctx.lang]} function. Reply with the fixed function only.\n"
     out: dict[str, list[Example]] = {}
     for split in SPLITS:
-        own = [f for f in splits[split] if len(f.code) <= limit]
+        own = [f for f in splits[split] if len(f.code) <= limit and _fits(ctx, "repair", "", f.code)]
         rng = ctx.rng("repair", ctx.lang, split)
         pairs = _pairs(own, ctx.sizes.split(split), kinds, rng, vocab, limit)
         out[split] = [
