@@ -18,6 +18,7 @@ from sefusion.tasks.corpus import from_tree
 from sefusion.tasks.corpus_extract import LANGUAGES
 from sefusion.tasks.generative import (
     build_generative,
+    build_generative_from,
     build_translate,
     generate_example,
     generated_function,
@@ -226,12 +227,15 @@ class Outcome:
 
 
 def subprocess_runner(programs, desc=None, **_):
-    """Stands in for sefusion.sandbox.run_all: each program in `python -I`, exit 0 = passed."""
-    out = []
-    for p in programs:
-        r = subprocess.run([sys.executable, "-I", "-c", p], capture_output=True, timeout=60)
-        out.append(Outcome(r.returncode == 0))
-    return out
+    """Stands in for sefusion.sandbox.run_all: each program in `python -I`, exit 0 = passed, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(program: str) -> Outcome:
+        r = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True, timeout=60)
+        return Outcome(r.returncode == 0)
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, programs))
 
 
 @pytest.fixture(scope="module")
@@ -256,39 +260,34 @@ def test_generate_prompt_and_target(problems):
 
 
 def test_pass_at_1_executes_doctests(problems):
-    names = ["area", "wrong", "double", "twice", "plain"]
-    exs = [problems[n] for n in names]
-    right = [ex.target for ex in exs]
-    got = per_example_scores("generate-python", exs, right, runner=subprocess_runner)
-    assert got[0] == 1.0 and got[2] == 1.0 and got[3] == 1.0
-    assert math.isnan(got[1]) and math.isnan(got[4])  # its reference fails; no doctests
-    wrong = [
-        "    return 0.0",
-        "",
-        "    return self.n * 3",
-        "```python\ndef twice(v):\n    return v + v\n```",
-        "",
+    p = problems
+    cases = [
+        (p["area"], p["area"].target, 1.0),
+        (p["double"], p["double"].target, 1.0),  # a method: replaced on its class
+        (p["twice"], p["twice"].target, 1.0),  # a staticmethod stays one
+        (p["wrong"], p["wrong"].target, math.nan),  # its own body fails its doctest: not a problem
+        (p["plain"], p["plain"].target, math.nan),  # no doctest
+        (p["area"], "    return 0.0", 0.0),
+        (p["area"], "value = math.pi * r * r\nreturn value", 1.0),  # unindented body: indented again
+        (p["double"], "    return self.n * 3", 0.0),
+        (p["twice"], "```python\ndef twice(v):\n    return v + v\n```", 1.0),  # a whole def, fenced
+        (p["area"], "    return ((", 0.0),
+        (p["area"], "", 0.0),
+        (p["area"], "def area(r):\n    return 0\nimport sys\nsys.exit(0)", 0.0),  # exits 0 before any test
     ]
-    got = per_example_scores("generate-python", exs, wrong, runner=subprocess_runner)
-    assert got[0] == 0.0 and got[2] == 0.0 and got[3] == 1.0  # a whole def in a fence counts as written
-    broken = per_example_scores(
-        "generate-python", [exs[0], exs[0]], ["    return ((", ""], runner=subprocess_runner
+    got = per_example_scores(
+        "generate-python", [c[0] for c in cases], [c[1] for c in cases], runner=subprocess_runner
     )
-    assert broken == [0.0, 0.0]
-    assert per_example_scores("generate-python", [exs[0], exs[0]], ["    return ((", ""], "parses") == [
-        0.0,
-        0.0,
-    ]
-    cheat = "def area(r):\n    return 0\nimport sys\nsys.exit(0)"  # exits 0 before any doctest runs
-    assert per_example_scores("generate-python", exs[:1], [cheat], runner=subprocess_runner) == [0.0]
-    summary = score_generative("generate-python", exs, right, runner=subprocess_runner)
-    assert summary["pass@1"] == 1.0 and summary["problems"] == 3.0 and summary["n"] == 5.0
-
-
-def test_body_indentation_is_repaired(problems):
-    area = problems["area"]
-    body = "value = math.pi * r * r\nreturn value"  # no indentation at all
-    assert per_example_scores("generate-python", [area], [body], runner=subprocess_runner) == [1.0]
+    for (ex, out, want), score in zip(cases, got, strict=True):
+        assert score == want or (math.isnan(want) and math.isnan(score)), (ex.meta["function"], out)
+    parsed = per_example_scores(
+        "generate-python", [p["area"]] * 3, ["    return ((", "", "  x = 1"], "parses"
+    )
+    assert parsed == [0.0, 0.0, 1.0]
+    summary = score_generative(
+        "generate-python", [p["area"], p["plain"]], ["    return 0.0", ""], runner=subprocess_runner
+    )
+    assert summary == {"n": 2.0, "pass@1": 0.0, "problems": 1.0, "parses": 0.5}
 
 
 def test_corpus_keeps_python_qualname_and_whole_docstring():
@@ -354,3 +353,31 @@ def test_pass_at_1_without_a_sandbox_is_one_clear_error(problems, monkeypatch):
     monkeypatch.setitem(sys.modules, "sefusion.sandbox", None)  # as if the sandbox were not installed
     with pytest.raises(TaskError, match="pass@1 runs code in sefusion.sandbox"):
         score_generative("generate-python", [problems["area"]], ["    return 0"])
+
+
+def test_doctests_from_held_out_moves_validation_problems_to_test(tmp_path):
+    for i in range(30):
+        (tmp_path / f"m{i}.py").write_text(
+            f'def f{i}(x):\n    """Add {i} to x here.\n\n    >>> f{i}(1)\n    {i + 1}\n    """\n    y = x + {i}\n'
+            f'    return y\n\n\ndef g{i}(x):\n    """Plain function number {i}."""\n    y = x * {i}\n    return y\n'
+        )
+    functions = from_tree("python", tmp_path).functions
+    sizes = {"train": 100, "validation": 100, "test": 100}
+    plain = build_generative_from("generate-python", functions, sizes=sizes)
+    moved = build_generative_from(
+        "generate-python", functions, sizes=sizes, options={"doctests_from": "held-out"}
+    )
+    n = plain.provenance["doctest_functions"]
+    assert n["validation"] > 0 and n["test"] > 0 and moved.train == plain.train
+    assert moved.provenance["doctest_functions"] == {
+        "train": n["train"],
+        "validation": 0,
+        "test": n["validation"] + n["test"],
+    }
+    assert plain.test[: n["test"]] == [ex for ex in plain.test if "tests" in ex.meta]  # problems come first
+    got = per_example_scores(
+        "generate-python", moved.test, [ex.target for ex in moved.test], runner=subprocess_runner
+    )
+    assert [x for x in got if not math.isnan(x)] == [1.0] * (n["validation"] + n["test"])
+    with pytest.raises(TaskError, match="doctests_from must be"):
+        build_generative_from("generate-python", functions, options={"doctests_from": "all"})

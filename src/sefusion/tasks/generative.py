@@ -189,13 +189,12 @@ def _records(examples: Sequence[GenExample]) -> list[Example]:
     return [Example(ex.prompt, ex.target, 0, ex.meta) for ex in examples]
 
 
-def _examples(ctx: BuildContext, kind: str, make: Maker, order: Callable | None = None) -> Built:
-    """Per split: a seeded sample of the split's size (`order(split, examples, n)` may choose instead)."""
+def _examples(ctx: BuildContext, kind: str, make: Maker) -> Built:
+    """Per split: a seeded sample of the split's size."""
     out: dict[str, list[Example]] = {}
     for split in SPLITS:
         made, n = _made(ctx, kind, split, make), ctx.sizes.split(split)
-        rng = ctx.rng(kind, ctx.lang, split)
-        out[split] = _records(order(split, made, n, rng) if order else take(made, n, rng))
+        out[split] = _records(take(made, n, ctx.rng(kind, ctx.lang, split)))
     return Built(out, info={"limits": {k: ctx.options[k] for k in LIMITS}})
 
 
@@ -369,23 +368,32 @@ def generate_example(f: Function) -> GenExample | None:
 
 
 @register_task(
-    "generate", head="generate", metric="text", languages=("python",), defaults=LIMITS,
-    registry=GENERATIVE_TASKS,
+    "generate", head="generate", metric="text", languages=("python",),
+    defaults={**LIMITS, "doctests_from": "test"}, registry=GENERATIVE_TASKS,
 )  # fmt: skip
 def build_generate(ctx: BuildContext) -> Built:
-    """Signature + docstring -> the function's body (pass@1 on the doctests of held-out functions)."""
+    """Signature + docstring -> the function's body (pass@1 on the doctests of held-out functions).
 
-    def order(split: str, made: list[GenExample], n: int, rng: Any) -> list[GenExample]:
-        if split != "test":
-            return take(made, n, rng)
-        with_tests = [ex for ex in made if "tests" in ex.meta]  # the executed problems come first
-        return (with_tests + take([ex for ex in made if "tests" not in ex.meta], n, rng))[:n]
-
-    built = _examples(ctx, "generate", generate_example, order)
-    built.info["doctest_functions"] = {
-        s: sum(1 for ex in built.splits[s] if "tests" in ex.meta) for s in SPLITS
-    }
-    return built
+    `doctests_from`: "test" (the test files' functions with doctests are the executed problems) or
+    "held-out" (the validation files' ones join them and leave validation, so selection never sees them;
+    their files then sit in two splits)."""
+    where = ctx.options["doctests_from"]
+    if where not in ("test", "held-out"):
+        raise TaskError(f"generate: doctests_from must be 'test' or 'held-out', got {where!r}")
+    made = {s: _made(ctx, "generate", s, generate_example) for s in SPLITS}
+    if where == "held-out":
+        made["test"] += [ex for ex in made["validation"] if "tests" in ex.meta]
+        made["validation"] = [ex for ex in made["validation"] if "tests" not in ex.meta]
+    out: dict[str, list[Example]] = {}
+    for split in SPLITS:
+        n, rng = ctx.sizes.split(split), ctx.rng("generate", ctx.lang, split)
+        chosen = take(made[split], n, rng)
+        if split == "test":  # the executed problems first, then a sample of the others
+            problems = [ex for ex in made[split] if "tests" in ex.meta]
+            chosen = (problems + take([ex for ex in made[split] if "tests" not in ex.meta], n, rng))[:n]
+        out[split] = _records(chosen)
+    counts = {s: sum(1 for ex in out[s] if "tests" in ex.meta) for s in SPLITS}
+    return Built(out, info={"limits": {k: ctx.options[k] for k in LIMITS}, "doctest_functions": counts})
 
 
 # ------------------------------------------------------------------------------------------ outputs
