@@ -150,6 +150,15 @@ def test_text_scores_and_per_example():
         per_example_scores("complete-java", comp.test, outs, "bleu4")
 
 
+def test_replies_are_read_like_a_chat_model_writes_them():
+    comp = build("complete-python").test[:1]
+    line = comp[0].target
+    for reply in (line, f"  {line}\n", f"```python\n    {line}\n```", f"\n{line}\n    more = 1\n"):
+        assert score_generative("complete-python", comp, [reply])["exact_match"] == 1.0, reply
+    summ = build("summarize-go").test[:1]
+    assert score_generative("summarize-go", summ, [f"\n{summ[0].target}\nMore text."])["bleu4"] == 1.0
+
+
 @pytest.mark.parametrize("lang", LANGUAGES)
 def test_repair_parses_metric(lang):
     data = build(f"repair-{lang}")

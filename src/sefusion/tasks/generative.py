@@ -69,9 +69,9 @@ LIMITS = {"max_prompt_chars": 1500, "max_target_chars": 768}
 # loses nothing it needs
 STOP_STRINGS = {
     "generate": ("\n```", "\ndef ", "\nclass ", "\nif __name__"),
-    "summarize": ("\n",),
+    "summarize": ("\n\n",),
     "repair": ("\n```",),
-    "complete": ("\n",),
+    "complete": ("\n```",),  # a fenced line closes; scoring reads the first line of a longer reply
     "translate": ("\n```",),
 }
 
@@ -530,8 +530,18 @@ def per_example_scores(
         return [float(parses(_parse_target(kind, ex, o), ex.meta.get("language", "python")))
                 for ex, o in zip(examples, outputs, strict=True)]  # fmt: skip
     refs = [ex.target for ex in examples]
-    hyps = [extract_code(o) if kind in ("repair", "translate") else o.strip() for o in outputs]
-    return textmetrics.per_example(metric, refs, hyps)
+    return textmetrics.per_example(metric, refs, [reply_text(kind, o) for o in outputs])
+
+
+def reply_text(kind: str, output: str) -> str:
+    """What a reply is scored as: the code of a fenced reply (repair, translate), the first non-empty
+    line (summarize; complete, after unfencing), the reply itself (generate: see `generated_function`)."""
+    if kind in ("repair", "translate"):
+        return extract_code(output)
+    if kind in ("summarize", "complete"):
+        text = extract_code(output) if kind == "complete" else output
+        return next((line.strip() for line in text.split("\n") if line.strip()), "")
+    return output
 
 
 def _parse_target(kind: str, example: GenExample, output: str) -> str:
