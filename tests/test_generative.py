@@ -307,8 +307,10 @@ def test_corpus_keeps_python_qualname_and_whole_docstring():
     assert got["double"].qualname == "Box.double" and got["area"].qualname == "area"
     assert got["area"].docstring == "Area of a circle of radius r."
     assert got["area"].doc_full.startswith("Area of a circle of radius r.\n\n>>> round(area(1.0), 4)")
-    nested = extract("python", 'def f(a):\n    """Outer one here."""\n    def g(b):\n        """Inner one here."""\n'
-                     "        c = b\n        return c\n    return g(a)\n", "m.py", "s")  # fmt: skip
+    src = (
+        'def f(a):\n    """Outer one here."""\n    def g(b):\n        """Inner one here."""\n        c = b\n'
+    )
+    nested = extract("python", src + "        return c\n    return g(a)\n", "m.py", "s")
     assert {f.qualname for f in nested} == {"f", "f.<locals>.g"}
     old = got["area"].to_json()
     del old["doc_full"], old["qualname"]  # a record written before these fields existed
@@ -367,8 +369,9 @@ def test_pass_at_1_without_a_sandbox_is_one_clear_error(problems, monkeypatch):
 def test_doctests_from_held_out_moves_validation_problems_to_test(tmp_path):
     for i in range(30):
         (tmp_path / f"m{i}.py").write_text(
-            f'def f{i}(x):\n    """Add {i} to x here.\n\n    >>> f{i}(1)\n    {i + 1}\n    """\n    y = x + {i}\n'
-            f'    return y\n\n\ndef g{i}(x):\n    """Plain function number {i}."""\n    y = x * {i}\n    return y\n'
+            f'def f{i}(x):\n    """Add {i} to x here.\n\n    >>> f{i}(1)\n    {i + 1}\n    """\n'
+            f"    y = x + {i}\n    return y\n\n\n"
+            f'def g{i}(x):\n    """Plain function number {i}."""\n    y = x * {i}\n    return y\n'
         )
     functions = from_tree("python", tmp_path).functions
     sizes = {"train": 100, "validation": 100, "test": 100}

@@ -761,7 +761,7 @@ def first_sentence(text: str) -> str:
 
 
 __all__ = [
-    "GENERATIVE_TASKS", "SPLITS", "TASKS", "BuildContext", "Built", "Example", "Sizes", "TaskData", "TaskError", "TaskSpec",
-    "build_spec", "build_task", "first_sentence", "get_task", "mrr", "mrr_chance", "read_task_data", "register_task",
-    "score", "take", "task_names", "write_task_data",
+    "GENERATIVE_TASKS", "SPLITS", "TASKS", "BuildContext", "Built", "Example", "Sizes", "TaskData",
+    "TaskError", "TaskSpec", "build_spec", "build_task", "first_sentence", "get_task", "mrr", "mrr_chance",
+    "read_task_data", "register_task", "score", "take", "task_names", "write_task_data",
 ]  # fmt: skip

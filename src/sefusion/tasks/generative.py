@@ -17,8 +17,9 @@ split by source file, sampled with a seeded random source, cached under CACHE/ta
 Lengths are bounded in characters (no tokenizer is needed to build a task): a function whose prompt or
 target is longer than `max_prompt_chars` / `max_target_chars` (1,500 / 768) is dropped. Qwen2.5-Coder's
 tokenizer reads the standard-library tasks at 4.1-4.3 characters per token, so prompts stay within
-about 512 tokens and targets within about 256 (a handful of the ~3,000 examples per task go over). Every example's meta holds "file" (its source
-file, the cluster of a clustered bootstrap), "language" and what scoring needs.
+about 512 tokens and targets within about 256 (a handful of the ~3,000 examples per task go over).
+Every example's meta holds "file" (its source file, the cluster of a clustered bootstrap), "language"
+and what scoring needs.
 """
 
 from __future__ import annotations
