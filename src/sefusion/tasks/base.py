@@ -221,8 +221,8 @@ class TaskSpec:
     classes: 1/len(labels); MRR: that of a random ranking of the full pool)."""
 
     kind: str
-    head: Literal["classify", "retrieval"]
-    metric: Literal["accuracy", "mrr"]
+    head: Literal["classify", "retrieval", "generate"]
+    metric: Literal["accuracy", "mrr", "text"]
     labels: list[str]
     chance: float
     languages: tuple[str, ...]
@@ -334,9 +334,10 @@ class TaskSpec:
                 "use a larger corpus (--dir LANG=PATH) or `sefusion corpus fetch`"
             )
         test = built.splits.get("test", [])
+        chance: float | None = None  # a generative task (prompt -> text) has no chance level
         if self.metric == "mrr":
             chance = mrr_chance(len(test)) if test else None
-        else:
+        elif self.head != "generate":
             chance = _accuracy_chance(test, len(labels))
         provenance = {
             "task": self.task_name(lang),
@@ -372,8 +373,8 @@ def _accuracy_chance(test: Sequence[Example], num_labels: int) -> float | None:
 class TaskRegistry(Registry[TaskSpec]):
     """Kind -> TaskSpec (the generic registry), plus the task names KIND-LANG that exist."""
 
-    def __init__(self) -> None:
-        super().__init__("task kind", lambda spec: spec.kind, TaskError, lambda: _load_builtin_tasks())
+    def __init__(self, what: str = "task kind", load: Callable[[], None] | None = None) -> None:
+        super().__init__(what, lambda spec: spec.kind, TaskError, load or (lambda: _load_builtin_tasks()))
 
     def kinds(self) -> list[str]:
         return self.keys()
@@ -383,22 +384,27 @@ class TaskRegistry(Registry[TaskSpec]):
         return [s.task_name(lang) for s in self for lang in s.languages]
 
 
-TASKS = TaskRegistry()
+TASKS = TaskRegistry()  # the encoder tasks (classification and retrieval heads)
+# prompt -> text tasks for causal code LMs (sefusion.tasks.generative): a registry of their own, so that
+# nothing built for encoders (the study, data-aware merging) can pick one up by accident
+GENERATIVE_TASKS = TaskRegistry("generative task kind", lambda: _load_generative_tasks())
 
 
 def register_task(
     kind: str,
     *,
-    head: Literal["classify", "retrieval"],
-    metric: Literal["accuracy", "mrr"],
+    head: Literal["classify", "retrieval", "generate"],
+    metric: Literal["accuracy", "mrr", "text"],
     labels: Sequence[str] = (),
     chance: float | None = None,
     languages: Sequence[str] = LANGUAGES,
     pair: bool = False,
     defaults: Mapping[str, Any] | None = None,
     labels_by_language: Mapping[str, Sequence[str]] | None = None,
+    registry: TaskRegistry | None = None,
 ) -> Callable[[Callable[[BuildContext], Built]], Callable[[BuildContext], Built]]:
-    """Register a builder as task kind `kind`; its docstring's first line is the task's summary."""
+    """Register a builder as task kind `kind` (in `registry`, default TASKS); its docstring's first line
+    is the task's summary."""
 
     def deco(fn: Callable[[BuildContext], Built]) -> Callable[[BuildContext], Built]:
         doc = (fn.__doc__ or "").strip()
@@ -416,7 +422,7 @@ def register_task(
             dict(defaults or {}),
             {k: tuple(v) for k, v in (labels_by_language or {}).items()},
         )
-        TASKS.add(spec)
+        (TASKS if registry is None else registry).add(spec)
         fn.spec = spec  # type: ignore[attr-defined]
         return fn
 
@@ -432,6 +438,10 @@ def _load_builtin_tasks() -> None:
     if not _loaded:
         _loaded = True
         from . import clone, consistency, defect, exception, langid, naming, search  # noqa: F401
+
+
+def _load_generative_tasks() -> None:
+    from . import generative  # noqa: F401
 
 
 def task_names() -> list[str]:
@@ -453,6 +463,11 @@ def get_task(name: str) -> tuple[TaskSpec, str]:
             )
         raise TaskError(f"unknown task '{name}'; available: {available}")
     if kind not in TASKS:
+        if kind in GENERATIVE_TASKS or text in GENERATIVE_TASKS:
+            raise TaskError(
+                f"task '{name}' is a generative task (prompt -> text, for causal code LMs); this takes "
+                f"the encoder tasks: {available}"
+            )
         raise TaskError(f"unknown task '{name}'; available: {available}")
     spec = TASKS.get(kind)
     try:
@@ -558,6 +573,23 @@ def build_task(
     that language's default corpus; `refresh`: build again and overwrite the cached copy.
     """
     spec, lang = get_task(name)
+    return build_spec(spec, lang, sizes=sizes, seed=seed, cache=cache, dirs=dirs, options=options,
+                      corpus_cache=corpus_cache, refresh=refresh)  # fmt: skip
+
+
+def build_spec(
+    spec: TaskSpec,
+    lang: str,
+    *,
+    sizes: Sizes | Mapping[str, int] | Callable[[], Any] | None = None,
+    seed: int = 0,
+    cache: str | Path | None = None,
+    dirs: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    corpus_cache: str | Path | None = None,
+    refresh: bool = False,
+) -> TaskData:
+    """`build_task` for a spec already looked up (an encoder or a generative task)."""
     sz = Sizes.of(sizes)
     opts = spec.options(options)
     store = Path(cache).expanduser() if cache is not None else default_cache_dir()
@@ -729,7 +761,7 @@ def first_sentence(text: str) -> str:
 
 
 __all__ = [
-    "SPLITS", "TASKS", "BuildContext", "Built", "Example", "Sizes", "TaskData", "TaskError", "TaskSpec",
-    "build_task", "first_sentence", "get_task", "mrr", "mrr_chance", "read_task_data", "register_task",
-    "score", "take", "task_names", "write_task_data",
+    "GENERATIVE_TASKS", "SPLITS", "TASKS", "BuildContext", "Built", "Example", "Sizes", "TaskData",
+    "TaskError", "TaskSpec", "build_spec", "build_task", "first_sentence", "get_task", "mrr", "mrr_chance",
+    "read_task_data", "register_task", "score", "take", "task_names", "write_task_data",
 ]  # fmt: skip
