@@ -28,8 +28,10 @@ from sefusion.tasks.base import (
     Sizes,
     TaskError,
     build_task,
+    example_clusters,
     first_sentence,
     get_task,
+    gold_ranks,
     mrr,
     mrr_chance,
     score,
@@ -311,6 +313,9 @@ def test_accuracy_and_per_kind_by_hand():
     got = score(spec, [0, 1, 1, 1, 0], exs)
     assert got["score"] == pytest.approx(3 / 5) and got["n"] == 5
     assert got["per_kind"] == {"unbound_name": 1.0, "wrong_return": pytest.approx(1 / 3)}
+    assert got["per_example"] == [1, 1, 0, 1, 0]
+    paths = [Example("x", meta={"path": "a.py"}), Example("y"), Example("z", meta={"path": "a.py"})]
+    assert example_clusters(paths) == ["a.py", "#example1", "a.py"]
     logits = [[2.0, -1.0], [0.0, 3.0], [0.1, 0.2], [0.0, 1.0], [5.0, 4.0]]  # argmax = the labels above
     assert score(spec, logits, exs) == got
     with pytest.raises(TaskError, match="4 predictions for 5 examples"):
@@ -331,9 +336,10 @@ def test_mrr_by_hand_with_ties():
     assert mrr(torch.eye(4), [0, 1, 2, 3]) == 1.0
     assert mrr(torch.zeros(4, 4), [0, 1, 2, 3]) == pytest.approx(1 / 4)  # a collapsed model gets 1/P
     spec, _ = get_task("search-python")
-    assert score(spec, sim, [Example("q", "c", g) for g in (0, 1, 2, 0)])["score"] == pytest.approx(
-        (1 + 1 / 3 + 1 / 3 + 1 / 2) / 4
-    )
+    res = score(spec, sim, [Example("q", "c", g) for g in (0, 1, 2, 0)])
+    assert res["score"] == pytest.approx((1 + 1 / 3 + 1 / 3 + 1 / 2) / 4)
+    assert res["per_example"] == [1.0, 1 / 3, 1 / 3, 1 / 2]
+    assert gold_ranks(sim, [0, 1, 2, 0]).tolist() == [1, 3, 3, 2]
     with pytest.raises(TaskError, match="gold indices must be in"):
         mrr(sim, [0, 1, 2, 3])
     with pytest.raises(TaskError, match="4 queries but 3 gold"):
