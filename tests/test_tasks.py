@@ -9,6 +9,8 @@ behaviour" and "a clone rewrite keeps it" are checked by running the code, not o
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -600,22 +602,31 @@ def test_defect_kinds_option_restricts_the_kinds():
     assert {ex.meta["kind"] for s in data.splits.values() for ex in s} == {"wrong_return", "undefined_call"}
 
 
-def test_defect_python_adds_site_packages_to_train_only_when_short():
-    spec, _ = get_task("defect-python")
+@pytest.mark.parametrize("name", ["defect-python", "exception-python"])
+def test_site_packages_only_when_asked(name):
+    """A task depends only on the corpus it names: installed packages (the stand-in `extra_train`) change
+    nothing unless `site_packages=True` asks for them; the old "auto" is refused."""
+    spec, _ = get_task(name)
     extra = corpus("python", 60)[len(ALL["python"]) :]  # files 40..59: a stand-in for site-packages
-    short = spec.build_from(ALL, "python", sizes=Sizes(train=200, validation=8, test=8), extra_train=extra)
+    sizes = Sizes(train=200, validation=8, test=8)  # more than ALL yields: "auto" used to add them
+    plain = spec.build_from(ALL, "python", sizes=sizes)
+    with_extra = spec.build_from(ALL, "python", sizes=sizes, extra_train=extra)
+    assert with_extra.splits == plain.splits and with_extra.fingerprint == plain.fingerprint
+    asked = spec.build_from(ALL, "python", sizes=sizes, extra_train=extra, options={"site_packages": True})
+    assert asked.fingerprint != plain.fingerprint
+    with pytest.raises(TaskError, match="site_packages must be true or false, got 'auto'"):
+        spec.build_from(ALL, "python", sizes=sizes, options={"site_packages": "auto"})
+
+
+def test_defect_site_packages_go_to_train_only():
+    spec, _ = get_task("defect-python")
+    extra = corpus("python", 60)[len(ALL["python"]) :]
+    opts = {"site_packages": True}
+    short = spec.build_from(ALL, "python", sizes=Sizes(train=200, validation=8, test=8), extra_train=extra,
+                            options=opts)  # fmt: skip
     assert short.provenance["site_packages_functions"] > 0
-    assert all(
-        not ex.meta["path"].startswith("site-packages/")
-        for s in ("validation", "test")
-        for ex in short.splits[s]
-    )
-    enough = spec.build_from(ALL, "python", sizes=SMALL, extra_train=extra)
-    assert enough.provenance["site_packages_functions"] == 0
-    off = spec.build_from(
-        ALL, "python", sizes=Sizes(train=200), extra_train=extra, options={"site_packages": False}
-    )
-    assert off.provenance["site_packages_functions"] == 0
+    extra_paths = {f.path for f in extra}
+    assert not any(ex.meta["path"] in extra_paths for s in ("validation", "test") for ex in short.splits[s])
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
@@ -701,6 +712,28 @@ def test_builders_are_deterministic_per_seed(name):
     assert a.fingerprint == b.fingerprint and a.splits == b.splits
     c = build(name, seed=1)
     assert c.fingerprint != a.fingerprint
+    assert a.provenance["fingerprint"] == a.fingerprint
+
+
+def test_data_fingerprint_is_sha256_of_the_canonical_splits():
+    data = build("naming-java")
+    h = hashlib.sha256(b'{"labels":' + json.dumps(data.labels).replace(", ", ",").encode()
+                       + b',"task":"naming-java"}\n')  # fmt: skip
+    for split in ("train", "validation", "test"):
+        for ex in data.splits[split]:
+            rec = {
+                "label": ex.label,
+                "meta": dict(ex.meta),
+                "pair": ex.text_pair,
+                "split": split,
+                "text": ex.text,
+            }
+            h.update(
+                json.dumps(rec, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+            )
+    assert data.fingerprint == h.hexdigest() == tasks.data_fingerprint(data)
+    moved = {**data.splits, "train": data.splits["train"][1:] + data.splits["train"][:1]}
+    assert tasks.data_fingerprint(tasks.TaskData(data.task, moved, {}, data.labels)) != data.fingerprint
 
 
 def test_determinism_does_not_depend_on_hash_randomization(tmp_path):

@@ -101,7 +101,7 @@ class Example:
 class TaskData:
     """A built task: examples per split, class names, the chance level of its metric on its test split,
     where the data came from (`provenance`: sources with package, version and licence; counts), and a
-    fingerprint of the content (a cache key for whoever trains on it)."""
+    fingerprint of the content (`data_fingerprint`: sha256 of its canonical serialization)."""
 
     task: str
     splits: dict[str, list[Example]]
@@ -351,7 +351,8 @@ class TaskSpec:
         }
         splits = {s: list(built.splits.get(s, [])) for s in SPLITS}
         data = TaskData(self.task_name(lang), splits, provenance, labels, chance)
-        return _replace(data, fingerprint=_content_fingerprint(data))
+        provenance["fingerprint"] = fingerprint = data_fingerprint(data)  # recorded with the data
+        return _replace(data, fingerprint=fingerprint)
 
 
 def _as_site(f: Function) -> Function:
@@ -626,13 +627,27 @@ def read_task_data(path: Path) -> TaskData | None:
         return None
 
 
-def _content_fingerprint(data: TaskData) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([data.task, data.labels], sort_keys=True).encode())
+def canonical_lines(data: TaskData):
+    """The canonical serialization of a task's data: a header (task, labels), then each example of
+    train, validation, test in order as one line of JSON with sorted keys and no spaces."""
+
+    def line(obj: Any) -> bytes:
+        return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+    yield line({"task": data.task, "labels": list(data.labels)})
     for split in SPLITS:
         for ex in data.splits.get(split, []):
-            h.update(json.dumps([split, ex.text, ex.text_pair, ex.label], sort_keys=True).encode())
-    return h.hexdigest()[:20]
+            yield line({"split": split, "text": ex.text, "pair": ex.text_pair, "label": int(ex.label),
+                        "meta": dict(ex.meta or {})})  # fmt: skip
+
+
+def data_fingerprint(data: TaskData) -> str:
+    """sha256 of the canonical serialization of the task's splits (`canonical_lines`): equal exactly when
+    two builds yield the same examples, labels and metadata in the same order."""
+    h = hashlib.sha256()
+    for chunk in canonical_lines(data):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -746,6 +761,6 @@ def first_sentence(text: str) -> str:
 
 __all__ = [
     "SPLITS", "TASKS", "BuildContext", "Built", "Example", "Sizes", "TaskData", "TaskError", "TaskSpec",
-    "build_task", "example_clusters", "first_sentence", "get_task", "gold_ranks", "mrr", "mrr_chance", "read_task_data", "register_task",
+    "build_task", "canonical_lines", "data_fingerprint", "example_clusters", "first_sentence", "get_task", "gold_ranks", "mrr", "mrr_chance", "read_task_data", "register_task",
     "score", "take", "task_names", "write_task_data",
 ]  # fmt: skip
