@@ -107,3 +107,19 @@ def test_task_intervals_from_per_example_scores():
     assert cell["gain_kept"] == g.as_dict() and g.high < 0
     assert out["differences"]["bad - individual"]["significant"] is True
     assert out["rows"]["individual"]["interval"] == U.interval(expert, files).as_dict()
+
+
+def test_task_facts():
+    from sefusion.tasks.base import Example, TaskData, data_fingerprint, get_task
+
+    train = [Example("a", label=y) for y in (1, 1, 0)]
+    test = [Example("t", label=y, meta={"path": f"f{i % 2}.py"}) for i, y in enumerate((1, 0, 1, 1))]
+    data = TaskData("naming-python", {"train": train, "validation": [], "test": test}, {}, ["a", "b"])
+    spec, _ = get_task("naming-python")
+    facts = gains.task_facts(data, spec, b=500)
+    assert facts["fingerprint"] == data_fingerprint(data) and len(facts["fingerprint"]) == 64
+    assert facts["test_examples"] == 4 and facts["test_files"] == 2
+    base = facts["baseline"]
+    assert base["name"] == "majority class" and base["estimate"] == 0.75
+    # two files: f0 holds labels (1, 1), f1 holds (0, 1): resample means 1, 0.75 or 0.5
+    assert (base["low"], base["high"]) == (0.5, 1.0)

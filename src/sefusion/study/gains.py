@@ -158,5 +158,22 @@ def task_intervals(
     return out
 
 
+def task_facts(data: Any, spec: Any, *, b: int = B_DEFAULT) -> dict[str, Any]:
+    """What a report states about a task's test data besides the models: its data fingerprint, how many
+    source files its test examples come from, and its no-training baseline with a cluster interval."""
+    from ..tasks.base import data_fingerprint, example_clusters
+    from ..tasks.baselines import no_training_baseline
+
+    test = list(data.splits.get("test") or [])
+    files = example_clusters(test)
+    base = no_training_baseline(data, spec)
+    return {
+        "fingerprint": data.fingerprint or data_fingerprint(data),
+        "test_examples": len(test),
+        "test_files": len(set(files)),
+        "baseline": {"name": base["baseline"], **U.interval(base["per_example"], files, b=b).as_dict()},
+    }
+
+
 __all__ = ["BELOW_CHANCE", "BELOW_PRETRAINED", "flags", "gain_kept", "row_readings", "row_summary",
-           "summary_lines", "task_intervals"]  # fmt: skip
+           "summary_lines", "task_facts", "task_intervals"]  # fmt: skip
