@@ -5,13 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import dag_toy
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dag_toy
 from sefusion.errors import SefusionError
-from sefusion.study.executor import LocalExecutor, Piece, Plan, make_executor
+from sefusion.study.executor import LocalExecutor, Piece, Plan, RayExecutor, make_executor
 
 
 def run_local(pieces, **kw):
@@ -58,7 +58,9 @@ def test_dependency_results_follow_the_args_in_deps_order():
     pieces = [
         Piece("x", lambda: 2),
         Piece("y", lambda: 3),
-        Piece("z", lambda k, a, b, scale: k * (10 * a + b) * scale, (1,), deps=("y", "x"), kwargs={"scale": 2}),
+        Piece(
+            "z", lambda k, a, b, scale: k * (10 * a + b) * scale, (1,), deps=("y", "x"), kwargs={"scale": 2}
+        ),
     ]
     assert run_local(pieces)["z"] == 64
 
@@ -136,6 +138,12 @@ def test_make_executor_maps_the_ray_flag():
     assert isinstance(make_executor(None), LocalExecutor)
     assert make_executor(True).address is None and make_executor("").address is None
     assert make_executor("10.0.0.1:6379").address == "10.0.0.1:6379"
+
+
+def test_the_ray_executor_without_ray_installed_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets when it is not installed
+    with pytest.raises(SefusionError, match=r"pip install 'sefusion\[ray\]'"):
+        RayExecutor().run(dag_toy.study())
 
 
 def test_nothing_imports_ray_without_the_ray_executor():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -236,6 +237,8 @@ class RayExecutor:
         if self.address is None:
             kwargs["include_dashboard"] = False
         kwargs.update(self.init_kwargs)
+        if self.address is not None:
+            _reachable(self.address)
         try:
             ray.init(address=self.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -326,6 +329,17 @@ def _check_resources(ray: Any, plan: Plan) -> None:
                 f"piece {p.key} needs {p.num_cpus:g} CPU(s) and {p.num_gpus:g} GPU(s) on one node; "
                 f"the largest node of the Ray cluster has {most[0]:g} CPU(s) and {most[1]:g} GPU(s)"
             )
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """Refuse a HOST:PORT nothing answers on at once (ray.init would retry it for minutes, loudly)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "/" in address or not port.isdigit():
+        return  # "auto", ray://..., a name Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise SefusionError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 def _import_ray() -> Any:
