@@ -29,10 +29,15 @@ def worker_path() -> str:
     return os.pathsep.join([*paths, *([old] if old else [])])
 
 
-def test_without_an_address_a_local_instance_is_started_and_shut_down(monkeypatch):
+def test_without_an_address_a_local_instance_is_started_and_shut_down(monkeypatch, tmp_path):
     """`--ray` alone; first in this file, before the cluster fixture connects this process."""
     assert not ray.is_initialized()
     monkeypatch.setenv("PYTHONPATH", worker_path())
+    # a local instance turns token authentication on (RAY_AUTH_MODE in this process's environment) and
+    # saves a token under ~/.ray: keep both to this test (the setenv makes monkeypatch restore "unset")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_MODE", "")
+    monkeypatch.delenv("RAY_AUTH_MODE")
     out = RayExecutor(quiet=True, init_kwargs=SMALL).run(dag_toy.study())
     assert not ray.is_initialized()
     assert list(out.items()) == list(local(dag_toy.study()).items())
