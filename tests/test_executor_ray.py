@@ -122,7 +122,10 @@ def test_a_real_failure_fails_the_run_with_its_own_message_and_resumes_on_one_ma
     with pytest.raises(SefusionError) as err:
         on_ray(cut, on_done=records.__setitem__)
     assert type(err.value) is SefusionError
-    assert str(err.value) == "task t1: bad data on line 3 of train.jsonl"
+    assert str(err.value) == "task t1: bad data on line 3 of train.jsonl"  # the CLI's one line
+    assert any(
+        "raised by piece choice/ta on the Ray cluster" in n for n in getattr(err.value, "__notes__", [])
+    )
     assert "Traceback" not in capfd.readouterr().err
     assert {"data/t0", "expert/t2", "cand/ta/0.8"} <= set(records) and "choice/ta" not in records
     recorded = dict(records)

@@ -311,6 +311,9 @@ def _fetch(ray: Any, ref: Any, key: str) -> Any:
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause
         if isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
+            if hasattr(cause, "add_note"):  # a traceback (not the CLI's one line) shows where it was raised
+                remote = getattr(exc, "traceback_str", None) or str(exc)
+                cause.add_note(f"raised by piece {key} on the Ray cluster:\n{remote}")
             raise cause from None  # the piece's own error, as the local executor raises it
         raise PieceLostError(f"piece {key} failed on the Ray cluster: {_first_line(cause or exc)}") from None
     except ray.exceptions.RayError as exc:  # worker or node died more often than max_retries, OOM kill...
