@@ -1,10 +1,14 @@
 """The executor on a two-node Ray cluster simulated on this machine: the in-process results, worker loss,
-real failures. Marked `ray` (a cluster takes ~20 s to start here): run with `pytest -m ray`."""
+real failures. Marked `ray` (a cluster takes ~20 s to start here, the module ~65 s): run with `pytest -m ray`."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,18 +33,26 @@ def worker_path() -> str:
     return os.pathsep.join([*paths, *([old] if old else [])])
 
 
-def test_without_an_address_a_local_instance_is_started_and_shut_down(monkeypatch, tmp_path):
-    """`--ray` alone; first in this file, before the cluster fixture connects this process."""
-    assert not ray.is_initialized()
-    monkeypatch.setenv("PYTHONPATH", worker_path())
-    # a local instance turns token authentication on (RAY_AUTH_MODE in this process's environment) and
-    # saves a token under ~/.ray: keep both to this test (the setenv makes monkeypatch restore "unset")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("RAY_AUTH_MODE", "")
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    out = RayExecutor(quiet=True, init_kwargs=SMALL).run(dag_toy.study())
-    assert not ray.is_initialized()
-    assert list(out.items()) == list(local(dag_toy.study()).items())
+LOCAL_RUN = """
+import json, ray, dag_toy
+from sefusion.study.executor import RayExecutor
+out = RayExecutor(quiet=True, init_kwargs={"num_cpus": 1, "object_store_memory": 80 * 2**20}).run(dag_toy.study())
+print(json.dumps([list(out.items()), ray.is_initialized()]))
+"""
+
+
+def test_without_an_address_a_local_instance_is_started_and_shut_down(tmp_path):
+    """`--ray` alone. In a process of its own: a local instance turns Ray's token authentication on in
+    its process (and saves a token under ~/.ray, here a temporary HOME), which a later connection to
+    the test cluster must not inherit."""
+    env = {**os.environ, "PYTHONPATH": worker_path(), "HOME": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-c", LOCAL_RUN], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    items, still_connected = json.loads(run.stdout.splitlines()[-1])
+    assert not still_connected
+    assert [tuple(kv) for kv in items] == list(json.loads(json.dumps(local(dag_toy.study()))).items())
 
 
 def test_an_address_nothing_answers_on_is_one_clear_error():
@@ -157,3 +169,20 @@ def test_a_piece_no_node_can_hold_is_refused_before_anything_runs(cluster):
 def test_everything_recorded_needs_no_cluster():
     ref = local(dag_toy.study())
     assert RayExecutor(address="203.0.113.1:1").run(dag_toy.study(), done=ref.get) == ref
+
+
+def test_a_random_dag_with_recorded_pieces_gives_the_reference_results(cluster):
+    """Shared inputs, recorded inputs put once for many pieces, pieces listed out of dependency order."""
+    rnd = random.Random(7)
+    n = 40
+    deps = [rnd.sample(range(i), min(i, rnd.randint(0, 4))) for i in range(n)]
+    ref: dict[str, str] = {}
+    for i, ds in enumerate(deps):
+        ref[f"k{i}"] = dag_toy.mix(f"k{i}", *(ref[f"k{j}"] for j in ds))
+    order = rnd.sample(range(n), n)
+    pieces = [Piece(f"k{i}", dag_toy.mix, (f"k{i}",), deps=tuple(f"k{j}" for j in deps[i])) for i in order]
+    recorded = {f"k{i}": ref[f"k{i}"] for i in rnd.sample(range(n), 12)}
+    ran: list[str] = []
+    out = on_ray(pieces, done=recorded.get, on_done=lambda k, r: ran.append(k))
+    assert list(out.items()) == [(p.key, ref[p.key]) for p in pieces]
+    assert sorted(ran) == sorted(set(ref) - set(recorded))
