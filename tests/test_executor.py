@@ -137,7 +137,7 @@ def test_progress_bar_counts_done_running_waiting(capsys):
 def test_make_executor_maps_the_ray_flag():
     assert isinstance(make_executor(None), LocalExecutor)
     assert make_executor(True).address is None and make_executor("").address is None
-    assert make_executor("10.0.0.1:6379").address == "10.0.0.1:6379"
+    assert make_executor("127.0.0.2:6379").address == "127.0.0.2:6379"
 
 
 def test_the_ray_executor_without_ray_installed_says_how_to_get_it(monkeypatch):
