@@ -54,7 +54,7 @@ def main() -> None:
     if not args.unsorted:  # the order generate() itself would batch in: longest prompt first
         todo.sort(key=lambda i: -len(tok(prompts[i])["input_ids"]))
     t0 = time.perf_counter()
-    chunk = args.batch * 2  # completions are appended chunk by chunk: a stopped run resumes
+    chunk = args.batch  # completions are appended batch by batch: a stopped run resumes
     for k in tqdm(range(0, len(todo), chunk), desc="humaneval", unit="chunk"):
         rows = todo[k : k + chunk]
         outs = causal.generate(

