@@ -377,3 +377,31 @@ def test_default_base_takes_a_lora_step(tmp_path):
     out = train_causal(causal.resolve_base(causal.DEFAULT_BASE), data, cfg, tmp_path / "ad", progress=False)
     meta = json.loads((out / META_FILE).read_text())
     assert meta["precision"] == "bf16" and len(meta["losses"]) == 1 and meta["losses"][0] < 5
+
+
+def test_train_cli_writes_an_adapter_and_names_a_bad_jsonl_line(bases, tmp_path, capsys):
+    good = tmp_path / "gen.jsonl"
+    good.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in pairs(4)))
+    args = [
+        "train",
+        str(bases["llama"]),
+        str(tmp_path / "ad"),
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--micro-batch",
+        "1",
+    ]
+    assert main([*args, "--data", str(good), "-q"]) == 0
+    meta = json.loads((tmp_path / "ad" / META_FILE).read_text())
+    assert meta["tasks"] == {"task": 4} and meta["config"]["micro_batch"] == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "target": "b"}\n{"prompt": "a"\n')
+    assert main([*args[:2], str(tmp_path / "ad2"), "--data", f"gen={good}", "--data", f"sum={bad}"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{bad}:2: not JSON (Expecting ',' delimiter)")
+    bad.write_text('{"prompt": "a"}\n')
+    assert main([*args[:2], str(tmp_path / "ad2"), "--data", str(bad)]) == 2
+    assert f"{bad}:1: no string field target" in capsys.readouterr().err
+    assert main([*args, "--data", str(good)]) == 2  # the output exists
+    assert "exists" in capsys.readouterr().err
