@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import OutputExistsError, SefusionError
 from ..sandbox import Limits, Outcome, mechanisms, run_all
-from .problems import STOP, Problem, pass_at_1, program, test_error
+from .problems import STOP, Problem, harness, pass_at_1, program, test_error
 from .quality import Analysis, analyze, quality_table
 
 log = logging.getLogger("sefusion")
@@ -56,13 +56,11 @@ def _outcomes(
 ) -> list[Outcome]:
     """One sandbox run per completion; a problem whose test does not compile is an error, not run."""
     broken = {t: why for t, p in by_id.items() if (why := test_error(p))}
-    runnable = [(i, program(by_id[t], c)) for i, (t, c) in enumerate(completions) if t not in broken]
+    runnable = [(i, harness(program(by_id[t], c))) for i, (t, c) in enumerate(completions) if t not in broken]
     ran = run_all([p for _, p in runnable], limits=limits, workers=workers, desc="running tests")
     outcomes: list[Outcome | None] = [None] * len(completions)
     for (i, _), outcome in zip(runnable, ran, strict=True):
-        # a completion that does not compile is the model's failure; "error" is kept for broken problems
-        failed = outcome.status == "error" and not outcome.detail.startswith("sandbox:")
-        outcomes[i] = Outcome("failed", outcome.detail, outcome.wall_s) if failed else outcome
+        outcomes[i] = outcome  # a completion that does not compile fails inside the harness, like any error
     for i, (t, _) in enumerate(completions):
         if t in broken:
             outcomes[i] = Outcome("error", broken[t], 0.0)

@@ -79,7 +79,27 @@ def humaneval_problems() -> list[Problem]:
 
 
 def program(problem: Problem, completion: str) -> str:
+    """The program HumanEval's evaluator builds: prompt, completion, test, the call of `check`."""
     return f"{problem.prompt}{completion}\n{problem.test}\ncheck({problem.entry_point})"
+
+
+# Run the program as HumanEval's evaluator does: exec'd in empty globals (so `if __name__ == "__main__"`
+# blocks stay off), where any exception, SystemExit included, fails it: a completion that calls
+# sys.exit(0) must not pass.
+_HARNESS = """import linecache, sys, traceback
+TEXT = {text!r}
+linecache.cache["program.py"] = (len(TEXT), None, TEXT.splitlines(True), "program.py")  # source in tracebacks
+try:
+    exec(compile(TEXT, "program.py", "exec"), {{}})
+except BaseException:
+    traceback.print_exc()
+    sys.exit(1)
+"""
+
+
+def harness(text: str) -> str:
+    """The script the sandbox runs for program `text`."""
+    return _HARNESS.format(text=text)
 
 
 def test_error(problem: Problem) -> str | None:

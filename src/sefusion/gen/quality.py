@@ -51,7 +51,7 @@ def parses(code: str) -> bool:
     """Whether `code` is syntactically valid Python (ast)."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SyntaxWarning)  # e.g. invalid escapes: still valid code
+            warnings.simplefilter("ignore")  # e.g. invalid escapes warn: still valid code
             ast.parse(code)
     except (SyntaxError, ValueError):
         return False
