@@ -94,7 +94,7 @@ def test_clean_environment_own_directory_and_uid(monkeypatch: pytest.MonkeyPatch
     prog = (
         "import os, sys\n"
         "assert set(os.environ) <= {'PATH', 'LANG', 'HOME', 'TMPDIR', 'LC_CTYPE'}, sorted(os.environ)\n"
-        "assert os.environ['HOME'] == os.getcwd() and os.listdir('.') == ['program.py']\n"
+        "assert os.environ['HOME'] == os.getcwd() and os.listdir('.') == []\n"
         "open('own.txt', 'w').write('x' * 1000); os.mkdir('d'); os.remove('own.txt')\n"
         "assert sys.flags.isolated\n"
         f"assert os.getuid() != 0 or {os.geteuid() != 0}\n"
@@ -304,6 +304,16 @@ def test_huge_output_fails_alone() -> None:
     assert run("print('x' * 150_000)\n", limits=SMALL).status == "failed"
     assert run("print('x' * 150_000)\n", limits=Limits(timeout_s=5, output_bytes=200_000)).status == "passed"
     still_runs()
+
+
+@granted("namespaces")
+def test_the_files_it_writes_are_bounded_together() -> None:
+    fill = "for i in range(30):\n    open(f'f{i}', 'wb').write(b'z' * 90_000)\n"  # each under the file limit
+    out = run(fill, limits=Limits(timeout_s=5, output_bytes=100_000, disk_mb=1))
+    assert out.status == "failed" and "No space left on device" in out.detail
+    assert (
+        run(fill, limits=Limits(timeout_s=5, output_bytes=100_000, disk_mb=8)).status == "passed"
+    )  # control
 
 
 def test_run_all_keeps_order_and_one_bad_program_fails_alone() -> None:

@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import SefusionError
+
 log = logging.getLogger("sefusion")
 
 JAIL = Path(__file__).with_name("_jail.py")
@@ -46,6 +48,7 @@ class Limits:
     processes: int = 64
     output_bytes: int = 1_000_000  # per file the program writes, its stdout and stderr included
     network: bool = False
+    disk_mb: int = 128  # all the files in its directory together (a tmpfs, where namespaces are granted)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class Outcome:
 @functools.cache
 def mechanisms() -> dict[str, str | None]:
     """Each confinement mechanism -> None when this machine grants it, else why not (warned once)."""
+    if not sys.platform.startswith("linux"):
+        raise SefusionError(f"the sandbox that runs generated code needs Linux (this is {sys.platform})")
     try:
         out = subprocess.run(
             [sys.executable, "-I", str(JAIL), "--probe"], capture_output=True, text=True, timeout=30
@@ -99,7 +104,7 @@ def _next_uid() -> int:
 def _config(limits: Limits, run_dir: Path, program: Path, uid: int) -> dict:
     granted = [name for name, why in mechanisms().items() if why is None]
     if limits.network:
-        granted = [name for name in granted if name not in ("namespaces", "landlock-net")]
+        granted = [name for name in granted if name != "landlock-net"]
     return {
         "workdir": str(run_dir / "work"),
         "program": str(program),
@@ -109,15 +114,17 @@ def _config(limits: Limits, run_dir: Path, program: Path, uid: int) -> dict:
         "cpu_s": math.ceil(limits.timeout_s) + 1,
         "processes": limits.processes,
         "file_bytes": limits.output_bytes,
+        "disk_mb": limits.disk_mb,
+        "network": limits.network,
         "mechanisms": granted,
     }
 
 
 def _prepare(program: str, run_dir: Path, uid: int) -> Path:
-    """run_dir (the caller's, private) holds the output files; run_dir/work is the program's own."""
+    """run_dir (the caller's) holds the program and its output files; run_dir/work is the program's own."""
     work = run_dir / "work"
     work.mkdir()
-    path = work / "program.py"
+    path = run_dir / "program.py"
     path.write_text(program, encoding="utf-8")
     if os.geteuid() == 0:
         os.chown(work, uid, uid)
@@ -186,7 +193,7 @@ def run(program: str, *, limits: Limits = Limits()) -> Outcome:  # noqa: B008 - 
         code = proc.returncode if code is None else code
         code = 128 - code if code < 0 else code
         out_size = os.path.getsize(run_dir / "stdout")
-        err = _tail(run_dir / "stderr").replace(f"{run_dir / 'work'}/", "")
+        err = _tail(run_dir / "stderr").replace(f"{run_dir}/", "")
         status, detail = _classify(code, timed_out, err, out_size, limits)
     return Outcome(status, detail[-2000:], time.perf_counter() - start)
 

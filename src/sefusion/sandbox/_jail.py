@@ -4,8 +4,9 @@
     python -I _jail.py --probe              print which mechanisms this machine grants, as JSON
 
 CONFIG: {"workdir", "program", "python", "uid", "memory_mb", "cpu_s", "processes", "file_bytes",
-"mechanisms": [...]}. The jail sets the resource limits, enters new network/IPC/PID namespaces (as root;
-otherwise inside a new user namespace), drops to an unprivileged uid of its own, and forks the program
+"disk_mb", "network", "mechanisms": [...]}. The jail sets the resource limits, enters new mount, IPC, PID
+and network namespaces (as root; otherwise inside a new user namespace), mounts a size-limited tmpfs over
+the work directory, drops to an unprivileged uid of its own, and forks the program
 as the namespace's first process, which adds a Landlock domain (writes only beneath workdir, no TCP, no
 signals or abstract sockets outside the domain) before exec. The jail waits and exits with the
 program's status (128 + signal when it was killed). A mechanism CONFIG names that fails is fatal (125):
@@ -22,10 +23,12 @@ import resource
 import signal
 import struct
 import sys
+import tempfile
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWIPC = (
     0x00020000, 0x10000000, 0x20000000, 0x40000000, 0x08000000,
 )  # fmt: skip
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE, MNT_DETACH = 2, 4, 1 << 14, 1 << 18, 2
 PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 1, 8, 38, 47, 2
 CAP_DAC_READ_SEARCH, CAPABILITY_VERSION_3 = 2, 0x20080522
 # Landlock (uapi/linux/landlock.h); the syscall numbers are the same on x86_64 and the generic table (arm64)
@@ -36,7 +39,6 @@ FS_MAKE_ALL = sum(1 << b for b in range(6, 13))  # char, dir, reg, sock, fifo, b
 FS_REFER, FS_TRUNCATE = 1 << 13, 1 << 14  # ABI 2, ABI 3
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4
 SCOPE_ABSTRACT_UNIX, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
-MECHANISMS = ("rlimits", "namespaces", "uid", "landlock-fs", "landlock-net", "landlock-scope")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -61,9 +63,10 @@ def set_limits(cfg: dict) -> None:
         resource.setrlimit(key, (value, value))
 
 
-def enter_namespaces(as_root: bool) -> None:
-    """Network (only a down loopback), IPC and PID namespaces; a user namespace first when not root."""
-    flags = CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWPID
+def enter_namespaces(as_root: bool, network: bool = False) -> None:
+    """Mount, IPC, PID and (unless `network`) network namespaces (only a down loopback in it); a user
+    namespace first when not root."""
+    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID | (0 if network else CLONE_NEWNET)
     if as_root:
         _check(_libc.unshare(flags), "unshare")
         return
@@ -72,6 +75,13 @@ def enter_namespaces(as_root: bool) -> None:
     for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
+
+
+def mount_workdir(workdir: str, disk_mb: int, owner: int) -> None:
+    """A size-limited tmpfs over the work directory, seen by this mount namespace only."""
+    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount(private /)")
+    options = f"size={disk_mb}m,mode=0700,uid={owner},gid={owner}".encode()
+    _check(_libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options), "mount(tmpfs)")
 
 
 def drop_to(uid: int) -> None:
@@ -140,7 +150,8 @@ def main(cfg: dict) -> int:
     if "rlimits" in mechanisms:
         set_limits(cfg)
     if "namespaces" in mechanisms:
-        enter_namespaces(as_root)
+        enter_namespaces(as_root, cfg["network"])
+        mount_workdir(cfg["workdir"], cfg["disk_mb"], cfg["uid"] if "uid" in mechanisms else os.getuid())
     if "uid" in mechanisms:
         drop_to(cfg["uid"])
     # credentials changed: ask again to die with the parent (the kernel clears it on setuid)
@@ -164,6 +175,16 @@ def _try(step) -> str | None:  # noqa: ANN001
     return None
 
 
+def _probe_namespaces(as_root: bool) -> None:
+    folder = tempfile.mkdtemp(prefix="sefusion-probe-")
+    try:
+        enter_namespaces(as_root)
+        mount_workdir(folder, 1, os.getuid())
+        _check(_libc.umount2(folder.encode(), MNT_DETACH), "umount")
+    finally:
+        os.rmdir(folder)
+
+
 def probe() -> dict[str, str | None]:
     """Each mechanism -> None when it works here, or why not; run in a throwaway child by the parent."""
     as_root = os.geteuid() == 0
@@ -171,7 +192,7 @@ def probe() -> dict[str, str | None]:
     if abi == 0:
         err = errno.errorcode.get(ctypes.get_errno(), "unavailable")
         why = f"Landlock unavailable ({err})"
-    result = {"rlimits": None, "namespaces": _try(lambda: enter_namespaces(as_root))}
+    result = {"rlimits": None, "namespaces": _try(lambda: _probe_namespaces(as_root))}
     result["uid"] = None if as_root else "not root: runs as the calling user"
     result["landlock-fs"] = None if abi >= 1 else why
     result["landlock-net"] = None if abi >= 4 else why if abi == 0 else f"Landlock ABI {abi} < 4"
