@@ -255,9 +255,9 @@ def test_network_namespace_alone_blocks_it(listener: socket.socket, monkeypatch:
 def kill_others(victim: int) -> str:
     return (
         "import os, signal\n"
-        "os.kill(os.getppid(), signal.SIGKILL) if os.getppid() > 1 else None\n"
         f"os.kill({victim}, signal.SIGKILL)\n"
         f"os.killpg({victim}, signal.SIGKILL)\n"
+        "os.kill(os.getppid(), signal.SIGKILL) if os.getppid() > 1 else None\n"
     )
 
 
