@@ -339,7 +339,9 @@ def test_a_missing_mechanism_is_one_warning_line(monkeypatch, caplog) -> None:  
 
 
 def test_probe_reports_every_mechanism() -> None:
-    out = subprocess.run([sys.executable, "-I", str(sandbox.JAIL), "--probe"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", str(sandbox.JAIL), "--probe"], capture_output=True, text=True
+    )
     assert set(json.loads(out.stdout)) == {
         "rlimits",
         "namespaces",

@@ -69,7 +69,7 @@ def mechanisms() -> dict[str, str | None]:
         raise SefusionError(f"the sandbox that runs generated code needs Linux (this is {sys.platform})")
     try:
         out = subprocess.run(
-            [sys.executable, "-I", str(JAIL), "--probe"], capture_output=True, text=True, timeout=30
+            [sys.executable, "-I", "-S", str(JAIL), "--probe"], capture_output=True, text=True, timeout=30
         )
         found = json.loads(out.stdout)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
@@ -181,7 +181,7 @@ def run(program: str, *, limits: Limits = Limits()) -> Outcome:  # noqa: B008 - 
         cfg = json.dumps(_config(limits, run_dir, path, uid))
         with open(run_dir / "stdout", "wb") as out, open(run_dir / "stderr", "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-I", str(JAIL), cfg], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                [sys.executable, "-I", "-S", str(JAIL), cfg], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 cwd=run_dir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
             )  # fmt: skip
             try:
@@ -205,9 +205,10 @@ def run_all(
     workers: int | None = None,
     desc: str | None = None,
 ) -> list[Outcome]:
-    """run() each program, in order, `workers` at a time (default: one per core); a tqdm bar when desc."""
+    """run() each program, in order, `workers` at a time (default: one per core it may use); a tqdm bar
+    when `desc`."""
     mechanisms()  # probe (and warn) once, before the threads
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(os.sched_getaffinity(0))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda p: run(p, limits=limits), programs)
         if desc is not None:

@@ -1,7 +1,7 @@
 """Confine this process, then run an untrusted Python program (executed as a script; stdlib only).
 
-    python -I _jail.py CONFIG_JSON          run CONFIG's program, confined
-    python -I _jail.py --probe              print which mechanisms this machine grants, as JSON
+    python -I -S _jail.py CONFIG_JSON       run CONFIG's program, confined
+    python -I -S _jail.py --probe           print which mechanisms this machine grants, as JSON
 
 CONFIG: {"workdir", "program", "python", "uid", "memory_mb", "cpu_s", "processes", "file_bytes",
 "disk_mb", "network", "mechanisms": [...]}. The jail sets the resource limits, enters new mount, IPC, PID
