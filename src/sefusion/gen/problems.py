@@ -111,8 +111,18 @@ def test_error(problem: Problem) -> str | None:
     return None
 
 
+def pass_at_k(passed_by_task: dict[str, list[bool]], k: int = 1) -> float:
+    """The unbiased pass@k estimator of Chen et al. (2021), 1 - C(n-c, k) / C(n, k) per problem in its
+    numerically stable product form, averaged over problems (for k = 1: the mean fraction passing)."""
+    import numpy as np
+
+    per_problem = []
+    for results in passed_by_task.values():
+        n, c = len(results), sum(results)
+        stable = 1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)) if n - c >= k else 1.0
+        per_problem.append(stable)
+    return float(np.mean(per_problem)) if per_problem else 0.0
+
+
 def pass_at_1(passed_by_task: dict[str, list[bool]]) -> float:
-    """Mean over problems of each problem's fraction of passing samples (the unbiased pass@1)."""
-    if not passed_by_task:
-        return 0.0
-    return sum(sum(p) / len(p) for p in passed_by_task.values()) / len(passed_by_task)
+    return pass_at_k(passed_by_task, 1)
