@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -350,3 +351,32 @@ def test_probe_reports_every_mechanism() -> None:
         "landlock-net",
         "landlock-scope",
     }
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+@granted("landlock-fs", "landlock-net")
+def test_a_process_without_privileges_degrades_with_warnings(open_dir: Path) -> None:
+    """Root without CAP_SETUID/CAP_SYS_ADMIN (a restricted container): namespaces come from a user
+    namespace, the uid drop is refused with one warning line, Landlock still stops writes and TCP."""
+    script = (
+        "import logging, sys\nlogging.basicConfig(format='%(message)s')\n"
+        "from sefusion.sandbox import Limits, mechanisms, run\n"
+        f"progs = ['print(1)', {write_outside(open_dir)!r}, {connect_to(9)!r}]\n"
+        "print(mechanisms()['uid'] is not None, [run(p, limits=Limits(timeout_s=5)).status for p in progs])\n"
+    )
+    cmd = [
+        "setpriv",
+        "--bounding-set=-setuid,-setgid,-sys_admin",
+        "--inh-caps=-all",
+        sys.executable,
+        "-c",
+        script,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(sandbox.__file__).parents[2])}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.strip() == "True ['passed', 'failed', 'failed']", done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "sefusion: warning: sandbox without uid (Operation not permitted): programs run as the calling user "
+        "and share its process limit"
+    ]
+    assert sorted(p.name for p in open_dir.iterdir()) == ["keep.txt"]

@@ -16,7 +16,6 @@ the parent asked for exactly what the probe found available.
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import os
 import resource
@@ -64,11 +63,10 @@ def set_limits(cfg: dict) -> None:
 
 
 def enter_namespaces(as_root: bool, network: bool = False) -> None:
-    """Mount, IPC, PID and (unless `network`) network namespaces (only a down loopback in it); a user
-    namespace first when not root."""
+    """Mount, IPC, PID and (unless `network`) network namespaces (only a down loopback in it); inside a
+    new user namespace when not root, or when root lacks CAP_SYS_ADMIN (a container)."""
     flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID | (0 if network else CLONE_NEWNET)
-    if as_root:
-        _check(_libc.unshare(flags), "unshare")
+    if as_root and _libc.unshare(flags) == 0:
         return
     uid, gid = os.getuid(), os.getgid()
     _check(_libc.unshare(flags | CLONE_NEWUSER), "unshare")
@@ -167,36 +165,50 @@ def main(cfg: dict) -> int:
     return 128 - code if code < 0 else code
 
 
-def _try(step) -> str | None:  # noqa: ANN001
-    try:
-        step()
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
+def _in_child(step) -> str | None:  # noqa: ANN001
+    """Run `step` in a forked child (its changes die with it): None if it worked, else why not."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            step()
+            message = b""
+        except OSError as exc:
+            message = (exc.strerror or str(exc)).encode()
+        os.write(write, message[:500])
+        os._exit(0)
+    os.close(write)
+    message = os.read(read, 1000).decode(errors="replace")
+    os.close(read)
+    os.waitpid(pid, 0)
+    return message or None
 
 
-def _probe_namespaces(as_root: bool) -> None:
-    folder = tempfile.mkdtemp(prefix="sefusion-probe-")
-    try:
-        enter_namespaces(as_root)
-        mount_workdir(folder, 1, os.getuid())
-        _check(_libc.umount2(folder.encode(), MNT_DETACH), "umount")
-    finally:
-        os.rmdir(folder)
+def _probe_namespaces(as_root: bool, folder: str) -> None:
+    enter_namespaces(as_root)
+    mount_workdir(folder, 1, os.getuid())
 
 
 def probe() -> dict[str, str | None]:
-    """Each mechanism -> None when it works here, or why not; run in a throwaway child by the parent."""
+    """Each mechanism -> None when it works here, or why not: each is tried for real in a child."""
     as_root = os.geteuid() == 0
-    abi = landlock_abi()
-    if abi == 0:
-        err = errno.errorcode.get(ctypes.get_errno(), "unavailable")
-        why = f"Landlock unavailable ({err})"
-    result = {"rlimits": None, "namespaces": _try(lambda: _probe_namespaces(as_root))}
-    result["uid"] = None if as_root else "not root: runs as the calling user"
-    result["landlock-fs"] = None if abi >= 1 else why
-    result["landlock-net"] = None if abi >= 4 else why if abi == 0 else f"Landlock ABI {abi} < 4"
-    result["landlock-scope"] = None if abi >= 6 else why if abi == 0 else f"Landlock ABI {abi} < 6"
+    folder = tempfile.mkdtemp(prefix="sefusion-probe-")
+    try:
+        result = {"rlimits": None, "namespaces": _in_child(lambda: _probe_namespaces(as_root, folder))}
+        with_ns = result["namespaces"] is None
+
+        def become_nobody() -> None:  # after the namespaces, as the jail does
+            _probe_namespaces(as_root, folder) if with_ns else None
+            drop_to(65534)
+
+        result["uid"] = _in_child(become_nobody) if as_root else "not root: runs as the calling user"
+        abi = landlock_abi()
+        for name, needs in (("landlock-fs", 1), ("landlock-net", 4), ("landlock-scope", 6)):
+            low = f"Landlock ABI {abi} < {needs}" if abi else "Landlock unavailable in this kernel"
+            result[name] = low if abi < needs else _in_child(lambda n=name: landlock(folder, {n}))
+    finally:
+        os.rmdir(folder)
     return result
 
 
