@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -322,6 +323,19 @@ def test_run_all_keeps_order_and_one_bad_program_fails_alone() -> None:
     statuses = [o.status for o in run_all(programs, limits=Limits(timeout_s=0.5, memory_mb=256), workers=2)]
     assert statuses == ["passed", "timeout", "failed", "memory", "passed"]
     assert run_all([], limits=SMALL) == []
+
+
+def test_run_all_runs_one_program_per_core_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    cores = len(os.sched_getaffinity(0))
+    barrier = threading.Barrier(cores, timeout=10)  # broken unless `cores` programs run at the same time
+
+    def fake_run(program: str, *, limits: Limits) -> str:
+        barrier.wait()
+        return program
+
+    monkeypatch.setattr(sandbox, "run", fake_run)
+    programs = [f"p{i}" for i in range(3 * cores)]
+    assert run_all(programs, limits=SMALL) == programs
 
 
 def test_a_missing_mechanism_is_one_warning_line(monkeypatch, caplog) -> None:  # noqa: ANN001
