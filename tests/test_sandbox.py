@@ -36,24 +36,39 @@ def without(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     monkeypatch.setattr(sandbox, "mechanisms", lambda: found)
 
 
-def sandbox_processes() -> list[int]:
-    """Host pids running as one of the sandbox's uids."""
+@pytest.fixture
+def uids(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The uids this test's programs ran as (other processes on the machine may use the sandbox too)."""
+    used: list[int] = []
+    take = sandbox._next_uid
+
+    def recorded() -> int:
+        used.append(take())
+        return used[-1]
+
+    monkeypatch.setattr(sandbox, "_next_uid", recorded)
+    return used
+
+
+def processes_of(uids: list[int]) -> list[int]:
+    """Host pids running as one of `uids`."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
             uid_line = next(x for x in (entry / "status").read_text().splitlines() if x.startswith("Uid:"))
         except (OSError, StopIteration):
             continue
-        if sandbox.UID_BASE <= int(uid_line.split()[1]) < sandbox.UID_BASE + sandbox.UID_SPAN:
+        if int(uid_line.split()[1]) in uids:
             pids.append(int(entry.name))
     return pids
 
 
-def assert_no_leftovers(marker: str | None = None) -> None:
-    """No process of a sandbox uid (or whose command line holds `marker`) outlives its run."""
+def assert_no_leftovers(uids: list[int] | None = None, marker: str | None = None) -> None:
+    """No process of these uids (or whose command line holds `marker`) outlives its run."""
+    assert uids or marker
     deadline = time.monotonic() + 3
     while True:
-        left = sandbox_processes() if marker is None else pids_with(marker)
+        left = processes_of(uids) if uids else pids_with(marker)
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -128,7 +143,7 @@ def test_the_whole_process_tree_dies_with_the_program(monkeypatch: pytest.Monkey
         f"subprocess.Popen(['sleep', '{marker}'])\n"
     )
     assert run(prog, limits=SMALL).status == "passed"
-    assert_no_leftovers(marker)
+    assert_no_leftovers(marker=marker)
     without(monkeypatch, "namespaces")  # control: only the process group is killed, the escaped one lives
     run(prog, limits=SMALL)
     time.sleep(1.0)  # the killed one is gone by then
@@ -156,19 +171,19 @@ FORKS = (
 
 
 @granted("uid")
-def test_the_process_limit_stops_forking() -> None:
+def test_the_process_limit_stops_forking(uids: list[int]) -> None:
     out = run(FORKS, limits=Limits(timeout_s=10, processes=16))
     assert out.status == "failed" and "BlockingIOError" in out.detail
     assert run(FORKS, limits=Limits(timeout_s=10, processes=64)).status == "passed"  # control
-    assert_no_leftovers()
+    assert_no_leftovers(uids)
 
 
 @granted("uid", "namespaces")
-def test_fork_bomb_fails_alone_and_leaves_nothing() -> None:
+def test_fork_bomb_fails_alone_and_leaves_nothing(uids: list[int]) -> None:
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     out = run(bomb, limits=Limits(timeout_s=1.0, processes=16))
     assert out.status in ("timeout", "failed") and not out.passed
-    assert_no_leftovers()
+    assert_no_leftovers(uids)
     still_runs()
 
 

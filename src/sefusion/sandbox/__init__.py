@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -92,7 +93,7 @@ _WEAKER = {
     "rlimits": "programs are not limited in memory, CPU or processes",
 }
 
-_uids = itertools.count()
+_uids = itertools.count(random.randrange(UID_SPAN))  # two processes running programs rarely share one
 _uids_lock = threading.Lock()
 
 
