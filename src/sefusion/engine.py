@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._lazy import torch
-from .errors import CheckpointError, OutputExistsError, RecipeError, SefusionError
+from .errors import CheckpointError, RecipeError, SefusionError
 from .methods._data import FISHER, GRAM, StatisticsError, StatsContext, TensorStats, required_statistics
 from .recipe import ModelEntry, Recipe, data_use, load_recipe, resolve_params
 from .registry import METHODS, MethodSpec
@@ -289,10 +289,12 @@ class StreamStatsContext(StreamContext, StatsContext):
     """The context of a tensor merged by a data-aware method: the stream's, plus each expert's statistics."""
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """OUT must not exist unless `overwrite` (checked before any work, and again by the writer)."""
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"output folder {out} exists; pass --overwrite to replace it")
+def check_output(out: Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """OUT must be apart from every input and not exist unless `overwrite` (checked before any work, and
+    again by the writer)."""
+    from .io.publish import check_output as check
+
+    check(out, overwrite, inputs)
 
 
 def _refuse_whole_model(spec: MethodSpec) -> None:
@@ -581,8 +583,10 @@ def merge(
     import time
 
     from .io import parse_size
+    from .io.checks import check_inputs
 
     t0 = time.perf_counter()
+    src: Any = None
     if not isinstance(recipe, Recipe):
         src = recipe if isinstance(recipe, (str, Path)) else dict(recipe)
         recipe = load_recipe(src, require_data=stats is None)
@@ -595,7 +599,7 @@ def merge(
     weights = [m.weight for m in recipe.models]
     size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     dev = _check_device(device)
-    check_output(out, overwrite)
+    check_output(out, overwrite, [*recipe.input_paths(), *([src] if isinstance(src, (str, Path)) else [])])
 
     opened: list[_StatsSource] = []
     if required_statistics(spec.fn) and stats is None:
@@ -604,6 +608,9 @@ def merge(
         base, experts = open_inputs(recipe, spec)
         try:
             plan = make_plan(recipe, base, experts, task_names)
+            check_inputs(
+                recipe, base or experts[0], experts, plan.merged, configs_of_experts=spec.kind == "bundle"
+            )
             feed = None
             if required_statistics(spec.fn):
                 feed = StatsFeed(spec, stats or [], plan.merged, task_names)
@@ -673,8 +680,9 @@ def _write_merge(
         for name in plan.merged + plan.from_base
     )
     with ModelWriter(
-        out, overwrite=overwrite, shard_size=shard_size, aux_from=ref, model_card=card, layout=layout
-    ) as w:
+        out, overwrite=overwrite, shard_size=shard_size, aux_from=ref, model_card=card, layout=layout,
+        allow_nonfinite=streamer.allow_nonfinite,
+    ) as w:  # fmt: skip
         bar = _progress(len(plan.merged) + len(plan.from_base), f"{spec.name}", quiet)
 
         def merge_job(name: str) -> Job:
