@@ -353,6 +353,15 @@ def test_run_all_runs_one_program_per_core_at_once(monkeypatch: pytest.MonkeyPat
     assert run_all(programs, limits=SMALL) == programs
 
 
+def test_an_interrupt_stops_the_run_and_its_programs(uids: list[int]) -> None:
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C, one second in
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_all(["import time\ntime.sleep(60)\n"] * 6, limits=Limits(timeout_s=60), workers=2)
+    assert time.monotonic() - start < 10 and len(uids) == 2  # the four waiting never started
+    assert_no_leftovers(uids)
+
+
 def test_a_missing_mechanism_is_one_warning_line(monkeypatch, caplog) -> None:  # noqa: ANN001
     reply = '{"rlimits": null, "namespaces": "Operation not permitted", "uid": null, "landlock-fs": null, '
     reply += '"landlock-net": null, "landlock-scope": null}'

@@ -169,6 +169,39 @@ def _does_not_compile(program: str) -> str | None:
     return None
 
 
+_running: set[subprocess.Popen] = set()  # every jail started and not yet reaped, for an interrupt
+_running_lock = threading.Lock()
+
+
+def _execute(cfg: str, run_dir: Path, timeout: float) -> tuple[int, bool]:
+    """(the jail's return code, whether it ran out of time); its process group is gone after."""
+    with open(run_dir / "stdout", "wb") as out, open(run_dir / "stderr", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(JAIL), cfg], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            cwd=run_dir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
+        )  # fmt: skip
+    with _running_lock:
+        _running.add(proc)
+    try:
+        proc.wait(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        _kill_group(proc)  # whatever it left behind in its group goes with it
+        with _running_lock:
+            _running.discard(proc)
+    return proc.returncode, timed_out
+
+
+def _stop_running() -> None:
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def run(program: str, *, limits: Limits = Limits()) -> Outcome:  # noqa: B008 - frozen dataclass
     """Run the Python program text confined; exit status 0 is "passed"."""
     start = time.perf_counter()
@@ -180,18 +213,7 @@ def run(program: str, *, limits: Limits = Limits()) -> Outcome:  # noqa: B008 - 
         run_dir = Path(tmp)
         path = _prepare(program, run_dir, uid)
         cfg = json.dumps(_config(limits, run_dir, path, uid))
-        with open(run_dir / "stdout", "wb") as out, open(run_dir / "stderr", "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(JAIL), cfg], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                cwd=run_dir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
-            )  # fmt: skip
-            try:
-                code, timed_out = proc.wait(timeout=limits.timeout_s + START_S), False
-            except subprocess.TimeoutExpired:
-                code, timed_out = None, True
-            finally:
-                _kill_group(proc)  # whatever it left behind in its group goes with it
-        code = proc.returncode if code is None else code
+        code, timed_out = _execute(cfg, run_dir, limits.timeout_s + START_S)
         code = 128 - code if code < 0 else code
         out_size = os.path.getsize(run_dir / "stdout")
         err = _tail(run_dir / "stderr").replace(f"{run_dir}/", "")
@@ -210,10 +232,17 @@ def run_all(
     when `desc`."""
     mechanisms()  # probe (and warn) once, before the threads
     workers = workers or len(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         results = pool.map(lambda p: run(p, limits=limits), programs)
         if desc is not None:
             from tqdm.auto import tqdm
 
             results = tqdm(results, total=len(programs), desc=desc, unit="program")
         return list(results)
+    except BaseException:  # Ctrl-C, SIGTERM: nothing more starts, what runs is killed
+        pool.shutdown(wait=False, cancel_futures=True)
+        _stop_running()
+        raise
+    finally:
+        pool.shutdown(wait=True)
