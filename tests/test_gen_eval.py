@@ -236,3 +236,36 @@ def test_model_path_generates_with_the_causal_module(tmp_path: Path, monkeypatch
     lines = (out / "completions.jsonl").read_text().splitlines()
     assert json.loads(lines[1]) == {"task_id": "t/1", "completion": "    return a - b\n"}
     assert json.loads((out / "summary.json").read_text())["model"] == "tiny"
+
+
+def test_generate_python_doctests_run_in_the_real_sandbox(tmp_path: Path) -> None:
+    """The generate task's pass@1 through sefusion.sandbox.run_all gives the scores its plain-subprocess
+    stand-in gives (the task's own tests use the stand-in)."""
+    import math
+    import textwrap
+
+    from sefusion.tasks.corpus import from_tree
+    from sefusion.tasks.generative import generate_example, per_example_scores
+    from test_generative import MODULE, subprocess_runner
+
+    (tmp_path / "geomod.py").write_text(textwrap.dedent(MODULE).lstrip())
+    made = [generate_example(f) for f in from_tree("python", tmp_path).functions]
+    p = {ex.meta["function"]: ex for ex in made if ex is not None}
+    cases = [
+        (p["area"], p["area"].target),
+        (p["area"], "    return 0.0"),
+        (p["double"], p["double"].target),
+        (p["wrong"], p["wrong"].target),
+        (p["area"], "def area(r):\n    return 0\nimport sys\nsys.exit(0)"),
+    ]
+    args = ("generate-python", [c[0] for c in cases], [c[1] for c in cases])
+    real, stand_in = per_example_scores(*args), per_example_scores(*args, runner=subprocess_runner)
+    assert [round(x, 1) if not math.isnan(x) else "nan" for x in real] == [1.0, 0.0, 1.0, "nan", 0.0]
+    assert [x if not math.isnan(x) else "nan" for x in real] == [
+        x if not math.isnan(x) else "nan" for x in stand_in
+    ]
+    # a body that kills its parent: only the real sandbox may run it (the stand-in's parent is pytest)
+    hostile = per_example_scores(
+        "generate-python", [p["area"]], ["    import os\n    os.kill(os.getppid(), 9)"]
+    )
+    assert hostile == [0.0]
