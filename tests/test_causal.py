@@ -161,6 +161,7 @@ def test_lora_adapter_loads_in_peft_and_merges_like_peft(bases, tmp_path):
         torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6, msg=k)
         changed += int(not torch.equal(v, base_sd[k]))
     assert changed == 14  # seven projections in each of two layers
+    assert causal.resolve_base(out) == out  # sefusion eval resolves, then loads
     model, _ = causal.load_causal(out)  # an adapter folder loads onto its recorded base, merged
     torch.testing.assert_close(
         model.state_dict()["model.layers.0.mlp.up_proj.weight"], ref["model.layers.0.mlp.up_proj.weight"]
