@@ -156,7 +156,6 @@ def _stats_pass(recipe: Any, quiet: bool) -> Any:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .engine import check_output, close_statistics, merge, recipe_statistics
-    from .methods._data import required_statistics
     from .recipe import load_recipe
     from .registry import METHODS
 
@@ -164,7 +163,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     spec = METHODS.get(recipe.method)
     stats = None
-    if required_statistics(spec.fn):  # statistics first; before a possibly long pass, check OUT
+    if spec.statistics:  # statistics first; before a possibly long pass, check OUT
         check_output(args.out, args.overwrite)
         stats = recipe_statistics(recipe, spec, compute=_stats_pass(recipe, args.quiet))
     try:

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from ._lazy import torch
 from .errors import CheckpointError, OutputExistsError, RecipeError, SefusionError
-from .methods._data import FISHER, GRAM, StatisticsError, StatsContext, TensorStats, required_statistics
-from .recipe import ModelEntry, Recipe, data_use, load_recipe, resolve_params
+from .methods._data import FISHER, GRAM, StatisticsError, StatsContext, TensorStats
+from .recipe import ModelEntry, Recipe, load_recipe, resolve_params
 from .registry import METHODS, MethodSpec
 from .stream import Cancelled, StreamContext, spans, stream_tensor
 
@@ -139,23 +139,6 @@ def make_plan(
     return Plan(merged=merged, from_base=from_base, per_task=per_task)
 
 
-def _resolve_task_params(kwargs: dict[str, Any], spec: MethodSpec, task_names: Sequence[str]) -> None:
-    """Check per-task parameters against the task names before any tensor is read: `lambdas` maps become
-    one value per expert; a CABS `order` must name every task once."""
-    from .methods import _ops
-
-    try:
-        if "lambdas" in spec.params:
-            arg = spec.params["lambdas"].arg
-            kwargs[arg] = _ops.resolve_per_task(
-                kwargs[arg], list(task_names), "lambdas", default=_ops.DEFAULT_LAMBDA
-            )
-        if "order" in spec.params:
-            _ops.resolve_order(kwargs[spec.params["order"].arg], list(task_names))
-    except ValueError as exc:
-        raise RecipeError(f"method '{spec.name}': {exc}") from None
-
-
 # --------------------------------------------------------------------------- statistics (data-aware methods)
 
 ComputeStats = Callable[[ModelEntry, int, frozenset[str]], "str | Path"]
@@ -173,8 +156,8 @@ def recipe_statistics(
     """
     from .stats import open_stats
 
-    kinds = required_statistics(spec.fn)
-    default = spec.params["examples"].default if "examples" in spec.params else 256
+    kinds = spec.statistics
+    default = spec.params["examples"].default  # the registry gives every statistics reader `examples`
     out: list[_StatsSource] = []
     try:
         for i, (task, m) in enumerate(zip(recipe.task_names, recipe.models, strict=True)):
@@ -227,7 +210,7 @@ class StatsFeed:
         names: Sequence[str],
         task_names: Sequence[str],
     ) -> None:
-        self.kinds = required_statistics(spec.fn)
+        self.kinds = spec.statistics
         self.task_names = tuple(task_names)
         if len(sources) != len(task_names):
             raise StatisticsError(
@@ -274,8 +257,6 @@ class StatsFeed:
     def examples(self, kwargs: dict[str, Any], spec: MethodSpec, recipe: Recipe) -> None:
         """Where the recipe sets no `examples` for a model, its statistics' own count is the one expected
         (a `stats:` folder is used as it is); where it does, the method checks the count."""
-        if "examples" not in spec.params:
-            return
         arg = spec.params["examples"].arg
         given = kwargs[arg] if isinstance(kwargs[arg], list) else [kwargs[arg]] * len(self.sources)
         kwargs[arg] = [
@@ -296,11 +277,12 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def _refuse_whole_model(spec: MethodSpec) -> None:
-    if data_use(spec) == "activations":
+    if spec.kind == "whole_model":
+        where = f"{spec.whole_model.__module__}.{spec.whole_model.__qualname__}"  # type: ignore[union-attr]
         raise RecipeError(
-            f"method '{spec.name}' is a whole-model method (it permutes hidden units across tensors), which "
-            "the tensor-by-tensor merge cannot run: pleas runs in the study (`sefusion study`) and from "
-            "Python (sefusion.methods.pleas.merge_encoders)"
+            f"method '{spec.name}' is a whole-model method (it ties tensors together), which the "
+            f"tensor-by-tensor merge cannot run: {spec.name} runs in the study (`sefusion study`) and from "
+            f"Python ({where})"
         )
 
 
@@ -395,7 +377,7 @@ class Streamer:
         self.chunk = chunk or (CHUNK if self.device.type == "cpu" else CUDA_CHUNK)
         self.workers = workers if workers is not None else WORKERS
         self.scratch = _Scratch()
-        self.thresholds: Any = None  # TIES density_scope model, found by model_thresholds()
+        self.thresholds: Any = None  # each tensor's share of the method's pre-pass result (prepass())
 
     def inputs(self, name: str) -> TensorInputs:
         return TensorInputs(self, name, with_base=self.spec.needs_base)
@@ -427,33 +409,26 @@ class Streamer:
 
         stream_tensor(call, ctx, self.ranges(inputs.numel), inputs.read, emit, cancelled)
 
-    def model_thresholds(self, names: Sequence[str], quiet: bool) -> None:
-        """TIES with `density_scope: model`: bounded-memory passes for the exact model-wide thresholds."""
-        if self.kwargs.get("density_scope") != "model":
+    def prepass(self, names: Sequence[str], quiet: bool) -> None:
+        """The method's model-wide pre-pass (TIES' model-scope thresholds): bounded-memory passes over
+        every merged tensor's task vectors, chunk by chunk, before the merge pass."""
+        if self.spec.prepass is None:
             return
-        from .methods import _ops
 
         def task_vectors(desc: str) -> Iterator[tuple[str, Tensor]]:
             """(name, its task vectors (T, n) float32) of every chunk of every tensor, in order."""
+            from .methods import _ops
+
             bar = _progress(len(names), desc, quiet)
             for name in names:
                 inputs = self.inputs(name)
                 for start, stop in spans(inputs.numel, self.chunk):
                     base, experts = inputs.read(start, stop)
-                    yield name, _ops.task_vectors(base, experts, self.weights, "ties")[0]
+                    yield name, _ops.task_vectors(base, experts, self.weights, self.spec.name)[0]
                 bar.update()
             bar.close()
 
-        found = _ops.model_thresholds(
-            lambda: (taus for _, taus in task_vectors("model-wide top-k")),
-            len(self.experts),
-            self.kwargs["density"],
-        )
-
-        def per_tensor() -> Iterator[tuple[str, Tensor]]:
-            return task_vectors("model-wide ties")
-
-        self.thresholds = _ops.tensor_thresholds(found, list(names), per_tensor)
+        self.thresholds = self.spec.prepass(self.kwargs, task_vectors, names, len(self.experts))
 
     def copy_job(
         self, reader: ModelReader, name: str, dtype: Any, write: Callable[[int, Tensor], None]
@@ -591,21 +566,21 @@ def merge(
     _refuse_whole_model(spec)
     task_names = recipe.task_names
     kwargs = resolve_params(recipe, spec)
-    _resolve_task_params(kwargs, spec, task_names)
+    spec.bind(kwargs, task_names)
     weights = [m.weight for m in recipe.models]
     size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     dev = _check_device(device)
     check_output(out, overwrite)
 
     opened: list[_StatsSource] = []
-    if required_statistics(spec.fn) and stats is None:
+    if spec.statistics and stats is None:
         stats = opened = recipe_statistics(recipe, spec)
     try:
         base, experts = open_inputs(recipe, spec)
         try:
             plan = make_plan(recipe, base, experts, task_names)
             feed = None
-            if required_statistics(spec.fn):
+            if spec.statistics:
                 feed = StatsFeed(spec, stats or [], plan.merged, task_names)
                 feed.examples(kwargs, spec, recipe)
             streamer = Streamer(
@@ -659,7 +634,7 @@ def _write_merge(
     from .io import ModelWriter
 
     ref = streamer.ref
-    streamer.model_thresholds(plan.merged, quiet)
+    streamer.prepass(plan.merged, quiet)
     only_in_experts = [n for n in plan.per_task if n not in ref]
     if only_in_experts:
         log.warning(
@@ -732,7 +707,7 @@ def merge_tensors(
     """
     spec = METHODS.get(method)
     _refuse_whole_model(spec)
-    if required_statistics(spec.fn):
+    if spec.statistics:
         from .stats import merge_tensors_with_stats
 
         if stats is None:
@@ -749,7 +724,7 @@ def merge_tensors(
     if len(names) != len(experts):
         raise RecipeError(f"{len(names)} task names for {len(experts)} experts")
     kwargs = spec.resolve(params, list(per_expert) if per_expert else None, where="merge_tensors")
-    _resolve_task_params(kwargs, spec, names)
+    spec.bind(kwargs, names)
     if spec.needs_base and base is None:
         raise RecipeError(f"method '{method}' needs a base")
     w = list(weights) if weights is not None else [1.0] * len(experts)
@@ -766,20 +741,22 @@ def merge_tensors(
         if base is not None and k not in base:
             raise CheckpointError(f"tensor '{k}' is missing from the base")
     thresholds = None
-    if kwargs.get("density_scope") == "model":
-        from .methods import _ops
+    if spec.prepass is not None:
 
-        def task_vectors() -> Iterator[list[Tensor]]:
+        def task_vectors(desc: str) -> Iterator[tuple[str, Tensor]]:
             for k in keys:
                 b = base[k].float() if base is not None else None
-                yield [ex[k].float() - b if b is not None else ex[k].float() for ex in experts]
+                yield (
+                    k,
+                    torch.stack(
+                        [
+                            (ex[k].float() - b if b is not None else ex[k].float()).reshape(-1)
+                            for ex in experts
+                        ]
+                    ),
+                )
 
-        found = _ops.model_thresholds(task_vectors, len(experts), kwargs["density"])
-
-        def per_tensor() -> Iterator[tuple[str, list[Tensor]]]:
-            yield from zip(keys, task_vectors(), strict=True)
-
-        thresholds = _ops.tensor_thresholds(found, keys, per_tensor)
+        thresholds = spec.prepass(kwargs, task_vectors, keys, len(experts))
     result: dict[str, Any] = {}
 
     def job(k: str) -> Job:

@@ -44,7 +44,6 @@ __all__ = [
     "ModelEntry",
     "Recipe",
     "check_data",
-    "data_use",
     "from_mergekit",
     "is_data_path",
     "load_recipe",
@@ -328,15 +327,6 @@ def check_params(recipe: Recipe, where: str = "recipe") -> None:
         raise RecipeError(f"{where}: method '{spec.name}' needs a base model: set `base:` in the recipe")
 
 
-def data_use(spec: MethodSpec) -> str | None:
-    """What a method reads of each expert's data: "statistics" (Fisher, Gram matrices: `fisher`, `regmean`),
-    "activations" (a whole-model method such as `pleas`), or None (a data-free method)."""
-    if getattr(spec.fn, "whole_model", None) is not None:
-        return "activations"
-    # The mark that methods._data.needs_statistics sets (read here without importing the methods package).
-    return "statistics" if getattr(spec.fn, "statistics", None) else None
-
-
 def _check_data_ref(data: str, place: str, where: str) -> None:
     """`data:` is an existing .jsonl file or a registered task name (sefusion.tasks)."""
     if is_data_path(data):
@@ -371,7 +361,7 @@ def check_data(recipe: Recipe, where: str = "recipe", *, require: bool = True) -
         spec = METHODS.get(recipe.method)
     except RecipeError as exc:
         raise RecipeError(f"{where}: {exc}") from None
-    use = data_use(spec)
+    use = spec.data_use
     notes: list[str] = []
     for i, m in enumerate(recipe.models):
         place = f"models[{i}] ('{m.task_name}')"

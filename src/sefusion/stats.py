@@ -60,7 +60,6 @@ from .methods._data import (
     TensorStats,
     check_examples,
     expert_stats,
-    needs_statistics,
     required_statistics,
 )
 
@@ -84,7 +83,6 @@ __all__ = [
     "check_examples",
     "expert_stats",
     "merge_tensors_with_stats",
-    "needs_statistics",
     "open_stats",
     "required_statistics",
 ]

@@ -222,6 +222,11 @@ def resolve_per_task(
     return [float(value)] * len(names)
 
 
+def bind_lambdas(kwargs: dict[str, Any], task_names: list[str]) -> None:
+    """`lambdas` (a scalar, a list in recipe order or a {task: value} map) as one value per task."""
+    kwargs["lambdas"] = resolve_per_task(kwargs["lambdas"], task_names, "lambdas", default=DEFAULT_LAMBDA)
+
+
 def resolve_order(order: Sequence[str] | None, task_names: Sequence[str]) -> list[int]:
     """Task names in processing order -> expert indices; None is recipe order. Must name every task once."""
     names = list(task_names)

@@ -36,8 +36,8 @@ Two entry points (whole-model procedures, not per tensor):
   are one row per example, too few for a fit) are permuted and averaged; every linear layer of the
   encoder layers is fit by least squares.
 
-The registered method `pleas` only carries the parameters (budget, examples) for recipes: the engine
-dispatches it to the whole-model path (``pleas.whole_model``); called per tensor it explains that.
+The registered method `pleas` declares the parameters (budget, examples) and `merge_encoders` as its
+whole-model procedure; the registry refuses a per-tensor call with an explanation.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from annotated_types import Gt, Le
 
 from .._lazy import torch
 from ..errors import RecipeError
-from ..registry import register
+from ..registry import StudyGrid, register
 from ._data import StatisticsError
-from ._ops import DEFAULT_CTX, PosInt, TensorContext, keep_count
+from ._ops import PosInt, keep_count
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -556,29 +556,17 @@ def merge_encoders(
 # --------------------------------------------------------------------------- registration
 
 
-@register("pleas", paper="https://arxiv.org/abs/2407.02447", needs_base=False, per_expert=("examples",))
-def pleas(
-    base: Tensor | None,
-    experts: list[Tensor],
-    weights: list[float],
-    *,
-    budget: Budget = 1.0,
-    examples: PosInt = 256,
-    ctx: TensorContext = DEFAULT_CTX,
-) -> Tensor:
+@register(
+    "pleas", paper="https://arxiv.org/abs/2407.02447", kind="whole_model", needs_base=False,
+    per_expert=("examples",), pair_only=True, whole_model=merge_encoders, study_fuse="pleas_fuse",
+    study=StudyGrid(rank=110, full=({"budget": 1.0},), curve=("budget", (0.75, 0.5))),
+)  # fmt: skip
+def pleas(*, budget: Budget = 1.0, examples: PosInt = 256) -> None:
     """PLeaS: match two models' hidden units on activations, then fit each layer by least squares.
 
-    A whole-model method (permutations tie tensors together): the engine runs `merge_encoders` with each
-    expert's activations on `examples` examples of the two tasks; `budget` in (0, 1] is the share of
-    hidden units merged (below 1 the least-matched units of both models are kept: a wider model).
+    A whole-model method (permutations tie tensors together): `merge_encoders` runs with each expert's
+    activations on `examples` examples of the two tasks; `budget` in (0, 1] is the share of hidden units
+    merged (below 1 the least-matched units of both models are kept: a wider model). In the study, the
+    row is the base's size (budget 1.0) and the smaller budgets are a size/score curve beside it.
     Nasery et al., "PLeaS: Merging Models with Permutations and Least Squares", https://arxiv.org/abs/2407.02447
     """
-    check_pair(len(experts))
-    check_budget(budget)
-    raise RecipeError(
-        "pleas permutes hidden units across tensors, so it cannot run tensor by tensor: it needs the "
-        "whole-model path (sefusion.methods.pleas.merge_encoders with both experts' activations)"
-    )
-
-
-pleas.whole_model = merge_encoders  # type: ignore[attr-defined]
