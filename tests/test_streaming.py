@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import float32_oracle as oracle
-import sefusion.engine as engine
+import sefusion.engine.stream as engine
 from conftest import read_folder, write_folder
 from sefusion import merge, merge_tensors
 from sefusion.methods import BundleTensor

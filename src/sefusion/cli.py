@@ -155,30 +155,21 @@ def _stats_pass(recipe: Any, quiet: bool) -> Any:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .engine import check_output, close_statistics, merge, recipe_statistics
+    from .engine import merge
     from .recipe import load_recipe
-    from .registry import METHODS
 
     _keep_freed_memory()
     recipe = load_recipe(args.recipe)
-    spec = METHODS.get(recipe.method)
-    stats = None
-    if spec.statistics:  # statistics first; before a possibly long pass, check OUT
-        check_output(args.out, args.overwrite)
-        stats = recipe_statistics(recipe, spec, compute=_stats_pass(recipe, args.quiet))
-    try:
-        report = merge(
-            recipe,
-            args.out,
-            overwrite=args.overwrite,
-            shard_size=args.shard_size,
-            device=args.device,
-            allow_nonfinite=args.allow_nonfinite,
-            quiet=args.quiet,
-            stats=stats,
-        )
-    finally:
-        close_statistics(stats or [])
+    report = merge(
+        recipe,
+        args.out,
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+        device=args.device,
+        allow_nonfinite=args.allow_nonfinite,
+        quiet=args.quiet,
+        compute_stats=_stats_pass(recipe, args.quiet),
+    )
     for note in report.notes:
         log.warning("note: %s", note)
     log.info(
