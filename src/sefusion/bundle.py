@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
 from ._lazy import torch
+from ._version import __version__
 from .errors import CheckpointError, SefusionError
 
 if TYPE_CHECKING:

@@ -244,7 +244,7 @@ class Statistics(_StatsSource):
         """Write the store folder (stats.json + stats.safetensors) atomically; returns its path."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from ._version import __version__
         from .io import atomic_dir
 
         folder = Path(folder)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import CheckpointError, RecipeError
 from ..methods._data import StatisticsError
@@ -31,6 +31,7 @@ from .stream import Job, MemoryReader, Streamer
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from ..io import ModelReader
     from ..stats import _StatsSource
 
 __all__ = [
@@ -219,11 +220,12 @@ def merge_tensors(
         raise RecipeError(f"method '{method}' needs a base")
     keys = _check_memory(base, experts, names)
     feed = StatsFeed(spec, stats, keys, names) if spec.statistics and stats is not None else None
+    # MemoryReader has the part of the ModelReader interface that the stream reads
+    readers = [cast("ModelReader", MemoryReader(ex)) for ex in experts]
+    mem_base = cast("ModelReader", MemoryReader(base)) if base is not None and spec.needs_base else None
     streamer = Streamer(
-        spec, kwargs, list(weights) if weights is not None else [1.0] * len(experts),
-        MemoryReader(base) if base is not None and spec.needs_base else None,
-        [MemoryReader(ex) for ex in experts], seed=seed, task_names=names, device="cpu",
-        allow_nonfinite=True, stats=feed,
+        spec, kwargs, list(weights) if weights is not None else [1.0] * len(experts), mem_base, readers,
+        seed=seed, task_names=names, device="cpu", allow_nonfinite=True, stats=feed,
     )  # fmt: skip
     sink = MemorySink(spec, experts, keys)
     run_merge(streamer, keys, sink, quiet=True)

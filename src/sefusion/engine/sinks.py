@@ -11,8 +11,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .. import __version__
 from .._lazy import torch
+from .._version import __version__
 from ..errors import SefusionError
 from ..recipe import Recipe
 from ..registry import MethodSpec

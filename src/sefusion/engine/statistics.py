@@ -104,7 +104,7 @@ class StatsFeed:
                     f"method '{spec.name}': missing statistics for {who}; give it `data:` or `stats:` in the "
                     "recipe, or pass them (sefusion.stats)"
                 )
-            where = f" ({src.path})" if getattr(src, "path", None) is not None else ""
+            where = f" ({getattr(src, 'path', None)})" if getattr(src, "path", None) is not None else ""
             if FISHER in self.kinds:
                 missing = [n for n in names if not src.has_fisher(n)]
                 if missing:

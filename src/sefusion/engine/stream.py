@@ -86,7 +86,7 @@ class TensorInputs:
         stored = reader.dtype(self.name)
         wide = not stored.is_floating_point or (slot > 0 and stored.itemsize > 4)  # kept as stored
         want = stored if wide else torch.float32
-        raw = rng.read(start, stop, s.scratch.get(("raw", slot), n, stored, s.chunk))
+        raw = rng.read(start, stop, s.scratch.get(("raw", slot), n, stored, s.chunk))  # type: ignore[union-attr]
         if raw.dtype != want:
             raw = s.scratch.get(("f32", slot), n, want, s.chunk).copy_(raw)
         if check and n and not math.isfinite(float(raw.sum())):
@@ -147,7 +147,9 @@ class Streamer:
         thresholds = None
         if self.thresholds is not None:  # this tensor's share of the model-wide tie budgets, fresh
             thresholds = [t.copy() for t in self.thresholds[name]]
-        common = dict(name=name, seed=self.seed, task_names=self.task_names, model_thresholds=thresholds)
+        common: dict[str, Any] = dict(
+            name=name, seed=self.seed, task_names=self.task_names, model_thresholds=thresholds
+        )
         if self.stats is not None:
             ctx: StreamContext = StreamStatsContext(**common, stats=self.stats.tensor(name))
         else:

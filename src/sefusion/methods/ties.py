@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 def _model_scope(
     kwargs: Mapping[str, Any],
-    task_vectors: Callable[[str], Iterator[tuple[str, Tensor]]],
+    task_vectors: Callable[[str], Iterator[tuple[str, Any]]],
     names: Sequence[str],
     count: int,
 ) -> dict[str, list[ModelThreshold]] | None:

@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -383,7 +384,7 @@ class Study:
         for t in self.tasks:
             self.data[t] = self._timed(
                 "data",
-                lambda t=t: self.tasks_api.build_task(t, sizes=sizes, seed=cfg.seed, cache=self.cache, dirs=cfg.dirs),
+                partial(self.tasks_api.build_task, t, sizes=sizes, seed=cfg.seed, cache=self.cache, dirs=cfg.dirs),
             )  # fmt: skip
             counts = {s: len(v) for s, v in self.data[t].splits.items()}
             self._progress(f"  {t}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
@@ -398,7 +399,7 @@ class Study:
         self.experts: dict[str, Path] = {}
         for t in self.tasks:
             self._progress(f"expert {t}")
-            self.experts[t] = self._timed("experts", lambda t=t: self.models.finetune(
+            self.experts[t] = self._timed("experts", partial(self.models.finetune,
                 self.base, [self.data[t]], [self.specs[t]], self.train_cfg, self.cache, quiet=cfg.quiet))  # fmt: skip
 
     def _open_records(self) -> None:
@@ -477,12 +478,12 @@ class Study:
         self._open_statistics(methods)
         self.expert_list = [self.bodies[t] for t in self.tasks]
         self.pair_inputs = (self.base, [self.data[t] for t in self.tasks], self.train_cfg.max_length)
-        rows = [self._timed(x, lambda x=x: self._fusion_row(x)) for x in methods]
+        rows = [self._timed(x, partial(self._fusion_row, x)) for x in methods]
         self.curves: list[CurvePoint] = []
         for spec in (METHODS.get(x) for x in methods):
             if spec.study is not None and spec.study.curve is not None:
                 row = next(r for r in rows if r["method"] == spec.name)
-                self.curves += self._timed(spec.name, lambda s=spec, r=row: self._curve(s, r))
+                self.curves += self._timed(spec.name, partial(self._curve, spec, row))
         return rows
 
     def _open_statistics(self, methods: Sequence[str]) -> None:
@@ -496,7 +497,7 @@ class Study:
             f"statistics ({', '.join(kinds)}) of each expert on {self.stats_examples} train examples"
         )
         self.stats = [
-            self._timed("statistics", lambda t=t: m.expert_statistics(
+            self._timed("statistics", partial(m.expert_statistics,
                 self.experts[t], data=self.data[t], examples=self.stats_examples, kinds=kinds, base=self.base,
                 cache=self.cache, seed=cfg.seed, max_length=self.train_cfg.max_length, quiet=cfg.quiet))
             for t in self.tasks
@@ -707,7 +708,7 @@ class Study:
 def _jsonable(obj: Any) -> Any:
     import dataclasses
 
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
     if hasattr(obj, "model_dump"):
         return obj.model_dump()
