@@ -217,7 +217,7 @@ def test_dare_stream_continues_across_chunks():
 def test_top_k_falls_back_to_radix_selection(monkeypatch, how):
     """Where the sampled bracket cannot give the k-th largest (its band outgrew the cap, or the sampled
     chunks do not represent the tensor) the radix passes still give the same bits."""
-    import sefusion.methods._ops as ops
+    import sefusion.methods._select as ops
 
     base, experts = models(5, "bf16")
     if how == "band_overflow":
