@@ -1,4 +1,4 @@
-"""`sefusion` command line: merge | extract | methods | inspect | demo.
+"""`sefusion` command line: merge | extract | methods | inspect | demo | study | summary | corpus.
 
 Imports stay light at module level so that `--help` and `methods` return fast; torch is loaded only
 by the subcommands that read tensors. A user mistake prints one line and exits 2; Ctrl-C exits 130;

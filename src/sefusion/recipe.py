@@ -1,6 +1,6 @@
 """The recipe: which experts to merge, with which method and parameters; and a reader of mergekit's YAML.
 
-A recipe (YAML or a dict) looks like this (METHODS.md, "Recipe (YAML)")::
+A recipe (YAML or a dict) looks like this (docs/methods.md describes every method's parameters)::
 
     method: ties
     base: path/to/base
@@ -113,7 +113,7 @@ def is_data_path(data: str) -> bool:
 
 
 class Recipe(BaseModel):
-    """A merge recipe (METHODS.md, "Recipe (YAML)"). Frozen; unknown keys are refused."""
+    """A merge recipe. Frozen; unknown keys are refused."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -688,7 +688,7 @@ def _mk_params(
 
 def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
     """Convert a mergekit 0.1.5 recipe to sefusion's, for linear, task_arithmetic, ties, dare_linear and
-    dare_ties (METHODS.md, "mergekit 0.1.5 conventions").
+    dare_ties, with mergekit 0.1.5's defaults and weighting conventions.
 
     mergekit's defaults are made explicit (density 1.0; normalize and rescale per method), so the converted
     recipe computes what mergekit computes up to the documented differences (top-k count and tie breaking,

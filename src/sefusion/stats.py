@@ -1,4 +1,4 @@
-"""Statistics of each expert on its own data, for the data-aware methods (METHODS.md, "Data-aware methods").
+"""Statistics of each expert on its own data, for the data-aware methods (`fisher`, `regmean`).
 
 A statistics pass runs each expert once over `examples` examples of its task and keeps, per tensor:
 

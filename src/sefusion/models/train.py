@@ -313,7 +313,7 @@ def head_only(
 ) -> Path:
     """The `pretrained` row: the base body frozen, only the task's head trained (none for retrieval).
 
-    The head's learning rate is ``config.head_lr``, or 1e-3 when it is None (CALIBRATION.md's probe).
+    The head's learning rate is ``config.head_lr``, or 1e-3 when it is None (what a linear probe needs).
     Without dropout the frozen body's embeddings are computed once and the head trains on them.
     """
     cfg = config.replace(train_body=False, head_lr=config.head_lr or 1e-3)
