@@ -122,11 +122,7 @@ def finish(
     from .io import file_sha256
 
     tasks = recipe.task_names
-    for task, ex in zip(tasks, experts, strict=True):
-        task_dir = folder / "tasks" / task
-        task_dir.mkdir(parents=True, exist_ok=True)
-        for f in ex.aux_files():
-            shutil.copy2(f, task_dir / f.name)
+    _copy_task_files(folder, tasks, experts)
 
     def info(names: Sequence[str]) -> dict[str, Any]:
         return {
@@ -151,6 +147,15 @@ def finish(
         "recipe": recipe.model_dump(mode="json"),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _copy_task_files(folder: Path, tasks: Sequence[str], experts: Sequence[ModelReader]) -> None:
+    """Each task's expert's config and tokenizer files under tasks/<task>/ (what `extract` writes out)."""
+    for task, ex in zip(tasks, experts, strict=True):
+        task_dir = folder / "tasks" / task
+        task_dir.mkdir(parents=True, exist_ok=True)
+        for f in ex.aux_files():
+            shutil.copy2(f, task_dir / f.name)
 
 
 class Bundle:
