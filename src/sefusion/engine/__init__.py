@@ -225,7 +225,7 @@ def merge_tensors(
     mem_base = cast("ModelReader", MemoryReader(base)) if base is not None and spec.needs_base else None
     streamer = Streamer(
         spec, kwargs, list(weights) if weights is not None else [1.0] * len(experts), mem_base, readers,
-        seed=seed, task_names=names, device="cpu", allow_nonfinite=True, stats=feed,
+        seed=seed, task_names=names, device="cpu", allow_nonfinite=True, stats=feed, inline=feed is not None,
     )  # fmt: skip
     sink = MemorySink(spec, experts, keys)
     run_merge(streamer, keys, sink, quiet=True)

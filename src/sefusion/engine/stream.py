@@ -115,9 +115,11 @@ class Streamer:
         chunk: int | None = None,
         workers: int | None = None,
         stats: StatsFeed | None = None,
+        inline: bool = False,
     ) -> None:
         self.spec, self.kwargs, self.weights = spec, dict(kwargs), list(weights)
         self.stats = stats
+        self.inline = inline  # jobs in the caller's thread, with its torch threads (see run)
         self.base, self.experts = base, list(experts)
         self.ref = base if base is not None else self.experts[0]
         self.seed, self.task_names = seed, tuple(task_names)
@@ -198,7 +200,13 @@ class Streamer:
         return job
 
     def run(self, jobs: Sequence[Job], total_entries: int, ordered: bool = False) -> None:
-        """Run jobs (each one tensor) on worker threads; see run_jobs."""
+        """Run jobs (each one tensor) on worker threads; see run_jobs. Inline: one after the other in the
+        caller's thread with its own torch intra-op threads (a data-aware merge of in-memory tensors:
+        RegMean's solves are BLAS-bound, and their bits depend on the thread count)."""
+        if self.inline:
+            for job in jobs:
+                job(lambda: False)
+            return
         workers = self.workers
         if workers is None:
             workers = (
