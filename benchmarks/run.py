@@ -121,7 +121,7 @@ AGREEMENT = {
     ),
     "ties": (
         "close",
-        "not bit-equal by design (METHODS.md): mergekit keeps max(1, floor(density·n)) entries with "
+        "not bit-equal by design (docs/methods.md): mergekit keeps max(1, floor(density·n)) entries with "
         "arbitrary ties and elects signs in bfloat16, sefusion keeps ceil(density·n) with ties by index "
         "in float32",
     ),

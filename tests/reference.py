@@ -1,4 +1,4 @@
-"""An independent float64 numpy reference of METHODS.md, written for clarity, not speed.
+"""An independent float64 numpy reference of docs/methods.md, written for clarity, not speed.
 
 It deliberately does not import sefusion and takes other routes than the library: sorting where the
 library selects, Decimal where it uses Fraction, Python loops over entries and blocks where it

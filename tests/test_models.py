@@ -254,6 +254,9 @@ def test_evaluate_hand_made_head(tiny_base: Path) -> None:
     r = evaluate(body, heads, data, "validation", CLS2, base=tiny_base)
     assert r["n"] == 48 and r["score"] == 0.5
     assert r["per_kind"] == {"kind0": 0.0, "kind1": 1.0}
+    # class 1 everywhere: each example is right exactly when its label is 1; no paths: own clusters
+    assert r["per_example"] == [float(ex.label == 1) for ex in data.splits["validation"]]
+    assert r["clusters"] == [f"#example{i}" for i in range(48)]
     with pytest.raises(SefusionError, match="no head for task 'other'"):
         evaluate(body, heads, toy_classify("other"), "validation", CLS2, base=tiny_base)
     with pytest.raises(SefusionError, match="no split 'dev'"):

@@ -39,7 +39,7 @@ def refused(src, *words: str, validate_params: bool = False) -> str:
 
 @pytest.fixture
 def fake_methods(monkeypatch):
-    """A fresh Registry holding stand-ins with the signatures of METHODS.md (the real methods may not be
+    """A fresh Registry holding stand-ins with the signatures of docs/methods.md (the real methods may not be
     importable yet); `load_recipe` validates against it."""
     reg = registry.Registry()
     monkeypatch.setattr(registry, "METHODS", reg)

@@ -9,6 +9,8 @@ behaviour" and "a clone rewrite keeps it" are checked by running the code, not o
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -28,8 +30,10 @@ from sefusion.tasks.base import (
     Sizes,
     TaskError,
     build_task,
+    example_clusters,
     first_sentence,
     get_task,
+    gold_ranks,
     mrr,
     mrr_chance,
     score,
@@ -38,6 +42,7 @@ from sefusion.tasks.base import (
 from sefusion.tasks.clone import rewrite
 from sefusion.tasks.corpus import Function, normalized_key
 from sefusion.tasks.corpus_extract import LANGUAGES, extract
+from sefusion.tasks.search import identifier_words, mask_name
 
 WORDS = [
     "apple", "bread", "cloud", "delta", "eagle", "fable", "grape", "house", "igloo", "joker", "kiwi", "lemon",
@@ -311,6 +316,9 @@ def test_accuracy_and_per_kind_by_hand():
     got = score(spec, [0, 1, 1, 1, 0], exs)
     assert got["score"] == pytest.approx(3 / 5) and got["n"] == 5
     assert got["per_kind"] == {"unbound_name": 1.0, "wrong_return": pytest.approx(1 / 3)}
+    assert got["per_example"] == [1, 1, 0, 1, 0]
+    paths = [Example("x", meta={"path": "a.py"}), Example("y"), Example("z", meta={"path": "a.py"})]
+    assert example_clusters(paths) == ["a.py", "#example1", "a.py"]
     logits = [[2.0, -1.0], [0.0, 3.0], [0.1, 0.2], [0.0, 1.0], [5.0, 4.0]]  # argmax = the labels above
     assert score(spec, logits, exs) == got
     with pytest.raises(TaskError, match="4 predictions for 5 examples"):
@@ -331,9 +339,10 @@ def test_mrr_by_hand_with_ties():
     assert mrr(torch.eye(4), [0, 1, 2, 3]) == 1.0
     assert mrr(torch.zeros(4, 4), [0, 1, 2, 3]) == pytest.approx(1 / 4)  # a collapsed model gets 1/P
     spec, _ = get_task("search-python")
-    assert score(spec, sim, [Example("q", "c", g) for g in (0, 1, 2, 0)])["score"] == pytest.approx(
-        (1 + 1 / 3 + 1 / 3 + 1 / 2) / 4
-    )
+    res = score(spec, sim, [Example("q", "c", g) for g in (0, 1, 2, 0)])
+    assert res["score"] == pytest.approx((1 + 1 / 3 + 1 / 3 + 1 / 2) / 4)
+    assert res["per_example"] == [1.0, 1 / 3, 1 / 3, 1 / 2]
+    assert gold_ranks(sim, [0, 1, 2, 0]).tolist() == [1, 3, 3, 2]
     with pytest.raises(TaskError, match="gold indices must be in"):
         mrr(sim, [0, 1, 2, 3])
     with pytest.raises(TaskError, match="4 queries but 3 gold"):
@@ -594,22 +603,31 @@ def test_defect_kinds_option_restricts_the_kinds():
     assert {ex.meta["kind"] for s in data.splits.values() for ex in s} == {"wrong_return", "undefined_call"}
 
 
-def test_defect_python_adds_site_packages_to_train_only_when_short():
-    spec, _ = get_task("defect-python")
+@pytest.mark.parametrize("name", ["defect-python", "exception-python"])
+def test_site_packages_only_when_asked(name):
+    """A task depends only on the corpus it names: installed packages (the stand-in `extra_train`) change
+    nothing unless `site_packages=True` asks for them; the old "auto" is refused."""
+    spec, _ = get_task(name)
     extra = corpus("python", 60)[len(ALL["python"]) :]  # files 40..59: a stand-in for site-packages
-    short = spec.build_from(ALL, "python", sizes=Sizes(train=200, validation=8, test=8), extra_train=extra)
+    sizes = Sizes(train=200, validation=8, test=8)  # more than ALL yields: "auto" used to add them
+    plain = spec.build_from(ALL, "python", sizes=sizes)
+    with_extra = spec.build_from(ALL, "python", sizes=sizes, extra_train=extra)
+    assert with_extra.splits == plain.splits and with_extra.fingerprint == plain.fingerprint
+    asked = spec.build_from(ALL, "python", sizes=sizes, extra_train=extra, options={"site_packages": True})
+    assert asked.fingerprint != plain.fingerprint
+    with pytest.raises(TaskError, match="site_packages must be true or false, got 'auto'"):
+        spec.build_from(ALL, "python", sizes=sizes, options={"site_packages": "auto"})
+
+
+def test_defect_site_packages_go_to_train_only():
+    spec, _ = get_task("defect-python")
+    extra = corpus("python", 60)[len(ALL["python"]) :]
+    opts = {"site_packages": True}
+    short = spec.build_from(ALL, "python", sizes=Sizes(train=200, validation=8, test=8), extra_train=extra,
+                            options=opts)  # fmt: skip
     assert short.provenance["site_packages_functions"] > 0
-    assert all(
-        not ex.meta["path"].startswith("site-packages/")
-        for s in ("validation", "test")
-        for ex in short.splits[s]
-    )
-    enough = spec.build_from(ALL, "python", sizes=SMALL, extra_train=extra)
-    assert enough.provenance["site_packages_functions"] == 0
-    off = spec.build_from(
-        ALL, "python", sizes=Sizes(train=200), extra_train=extra, options={"site_packages": False}
-    )
-    assert off.provenance["site_packages_functions"] == 0
+    extra_paths = {f.path for f in extra}
+    assert not any(ex.meta["path"] in extra_paths for s in ("validation", "test") for ex in short.splits[s])
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
@@ -656,16 +674,39 @@ def test_naming_renames_only_the_declaration_and_self_calls(lang):
 def test_search_pool_is_the_split_and_gold_is_the_own_index(lang):
     data = build(f"search-{lang}", sizes=Sizes(train=30, validation=50, test=50, pool=6))
     _check_split_files_disjoint(data)
-    assert len(data.splits["test"]) == 6 and len(data.splits["validation"]) == 6
-    assert data.provenance["pool"] == {"validation": 6, "test": 6}
-    assert data.chance == pytest.approx(mrr_chance(6))
+    # masked names can make two synthetic queries equal (one is dropped): pools of at most 6
+    n_val, n_test = len(data.splits["validation"]), len(data.splits["test"])
+    assert 4 <= n_test <= 6 and 4 <= n_val <= 6
+    assert data.provenance["pool"] == {"validation": n_val, "test": n_test}
+    assert data.chance == pytest.approx(mrr_chance(n_test))
     for exs in data.splits.values():
         assert [ex.label for ex in exs] == list(range(len(exs)))
         assert len({ex.text for ex in exs}) == len(exs), "one gold per query"
         for ex in exs:
             own = next(f for f in ALL[lang] if f.path == ex.meta["path"] and f.name == ex.meta["function"])
-            assert ex.text == first_sentence(own.docstring) and ex.text_pair == own.code
+            assert ex.text == mask_name(first_sentence(own.docstring), own.name) and ex.text_pair == own.code
             assert ex.text not in ex.text_pair
+            assert not re.search(rf"(?i)\b{re.escape(own.name)}\b", ex.text)
+    kept = build(f"search-{lang}", sizes=Sizes(train=30, validation=50, test=50, pool=6), mask_name=False)
+    for ex in kept.splits["test"]:
+        own = next(f for f in ALL[lang] if f.path == ex.meta["path"] and f.name == ex.meta["function"])
+        assert ex.text == first_sentence(own.docstring)
+    assert kept.provenance["mask_name"] is False and data.provenance["mask_name"] is True
+    assert kept.provenance["pool"] == {"validation": 6, "test": 6}
+
+
+def test_mask_name_by_hand():
+    assert identifier_words("HTTPServer_v2") == ["http", "server", "v", "2"]
+    assert mask_name("ReadFile reads the named file and returns the contents.", "ReadFile") == (
+        "reads the named and returns the contents."
+    )
+    assert mask_name("Read and return up to n bytes.", "read") == "and return up to n bytes."
+    assert mask_name("os.ReadFile() wraps readFile, not Reader.", "readFile") == "os. () wraps , not Reader."
+    # words of three letters or more only: "is" stays
+    assert mask_name("Reports whether the list is empty", "isEmptyList") == "Reports whether the is"
+    assert mask_name("Returns true if empty? holds", "empty?") == "Returns true if holds"
+    with pytest.raises(TaskError, match="mask_name must be true or false"):
+        build("search-go", mask_name="yes")
 
 
 def test_langid_is_balanced_over_six_languages():
@@ -695,6 +736,28 @@ def test_builders_are_deterministic_per_seed(name):
     assert a.fingerprint == b.fingerprint and a.splits == b.splits
     c = build(name, seed=1)
     assert c.fingerprint != a.fingerprint
+    assert a.provenance["fingerprint"] == a.fingerprint
+
+
+def test_data_fingerprint_is_sha256_of_the_canonical_splits():
+    data = build("naming-java")
+    h = hashlib.sha256(b'{"labels":' + json.dumps(data.labels).replace(", ", ",").encode()
+                       + b',"task":"naming-java"}\n')  # fmt: skip
+    for split in ("train", "validation", "test"):
+        for ex in data.splits[split]:
+            rec = {
+                "label": ex.label,
+                "meta": dict(ex.meta),
+                "pair": ex.text_pair,
+                "split": split,
+                "text": ex.text,
+            }
+            h.update(
+                json.dumps(rec, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+            )
+    assert data.fingerprint == h.hexdigest() == tasks.data_fingerprint(data)
+    moved = {**data.splits, "train": data.splits["train"][1:] + data.splits["train"][:1]}
+    assert tasks.data_fingerprint(tasks.TaskData(data.task, moved, {}, data.labels)) != data.fingerprint
 
 
 def test_determinism_does_not_depend_on_hash_randomization(tmp_path):

@@ -23,6 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 from ._lazy import torch
 from ._version import __version__
+from .bundle_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    bytes_sha256,
+    check_base,
+    check_store,
+    corrupt,
+    folder_checksums,
+    parse_manifest,
+    range_sha256,
+)
 from .errors import CheckpointError, SefusionError
 
 if TYPE_CHECKING:
@@ -35,8 +46,6 @@ if TYPE_CHECKING:
 
 DtypeOf = Callable[[Any], Any]  # a stored dtype -> the output's (the recipe's `dtype`)
 
-FORMAT = "sefusion-bundle"
-FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 
 
@@ -146,6 +155,7 @@ def finish(
         "per_task": list(plan.per_task),
         "recipe": recipe.model_dump(mode="json"),
     }
+    manifest["checksums"] = folder_checksums(folder)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
@@ -161,25 +171,43 @@ def _copy_task_files(folder: Path, tasks: Sequence[str], experts: Sequence[Model
 class Bundle:
     """A bundle folder opened for reading."""
 
-    def __init__(self, path: str | Path) -> None:
-        from .io import open_model
+    def __init__(self, path: str | Path, *, verify: bool = False) -> None:
+        """Open and check a bundle: its manifest in full, against the stored tensors; with `verify`, every
+        stored tensor's checksum now (otherwise each is verified when read)."""
+        from .io import SafetensorsReader, open_model
 
         self.path = Path(path)
         mf = self.path / MANIFEST
         if not mf.is_file():
             raise CheckpointError(f"{self.path} is not a sefusion bundle (no {MANIFEST})")
         try:
-            self.manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as exc:
+            self.manifest = json.loads(mf.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"{mf} is not valid JSON: {exc}") from None
-        if self.manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{mf} is not a sefusion bundle manifest")
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{mf} has bundle format version {self.manifest.get('format_version')}; this sefusion reads "
-                f"version {FORMAT_VERSION}"
-            )
+        self.spec = parse_manifest(self.manifest, mf)
         self.store = open_model(self.path)
+        try:
+            if not isinstance(self.store, SafetensorsReader):
+                raise CheckpointError(f"bundle {self.path} does not store its tensors as safetensors")
+            check_store(self.spec, self.store, self.path)
+            if verify:
+                self.verify()
+        except BaseException:
+            self.store.close()
+            raise
+
+    def verify(self) -> None:
+        """Check every stored tensor's bytes against its checksum (read from disk piece by piece)."""
+        for key in self.store.names():
+            if range_sha256(self.store.info(key)) != self.spec.checksums[key]:  # type: ignore[attr-defined]
+                raise corrupt(self.path, key)
+
+    def get(self, key: str) -> Tensor:
+        """Stored tensor `key`, its checksum verified."""
+        t = self.store.get(key)
+        if bytes_sha256(t) != self.spec.checksums[key]:
+            raise corrupt(self.path, key)
+        return t
 
     @property
     def tasks(self) -> list[str]:
@@ -207,14 +235,19 @@ class Bundle:
                     f"(sha256 {digest[:12]}... vs {self.manifest['base']['sha256'][:12]}...); "
                     "pass --base with the right folder"
                 )
+        try:
+            check_base(self.spec, reader, self.path)
+        except BaseException:
+            reader.close()
+            raise
         return reader
 
     def task_tensor(self, base: ModelReader, name: str, t: int) -> Tensor:
         """Task t's float32 tensor `name` rebuilt from the base, the merged vector, its mask and scale."""
         info = self.manifest["tensors"][name]
-        mask = unpack_mask(self.store.get(f"masks/{name}")[t], info["shape"])
-        scale = float(self.store.get(f"scales/{name}")[t])
-        return rebuild(base.get(name), self.store.get(f"vector/{name}"), mask, scale)
+        mask = unpack_mask(self.get(f"masks/{name}")[t], info["shape"])
+        scale = float(self.get(f"scales/{name}")[t])
+        return rebuild(base.get(name), self.get(f"vector/{name}"), mask, scale)
 
     def storage(self) -> dict[str, int]:
         """Bytes of this bundle vs. T separate checkpoints of the same dtype."""
@@ -244,18 +277,24 @@ def extract(
     overwrite: bool = False,
     shard_size: int | str = "5GB",
     quiet: bool = True,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write task TASK's model from BUNDLE as a normal model folder (config from the task's expert)."""
     from .io import ModelWriter, parse_size
+    from .io.publish import check_output
     from .progress import progress
 
     out = Path(out)
+    check_output(out, overwrite, [bundle, base])
     b = Bundle(bundle)
-    t = b.task_index(task)
-    if out.exists() and not overwrite:
-        raise SefusionError(f"output folder {out} exists; pass --overwrite to replace it")
-    size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
-    base_reader = b.open_base(base)
+    try:
+        t = b.task_index(task)
+        check_output(out, overwrite, [b.manifest["base"]["path"] if base is None else base])
+        size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
+        base_reader = b.open_base(base)
+    except BaseException:
+        b.close()
+        raise
     task_dir = b.path / "tasks" / task
     card = (
         f"# Task '{task}' extracted from a sefusion bundle\n\nMethod: `{b.manifest['method']}`, "
@@ -273,8 +312,9 @@ def extract(
             + [(n, b.store.shape(f"tasks/{task}/{n}"), b.store.dtype(f"tasks/{task}/{n}")) for n in per_task]
         )
         with ModelWriter(
-            out, overwrite=overwrite, shard_size=size, aux_from=task_dir, model_card=card, layout=layout
-        ) as w:
+            out, overwrite=overwrite, shard_size=size, aux_from=task_dir, model_card=card, layout=layout,
+            allow_nonfinite=allow_nonfinite,
+        ) as w:  # fmt: skip
             bar = progress(len(names), f"extract {task}", quiet)
             for name in names:
                 dtype = getattr(torch, b.manifest["tensors"][name]["dtype"])
@@ -282,7 +322,7 @@ def extract(
                 bar.update()
             bar.close()
             for name in per_task:
-                w.add(name, b.store.get(f"tasks/{task}/{name}"))
+                w.add(name, b.get(f"tasks/{task}/{name}"))
             for name, info in b.manifest["from_base"].items():
                 w.add(name, base_reader.get(name).to(getattr(torch, info["dtype"])))
             w.commit()

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="output folder")
     _add_output_args(p)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda for the methods' arithmetic")
-    p.add_argument("--allow-nonfinite", action="store_true", help="merge even if an input holds NaN/Inf")
+    p.add_argument(
+        "--allow-nonfinite", action="store_true", help="merge even if an input or the output holds NaN/Inf"
+    )
 
     p = sub.add_parser(
         "extract",
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.add_argument("--base", type=Path, help="base model folder, if it moved since the bundle was made")
     _add_output_args(p)
+    p.add_argument("--allow-nonfinite", action="store_true", help="write the model even if it holds NaN/Inf")
 
     sub.add_parser(
         "methods", parents=[common], help="list the merge methods with their parameters and papers"
@@ -155,11 +159,13 @@ def _stats_pass(recipe: Any, quiet: bool) -> Any:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .engine import merge
+    from .engine import check_output, merge
     from .recipe import load_recipe
 
     _keep_freed_memory()
     recipe = load_recipe(args.recipe)
+    # OUT apart from the recipe and every input before any work (merge checks it again)
+    check_output(args.out, args.overwrite, [args.recipe, *recipe.input_paths()])
     report = merge(
         recipe,
         args.out,
@@ -196,6 +202,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         shard_size=args.shard_size,
         quiet=args.quiet,
+        allow_nonfinite=args.allow_nonfinite,
     )
     log.info("task '%s' written to %s", args.task, out)
     return 0
@@ -225,10 +232,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import math
 
     from .bundle import MANIFEST, Bundle
+    from .errors import SefusionError
     from .io import open_model
 
+    if args.limit < 0:
+        raise SefusionError(f"--limit must be 0 (all) or a positive number of tensors, got {args.limit}")
     if (args.path / MANIFEST).is_file():
-        b = Bundle(args.path)
+        b = Bundle(args.path, verify=True)
         try:
             m = b.manifest
             st = b.storage()
@@ -373,7 +383,61 @@ COMMANDS = {
 }
 
 
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled as Ctrl-C is: the run stops, removes what it wrote, exits 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame: Any) -> None:
+    raise Signalled(signum)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM/SIGHUP raise Signalled while the command runs (main
+    thread only); the previous handlers come back after."""
+    import signal
+
+    wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_signalled}
+    if hasattr(signal, "SIGHUP"):
+        wanted[signal.SIGHUP] = _raise_signalled
+    before = {}
+    for sig, handler in wanted.items():
+        with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+            before[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Values argparse does not check, refused as a user error before any work."""
+    from .errors import SefusionError
+
+    if getattr(args, "shard_size", None) is not None:
+        from .io.util import parse_size
+
+        try:
+            args.shard_size = parse_size(args.shard_size)
+        except ValueError as exc:
+            raise SefusionError(f"--shard-size: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _signals_as_interrupt():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as exc:
+            print("sefusion: interrupted; no output was written", file=sys.stderr)
+            return 128 + exc.signum if isinstance(exc, Signalled) else 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -385,13 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import SefusionError
 
     try:
+        _check_args(args)
         return COMMANDS[args.command](args)
     except SefusionError as exc:
         print(f"sefusion: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sefusion: interrupted; no output was written", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 141
     except OSError as exc:  # a file system problem the readers and writers did not name more precisely

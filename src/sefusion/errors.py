@@ -17,3 +17,7 @@ class CheckpointError(SefusionError):
 
 class OutputExistsError(SefusionError):
     """The output folder exists and --overwrite was not given."""
+
+
+class NonFiniteOutputError(SefusionError):
+    """A tensor about to be written holds NaN/Inf, and --allow-nonfinite was not given."""

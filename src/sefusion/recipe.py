@@ -86,6 +86,13 @@ class ModelEntry(BaseModel):
     examples: Annotated[int, Field(ge=1, strict=True)] | None = None
     stats: Annotated[str, Field(min_length=1)] | None = None  # a sefusion.stats folder
 
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("a boolean (true/false, yes/no) is not a number")
+        return v
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v: str | None) -> str | None:
@@ -133,6 +140,13 @@ class Recipe(BaseModel):
     def _dtype_alias(cls, v: Any) -> Any:
         return _canonical_dtype(v)
 
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("a boolean (true/false, yes/no) is not a number")
+        return v
+
     @field_validator("exclude", mode="before")
     @classmethod
     def _one_glob(cls, v: Any) -> Any:
@@ -179,6 +193,14 @@ class Recipe(BaseModel):
         base = fix(self.base) if self.base is not None else None
         return self.model_copy(update={"base": base, "models": models})
 
+    def input_paths(self) -> list[str]:
+        """Every file or folder the recipe reads (base, experts or adapters, statistics, data files):
+        an output must stay apart from all of them."""
+        paths = [self.base] if self.base is not None else []
+        for m in self.models:
+            paths += [m.path, m.stats, m.data if m.data_is_file else None]
+        return [p for p in paths if p is not None]
+
     def entry_examples(self, index: int) -> int | None:
         """How many examples models[index]'s statistics come from, as the recipe says: its `examples:`,
         else its `params.examples`, else the recipe's `params.examples`; None where none is set."""
@@ -217,7 +239,14 @@ class Recipe(BaseModel):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently), and
+    reads dates as plain strings (a recipe holds no timestamps)."""
+
+
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -233,6 +262,61 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+# Plain data only: a tag such as !!python/object, !!binary or !!set has no place in a recipe.
+_PLAIN_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq", "merge")
+)
+# Nodes a recipe may expand to once aliases are followed: recipes have tens; an alias bomb has billions.
+MAX_YAML_NODES = 100_000
+_MAX_YAML_DEPTH = 100
+
+
+class _YamlRefused(Exception):
+    def __init__(self, message: str, node: yaml.Node) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+def _check_nodes(root: yaml.Node) -> None:
+    """Refuse non-plain tags, deep nesting and alias expansion past MAX_YAML_NODES, before anything is
+    built. Aliases share nodes, so each node's expanded size is computed once (memoised by identity)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 0, False)]
+    active: set[int] = set()  # nodes being expanded: meeting one again is a recursive alias
+    while stack:
+        node, depth, done = stack.pop()
+        if done:
+            kids = _children(node)
+            sizes[id(node)] = 1 + sum(sizes[id(k)] for k in kids)
+            active.discard(id(node))
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise _YamlRefused(f"it expands to more than {MAX_YAML_NODES} values (an alias bomb?)", node)
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in active:
+            raise _YamlRefused("a recursive alias", node)
+        if node.tag not in _PLAIN_TAGS:
+            raise _YamlRefused(f"tag {node.tag} is not plain data (strings, numbers, lists, mappings)", node)
+        if depth > _MAX_YAML_DEPTH:
+            raise _YamlRefused(f"it nests deeper than {_MAX_YAML_DEPTH} levels", node)
+        active.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((k, depth + 1, False) for k in _children(node) if id(k) not in sizes)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _yaml_error(path: Path, problem: str, mark: Any, context: str | None = None) -> RecipeError:
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    return RecipeError(f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else ""))
+
 
 def _read_yaml(path: Path) -> Any:
     if not path.exists():
@@ -243,16 +327,29 @@ def _read_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc}") from None
+    return parse_yaml(text, path)
+
+
+def parse_yaml(text: str, path: Path) -> Any:
+    """A recipe's YAML as plain data; RecipeError (naming `path`, line and column) for anything else."""
+    loader = _UniqueKeyLoader(text)
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node)
+        return loader.construct_document(node)
+    except _YamlRefused as exc:
+        raise _yaml_error(path, str(exc), exc.node.start_mark) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        raise RecipeError(
-            f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+        raise _yaml_error(
+            path, problem, getattr(exc, "problem_mark", None), getattr(exc, "context", None)
         ) from None
+    except (RecursionError, ValueError, OverflowError) as exc:  # nesting too deep to parse; odd scalars
+        raise _yaml_error(path, f"cannot read it ({type(exc).__name__}: {exc})", None) from None
+    finally:
+        loader.dispose()
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -322,7 +419,13 @@ def check_params(recipe: Recipe, where: str = "recipe") -> None:
         spec = METHODS.get(recipe.method)
     except RecipeError as exc:
         raise RecipeError(f"{where}: {exc}") from None
-    resolve_params(recipe, spec, where)
+    kwargs = resolve_params(recipe, spec, where)
+    weights = [m.weight for m in recipe.models]
+    if spec.name == "linear" and kwargs.get("normalize") and sum(weights) == 0:
+        raise RecipeError(
+            f"{where}: method 'linear' divides by the sum of the models' weights, which is 0 "
+            f"({', '.join(f'{w:g}' for w in weights)}); change a weight or set `params: {{normalize: false}}`"
+        )
     if spec.needs_base and recipe.base is None:
         raise RecipeError(f"{where}: method '{spec.name}' needs a base model: set `base:` in the recipe")
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -63,10 +64,28 @@ class Param:
 
     def validate(self, value: Any, where: str) -> Any:
         try:
-            return TypeAdapter(self.annotation).validate_python(value)
+            out = TypeAdapter(self.annotation).validate_python(value)
         except ValidationError as exc:
             reason = "; ".join(e["msg"] for e in exc.errors())
             raise RecipeError(f"{where}: parameter '{self.name}' = {value!r} is invalid: {reason}") from None
+        problem = _not_a_number(value, out)
+        if problem:
+            raise RecipeError(f"{where}: parameter '{self.name}' = {value!r} is invalid: {problem}")
+        return out
+
+
+def _not_a_number(given: Any, parsed: Any) -> str | None:
+    """Numbers must be finite, and a boolean is not a number (`density: yes` is not 1): what is wrong with
+    `given` once validated as `parsed`, or None."""
+    if isinstance(given, bool) and not isinstance(parsed, bool):
+        return "a boolean (true/false, yes/no) is not a number"
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        return "numbers must be finite"
+    if isinstance(given, (list, tuple)) and isinstance(parsed, (list, tuple)) and len(given) == len(parsed):
+        return next(filter(None, (_not_a_number(g, p) for g, p in zip(given, parsed, strict=True))), None)
+    if isinstance(given, Mapping) and isinstance(parsed, Mapping):
+        return next(filter(None, (_not_a_number(v, parsed.get(k)) for k, v in given.items())), None)
+    return None
 
 
 Candidates = tuple[dict[str, Any], ...]

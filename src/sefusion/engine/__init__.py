@@ -124,6 +124,7 @@ def merge(
     from ..io import parse_size
 
     t0 = time.perf_counter()
+    src: Any = None
     if not isinstance(recipe, Recipe):
         src = recipe if isinstance(recipe, (str, Path)) else dict(recipe)
         recipe = load_recipe(src, require_data=stats is None)
@@ -134,7 +135,7 @@ def merge(
     spec.bind(kwargs, recipe.task_names)
     size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     dev = check_device(device)
-    check_output(out, overwrite)
+    check_output(out, overwrite, [*recipe.input_paths(), *([src] if isinstance(src, (str, Path)) else [])])
     sources, opened = open_statistics(recipe, spec, stats, compute_stats)
     try:
         plan = _merge_files(recipe, spec, kwargs, out, sources, dev, allow_nonfinite, size, overwrite, quiet)
@@ -159,10 +160,15 @@ def _merge_files(
     quiet: bool,
 ) -> Plan:
     """Open the inputs, plan, and run the merge loop into a model or bundle sink; the plan it ran."""
+    from ..io.checks import check_inputs
+
     task_names = recipe.task_names
     base, experts = open_inputs(recipe, spec)
     try:
         plan = make_plan(recipe, base, experts, task_names)
+        check_inputs(
+            recipe, base or experts[0], experts, plan.merged, configs_of_experts=spec.kind == "bundle"
+        )
         feed = None
         if spec.statistics:
             feed = StatsFeed(spec, sources or [], plan.merged, task_names)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
-from ..errors import CheckpointError, OutputExistsError, RecipeError, SefusionError
+from ..errors import CheckpointError, RecipeError, SefusionError
 from ..recipe import Recipe
 
 if TYPE_CHECKING:
@@ -106,10 +106,12 @@ def make_plan(
     return Plan(merged=merged, from_base=from_base, per_task=per_task)
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """OUT must not exist unless `overwrite` (checked before any work, and again by the writer)."""
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"output folder {out} exists; pass --overwrite to replace it")
+def check_output(out: Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """OUT must be apart from every input and not exist unless `overwrite` (checked before any work, and
+    again by the writer)."""
+    from ..io.publish import check_output as check
+
+    check(out, overwrite, inputs)
 
 
 def refuse_whole_model(spec: MethodSpec) -> None:

@@ -80,8 +80,9 @@ class ModelSink:
         )
         card = model_card(recipe, spec)
         return ModelWriter(
-            out, overwrite=overwrite, shard_size=size, aux_from=ref, model_card=card, layout=layout
-        )
+            out, overwrite=overwrite, shard_size=size, aux_from=ref, model_card=card, layout=layout,
+            allow_nonfinite=streamer.allow_nonfinite,
+        )  # fmt: skip
 
     def write(self, name: str, start: int, stop: int, result: Any) -> None:
         dtype = target_dtype(self.recipe, self.s.ref.dtype(name))
@@ -144,7 +145,10 @@ class BundleSink:
         dtype_of = partial(target_dtype, recipe)
         layout = bundle.layout(plan, recipe, streamer.base, streamer.experts, dtype_of)
         card = bundle.card(out, recipe, spec)
-        return ModelWriter(out, overwrite=overwrite, shard_size=size, model_card=card, layout=layout)
+        return ModelWriter(
+            out, overwrite=overwrite, shard_size=size, model_card=card, layout=layout,
+            allow_nonfinite=streamer.allow_nonfinite,
+        )  # fmt: skip
 
     def write(self, name: str, start: int, stop: int, result: Any) -> None:
         import numpy as np

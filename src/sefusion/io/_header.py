@@ -55,6 +55,22 @@ class TensorInfo:
     nbytes: int = 0
 
 
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry(entry: object) -> tuple[str, tuple[int, ...], int, int] | None:
+    """(dtype code, shape, begin, end) of a header entry, or None when it is malformed."""
+    if not isinstance(entry, dict):
+        return None
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(code, str) or not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        return None
+    return code, tuple(shape), offsets[0], offsets[1]
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """The tensors a safetensors file holds, checked against the file's size. Raises CheckpointError."""
     try:
@@ -74,7 +90,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path} has a corrupt safetensors header (not JSON: {exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object)")
@@ -85,14 +101,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
+        parsed = _entry(entry)
+        if parsed is None:
             raise CheckpointError(
-                f"{path} has a corrupt safetensors header: bad entry for tensor '{name}'"
-            ) from None
+                f"{path} has a corrupt safetensors header: bad entry for tensor '{name}' (needs a dtype, a shape "
+                "of non-negative integers and two non-negative data_offsets)"
+            )
+        code, shape, begin, end = parsed
         dtype = DTYPES.get(code)
         if dtype is None:
             raise CheckpointError(f"tensor '{name}' in {path} has dtype {code}, which sefusion cannot read")

@@ -45,6 +45,27 @@ class _Delta:
     transpose: bool
 
 
+def _is_rank(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_patterns(f: Path, key: str, patterns: Any, valid: Any, what: str) -> None:
+    """`rank_pattern` / `alpha_pattern`: {module regex: value}, or absent."""
+    if not patterns:
+        return
+    if not isinstance(patterns, dict) or not all(valid(v) for v in patterns.values()):
+        raise CheckpointError(f"{f}: '{key}' must map module patterns to {what}, got {patterns!r}")
+    for k in patterns:
+        try:
+            re.compile(k)
+        except (re.error, RecursionError, OverflowError):
+            raise CheckpointError(f"{f}: '{key}' has an invalid pattern {k!r}") from None
+
+
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     # peft's rule (utils/other.py get_pattern_key): the first key k with re.match(rf"(.*\.)?({k})$", module).
     for key, value in patterns.items():
@@ -89,7 +110,7 @@ class LoraReader(ModelReader):
     def _read_config(self, f: Path) -> dict[str, Any]:
         try:
             cfg = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"cannot read {f}: {exc}") from None
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{f} is not a JSON object")
@@ -100,10 +121,15 @@ class LoraReader(ModelReader):
             if cfg.get(key):
                 raise CheckpointError(f"LoRA adapter {self.path} uses {label}, which is not supported")
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-        if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+        if not _is_rank(r) or not _is_number(alpha):
             raise CheckpointError(
-                f"{f} needs a positive integer 'r' and a number 'lora_alpha' (got {r}, {alpha})"
+                f"{f} needs a positive integer 'r' and a number 'lora_alpha' (got {r!r}, {alpha!r})"
             )
+        for key, valid, what in (
+            ("rank_pattern", _is_rank, "positive integers"),
+            ("alpha_pattern", _is_number, "numbers"),
+        ):
+            _check_patterns(f, key, cfg.get(key), valid, what)
         return cfg
 
     def _scale(self, module: str, rank: int, key: str) -> float:

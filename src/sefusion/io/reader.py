@@ -12,7 +12,7 @@ import pickle
 import threading
 import zipfile
 from abc import ABC, abstractmethod
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -172,14 +172,27 @@ class SafetensorsReader(ModelReader):
                     raise CheckpointError(f"tensor '{name}' is in two files: {self._info[name].file} and {f}")
                 self._info[name] = info
         if index is not None:
-            for name, fname in index.items():
-                info = self._info.get(name)
-                if info is None or info.file.name != fname:
-                    where = f"it is in {info.file}" if info else "no shard holds it"
-                    raise CheckpointError(f"{path / SAFE_INDEX} maps tensor '{name}' to {fname}, but {where}")
+            self._check_index(index)
         self._names = sorted(self._info)
         self._handles: dict[Path, Any] = {}
         self._lock = threading.Lock()
+
+    def _check_index(self, index: dict[str, str]) -> None:
+        """The index and its shards agree both ways: every mapped tensor is in its shard, every tensor
+        a shard holds is mapped (to that shard)."""
+        where = self.path / SAFE_INDEX
+        for name, fname in index.items():
+            info = self._info.get(name)
+            if info is None or info.file != self.path / fname:
+                found = f"it is in {info.file}" if info else "no shard holds it"
+                raise CheckpointError(f"{where} maps tensor '{name}' to {fname}, but {found}")
+        unlisted = sorted(set(self._info) - set(index))
+        if unlisted:
+            more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+            raise CheckpointError(
+                f"{where} does not list tensor '{unlisted[0]}'{more}, which shard {self._info[unlisted[0]].file} "
+                "holds: the index and its shards disagree"
+            )
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -189,6 +202,10 @@ class SafetensorsReader(ModelReader):
             return self._info[name]
         except KeyError:
             raise self._missing(name) from None
+
+    def info(self, name: str) -> TensorInfo:
+        """Where tensor `name`'s bytes lie: file, byte offset and length, shape and dtype."""
+        return self._entry(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
@@ -339,13 +356,26 @@ class BinReader(ModelReader):
 
 def _read_index(index_file: Path) -> dict[str, str]:
     try:
-        data = json.loads(index_file.read_text())
+        data = json.loads(index_file.read_text(encoding="utf-8"))
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise TypeError("'weight_map' must map tensor names to shard file names")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{index_file} is not a valid index (needs a 'weight_map'): {exc}") from None
+    for fname in sorted(set(weight_map.values())):
+        _check_shard_name(index_file, fname)
     return weight_map
+
+
+def _check_shard_name(index_file: Path, fname: str) -> None:
+    """A shard is a file inside the model folder: a relative path without `..`, checked on the name alone
+    (before anything is opened; symlinks inside the folder, as in a hub cache, stay allowed)."""
+    parts = PurePosixPath(fname.replace("\\", "/")).parts
+    if not fname or "\0" in fname or fname.startswith(("/", "\\")) or ".." in parts or ":" in fname[:2]:
+        raise CheckpointError(
+            f"{index_file} names shard {fname!r}, which is outside the model folder; a shard must be a file "
+            "inside it"
+        )
 
 
 def _index_files(index_file: Path, weight_map: dict[str, str]) -> list[Path]:

@@ -51,6 +51,19 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """NaN and ±Inf entries of a floating tensor (0 for other dtypes). A finite sum (in float32 at least)
+    proves there are none in one pass without a boolean temporary; only a non-finite sum (a NaN/Inf, or
+    a sum that overflowed) pays for the exact count."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return 0
+    acc = torch.float32 if tensor.is_floating_point() and tensor.dtype.itemsize <= 4 else None
+    total = tensor.sum(dtype=acc) if acc is not None else tensor.sum()
+    if bool(torch.isfinite(total).all()):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
 def check_finite(name: str, tensor: torch.Tensor, file: str | Path) -> None:
     """Raise CheckpointError when a floating tensor holds NaN or ±Inf."""
     if not (tensor.is_floating_point() or tensor.is_complex()):

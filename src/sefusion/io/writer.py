@@ -12,9 +12,7 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,46 +22,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..errors import OutputExistsError, SefusionError
+from ..errors import NonFiniteOutputError, SefusionError
 from ._header import DTYPES
+from .publish import discard, make_tmp, move_into_place
 from .reader import ModelReader, find_aux_files
+from .util import count_nonfinite
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-
-
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"output folder {out} exists; pass --overwrite to replace it")
-
-
-def _make_tmp(out: Path, overwrite: bool) -> Path:
-    _refuse_existing(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _remove(p: Path) -> None:
-    if p.is_symlink() or p.is_file():
-        p.unlink(missing_ok=True)
-    elif p.exists():
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename `tmp` to `out`; an existing `out` (overwrite) is renamed aside first and removed after."""
-    _refuse_existing(out, overwrite)  # again: it may have appeared while we were writing
-    if out.exists() or out.is_symlink():
-        aside = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, aside)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(aside, out)
-            raise
-        _remove(aside)
-    else:
-        os.rename(tmp, out)
 
 
 def _disk_full(out: Path, exc: OSError) -> SefusionError:
@@ -74,20 +40,20 @@ def _disk_full(out: Path, exc: OSError) -> SefusionError:
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it becomes `out`, on any exception it is removed.
 
-    Raises OutputExistsError when `out` exists and not `overwrite`.
+    Raises OutputExistsError when `out` exists and not `overwrite` (see sefusion.io.publish).
     """
     out = Path(out)
-    tmp = _make_tmp(out, overwrite)
+    tmp = make_tmp(out, overwrite)
     try:
         yield tmp
-        _move_into_place(tmp, out, overwrite)
+        move_into_place(tmp, out, overwrite)
     except OSError as exc:
-        _remove(tmp)
+        discard(tmp)
         if exc.errno == errno.ENOSPC:
             raise _disk_full(out, exc) from exc
         raise
     except BaseException:
-        _remove(tmp)
+        discard(tmp)
         raise
 
 
@@ -114,7 +80,7 @@ class _PlannedShard:
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
         self.data_start = 8 + len(raw)
         self.size = self.data_start + pos
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides
         _reserve(self.fd, self.size)
         _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
 
@@ -184,6 +150,7 @@ class ModelWriter:
         aux_from: ModelReader | Path | str | None = None,
         model_card: str | None = None,
         layout: Layout | None = None,
+        allow_nonfinite: bool = False,
     ) -> None:
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
@@ -203,9 +170,11 @@ class ModelWriter:
         self._planned: dict[str, _PlannedShard] = {}  # name -> its shard (layout mode)
         self._filled: dict[str, int] = {}  # entries written by write_range so far (layout mode)
         self._lock = threading.Lock()  # write_range may be called from several threads
+        self.allow_nonfinite = allow_nonfinite
+        self._nonfinite: dict[str, int] = {}  # NaN/Inf entries written so far, per tensor
 
     def __enter__(self) -> ModelWriter:
-        self.tmp_path = _make_tmp(self.out, self.overwrite)
+        self.tmp_path = make_tmp(self.out, self.overwrite)
         if self._layout is not None:
             try:
                 self._plan_shards(self._layout)
@@ -236,7 +205,7 @@ class ModelWriter:
     ) -> None:
         self._close_planned()
         if not self._committed and self.tmp_path is not None:
-            _remove(self.tmp_path)
+            discard(self.tmp_path)
         self._buffer.clear()
 
     def _close_planned(self) -> None:
@@ -264,6 +233,7 @@ class ModelWriter:
             shard = self._planned.get(name)
             if shard is None:
                 raise ValueError(f"tensor '{name}' is not in the planned layout of {self.out}")
+            self._count_nonfinite(name, tensor, done=True)
             try:
                 shard.write(name, tensor)
             except OSError as exc:
@@ -273,6 +243,7 @@ class ModelWriter:
             self._seen.add(name)
             self._total += tensor.nbytes
             return
+        self._count_nonfinite(name, tensor, done=True)
         t = tensor.detach().to("cpu").contiguous()
         # safetensors refuses views and tensors that share storage: give each its own compact copy.
         if (
@@ -308,8 +279,28 @@ class ModelWriter:
         with self._lock:
             self._filled[name] = self._filled.get(name, 0) + tensor.numel()
             self._total += tensor.nbytes
-            if self._filled[name] == math.prod(shard.slots[name][1]):
+            done = self._filled[name] == math.prod(shard.slots[name][1])
+            if done:
                 self._seen.add(name)
+        self._count_nonfinite(name, tensor, done=done)
+
+    def _count_nonfinite(self, name: str, tensor: torch.Tensor, *, done: bool) -> None:
+        """Outputs are checked as inputs are: a tensor holding NaN/Inf (from the parameters, the inputs,
+        or an overflow on the cast to its dtype) is an error once all of it is written, unless allowed."""
+        if self.allow_nonfinite:
+            return
+        bad = count_nonfinite(tensor)
+        if bad:
+            with self._lock:
+                self._nonfinite[name] = self._nonfinite.get(name, 0) + bad
+        total = self._nonfinite.get(name, 0)
+        if done and total:
+            dt = str(tensor.dtype).removeprefix("torch.")
+            raise NonFiniteOutputError(
+                f"output tensor '{name}' would hold {total} non-finite values (NaN/Inf) in {dt} "
+                f"(from NaN/Inf parameters or inputs, or an overflow on the cast to {dt}); nothing "
+                f"was written to {self.out}; pass --allow-nonfinite to write it anyway"
+            )
 
     def _flush(self) -> None:
         if not self._buffer and self._shards:
@@ -359,7 +350,7 @@ class ModelWriter:
                     shutil.copy2(src, tmp / src.name)
             if self.model_card is not None:
                 (tmp / "README.md").write_text(self.model_card)
-            _move_into_place(tmp, self.out, self.overwrite)
+            move_into_place(tmp, self.out, self.overwrite)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise _disk_full(self.out, exc) from exc

@@ -151,13 +151,15 @@ def evaluate(
     encoder: Encoder | None = None,
     precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Score `body` (+ the task's head from `heads`) on `split` of `data`: {"score", "per_kind", "n"}.
+    """Score `body` (+ the task's head from `heads`) on `split` of `data`: {"score", "per_kind", "n",
+    "per_example", "clusters"}: each example's score (0/1 or reciprocal rank; their mean is "score") and
+    its source file (what a cluster bootstrap resamples, `sefusion.study.uncertainty`).
 
     `body` uses the checkpoint names of `base` (``head.*`` entries and tensors the encoder does not
     use are ignored); the encoder comes from `base` (config, tokenizer) unless one is passed.
     `precision`: "fp32", or "bf16" autocast for the body's forward passes (`Encoder.encode_items`).
     """
-    from ..tasks.base import score
+    from ..tasks.base import example_clusters, score
 
     kind = head_kind(spec, data.task, num_labels(data, spec))
     examples = split_examples(data, split)
@@ -175,4 +177,10 @@ def evaluate(
     else:
         pred = retrieval_similarity(enc, examples, **kw)
     res = score(spec, pred, examples)
-    return {"score": float(res["score"]), "per_kind": dict(res.get("per_kind") or {}), "n": int(res["n"])}
+    return {
+        "score": float(res["score"]),
+        "per_kind": dict(res.get("per_kind") or {}),
+        "n": int(res["n"]),
+        "per_example": [float(v) for v in res["per_example"]],
+        "clusters": example_clusters(examples),
+    }

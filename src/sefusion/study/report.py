@@ -329,6 +329,9 @@ def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
         L += ["", "TALL-Masks and Scaling-Masks on each scenario's weakest and strongest task vector "
                   "(‖τ_t‖/‖θ0‖ of the body; normalized test scores):", ""]  # fmt: skip
         L += _table(["scenario", "task", "‖τ_t‖/‖θ0‖", "tall_masks", "scaling_masks"], weak_rows)
+    from .gains import summary_lines as gain_lines  # numpy: imported only when a summary is written
+
+    L += ["", *gain_lines(runs)]
     L += ["", "Experts (test score, chance level):", ""]
     for res in runs:
         cells = ", ".join(

@@ -16,6 +16,10 @@ examples)`, `mrr(similarity, gold)`, `Sizes`, `Example`, `TASKS`. One module per
 - `langid`      code -> one of six languages (`langid-multi`), accuracy;
 - `exception`   code with its raised type masked -> the type (Python, Java, PHP), accuracy.
 
+Generative tasks for causal LMs (`sefusion.tasks.generative`, a registry of their own: `get_task`
+refuses them): `generate-python`, `summarize-LANG`, `repair-LANG`, `complete-LANG` and `translate`
+(`build_generative`, `score_generative`, `per_example_scores`; metrics in `textmetrics`).
+
 `_code` (lexer and per-function analysis) and `_mutate` (bugs, clone rewrites, exception masking) are the
 shared machinery. Importing this package imports nothing heavy.
 """

@@ -101,7 +101,7 @@ class Example:
 class TaskData:
     """A built task: examples per split, class names, the chance level of its metric on its test split,
     where the data came from (`provenance`: sources with package, version and licence; counts), and a
-    fingerprint of the content (a cache key for whoever trains on it)."""
+    fingerprint of the content (`data_fingerprint`: sha256 of its canonical serialization)."""
 
     task: str
     splits: dict[str, list[Example]]
@@ -221,8 +221,8 @@ class TaskSpec:
     classes: 1/len(labels); MRR: that of a random ranking of the full pool)."""
 
     kind: str
-    head: Literal["classify", "retrieval"]
-    metric: Literal["accuracy", "mrr"]
+    head: Literal["classify", "retrieval", "generate"]
+    metric: Literal["accuracy", "mrr", "text"]
     labels: list[str]
     chance: float
     languages: tuple[str, ...]
@@ -334,9 +334,10 @@ class TaskSpec:
                 "use a larger corpus (--dir LANG=PATH) or `sefusion corpus fetch`"
             )
         test = built.splits.get("test", [])
+        chance: float | None = None  # a generative task (prompt -> text) has no chance level
         if self.metric == "mrr":
             chance = mrr_chance(len(test)) if test else None
-        else:
+        elif self.head != "generate":
             chance = _accuracy_chance(test, len(labels))
         provenance = {
             "task": self.task_name(lang),
@@ -351,7 +352,8 @@ class TaskSpec:
         }
         splits = {s: list(built.splits.get(s, [])) for s in SPLITS}
         data = TaskData(self.task_name(lang), splits, provenance, labels, chance)
-        return _replace(data, fingerprint=_content_fingerprint(data))
+        provenance["fingerprint"] = fingerprint = data_fingerprint(data)  # recorded with the data
+        return _replace(data, fingerprint=fingerprint)
 
 
 def _as_site(f: Function) -> Function:
@@ -372,8 +374,8 @@ def _accuracy_chance(test: Sequence[Example], num_labels: int) -> float | None:
 class TaskRegistry(Registry[TaskSpec]):
     """Kind -> TaskSpec (the generic registry), plus the task names KIND-LANG that exist."""
 
-    def __init__(self) -> None:
-        super().__init__("task kind", lambda spec: spec.kind, TaskError, lambda: _load_builtin_tasks())
+    def __init__(self, what: str = "task kind", load: Callable[[], None] | None = None) -> None:
+        super().__init__(what, lambda spec: spec.kind, TaskError, load or (lambda: _load_builtin_tasks()))
 
     def kinds(self) -> list[str]:
         return self.keys()
@@ -383,22 +385,27 @@ class TaskRegistry(Registry[TaskSpec]):
         return [s.task_name(lang) for s in self for lang in s.languages]
 
 
-TASKS = TaskRegistry()
+TASKS = TaskRegistry()  # the encoder tasks (classification and retrieval heads)
+# prompt -> text tasks for causal code LMs (sefusion.tasks.generative): a registry of their own, so that
+# nothing built for encoders (the study, data-aware merging) can pick one up by accident
+GENERATIVE_TASKS = TaskRegistry("generative task kind", lambda: _load_generative_tasks())
 
 
 def register_task(
     kind: str,
     *,
-    head: Literal["classify", "retrieval"],
-    metric: Literal["accuracy", "mrr"],
+    head: Literal["classify", "retrieval", "generate"],
+    metric: Literal["accuracy", "mrr", "text"],
     labels: Sequence[str] = (),
     chance: float | None = None,
     languages: Sequence[str] = LANGUAGES,
     pair: bool = False,
     defaults: Mapping[str, Any] | None = None,
     labels_by_language: Mapping[str, Sequence[str]] | None = None,
+    registry: TaskRegistry | None = None,
 ) -> Callable[[Callable[[BuildContext], Built]], Callable[[BuildContext], Built]]:
-    """Register a builder as task kind `kind`; its docstring's first line is the task's summary."""
+    """Register a builder as task kind `kind` (in `registry`, default TASKS); its docstring's first line
+    is the task's summary."""
 
     def deco(fn: Callable[[BuildContext], Built]) -> Callable[[BuildContext], Built]:
         doc = (fn.__doc__ or "").strip()
@@ -416,7 +423,7 @@ def register_task(
             dict(defaults or {}),
             {k: tuple(v) for k, v in (labels_by_language or {}).items()},
         )
-        TASKS.add(spec)
+        (TASKS if registry is None else registry).add(spec)
         fn.spec = spec  # type: ignore[attr-defined]
         return fn
 
@@ -432,6 +439,10 @@ def _load_builtin_tasks() -> None:
     if not _loaded:
         _loaded = True
         from . import clone, consistency, defect, exception, langid, naming, search  # noqa: F401
+
+
+def _load_generative_tasks() -> None:
+    from . import generative  # noqa: F401
 
 
 def task_names() -> list[str]:
@@ -453,6 +464,11 @@ def get_task(name: str) -> tuple[TaskSpec, str]:
             )
         raise TaskError(f"unknown task '{name}'; available: {available}")
     if kind not in TASKS:
+        if kind in GENERATIVE_TASKS or text in GENERATIVE_TASKS:
+            raise TaskError(
+                f"task '{name}' is a generative task (prompt -> text, for causal code LMs); this takes "
+                f"the encoder tasks: {available}"
+            )
         raise TaskError(f"unknown task '{name}'; available: {available}")
     spec = TASKS.get(kind)
     try:
@@ -558,6 +574,23 @@ def build_task(
     that language's default corpus; `refresh`: build again and overwrite the cached copy.
     """
     spec, lang = get_task(name)
+    return build_spec(spec, lang, sizes=sizes, seed=seed, cache=cache, dirs=dirs, options=options,
+                      corpus_cache=corpus_cache, refresh=refresh)  # fmt: skip
+
+
+def build_spec(
+    spec: TaskSpec,
+    lang: str,
+    *,
+    sizes: Sizes | Mapping[str, int] | Callable[[], Any] | None = None,
+    seed: int = 0,
+    cache: str | Path | None = None,
+    dirs: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    corpus_cache: str | Path | None = None,
+    refresh: bool = False,
+) -> TaskData:
+    """`build_task` for a spec already looked up (an encoder or a generative task)."""
     sz = Sizes.of(sizes)
     opts = spec.options(options)
     store = Path(cache).expanduser() if cache is not None else default_cache_dir()
@@ -626,13 +659,27 @@ def read_task_data(path: Path) -> TaskData | None:
         return None
 
 
-def _content_fingerprint(data: TaskData) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([data.task, data.labels], sort_keys=True).encode())
+def canonical_lines(data: TaskData):
+    """The canonical serialization of a task's data: a header (task, labels), then each example of
+    train, validation, test in order as one line of JSON with sorted keys and no spaces."""
+
+    def line(obj: Any) -> bytes:
+        return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+    yield line({"task": data.task, "labels": list(data.labels)})
     for split in SPLITS:
         for ex in data.splits.get(split, []):
-            h.update(json.dumps([split, ex.text, ex.text_pair, ex.label], sort_keys=True).encode())
-    return h.hexdigest()[:20]
+            yield line({"split": split, "text": ex.text, "pair": ex.text_pair, "label": int(ex.label),
+                        "meta": dict(ex.meta or {})})  # fmt: skip
+
+
+def data_fingerprint(data: TaskData) -> str:
+    """sha256 of the canonical serialization of the task's splits (`canonical_lines`): equal exactly when
+    two builds yield the same examples, labels and metadata in the same order."""
+    h = hashlib.sha256()
+    for chunk in canonical_lines(data):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -653,6 +700,11 @@ def mrr(similarity: Any, gold: Sequence[int]) -> float:
     of candidates scoring at least as high, itself included), so a model that scores everything the
     same gets 1/P, not a lucky rank. MRR = mean_i 1 / rank_i (CodeSearchNet, Husain et al. 2019).
     """
+    return float((1.0 / gold_ranks(similarity, gold)).mean())
+
+
+def gold_ranks(similarity: Any, gold: Sequence[int]) -> Any:
+    """Rank of each query's gold candidate (1 = first; ties count against the query), as in `mrr`."""
     import numpy as np
 
     if hasattr(similarity, "detach"):
@@ -671,8 +723,7 @@ def mrr(similarity: Any, gold: Sequence[int]) -> float:
     if not np.isfinite(s).all():
         raise TaskError("mrr: the similarity matrix holds NaN or infinite values")
     right = s[np.arange(q), g][:, None]  # (Q, 1)
-    ranks = (s >= right).sum(axis=1)  # (Q,)
-    return float((1.0 / ranks).mean())
+    return (s >= right).sum(axis=1)  # (Q,)
 
 
 def _as_labels(predictions: Any) -> list[int]:
@@ -696,10 +747,13 @@ def score(spec: TaskSpec, predictions: Any, examples: Sequence[Example]) -> dict
     `per_kind` the accuracy within each group named by the examples' meta "kind" (defect: a bug kind
     with its clean originals, so each group is balanced and its chance level is 0.5; langid: a language;
     exception: a type). Retrieval: `predictions` is the (queries, candidates) similarity matrix of the
-    pool; score = MRR with gold = each example's label; `per_kind` is empty.
+    pool; score = MRR with gold = each example's label; `per_kind` is empty. `per_example`: each
+    example's own score (0/1 correctness, or its reciprocal rank), whose mean is `score`.
     """
     if spec.metric == "mrr":
-        return {"score": mrr(predictions, [ex.label for ex in examples]), "n": len(examples), "per_kind": {}}
+        ranks = gold_ranks(predictions, [ex.label for ex in examples])
+        rr = [1.0 / int(r) for r in ranks]
+        return {"score": sum(rr) / len(rr), "n": len(rr), "per_kind": {}, "per_example": rr}
     labels = _as_labels(predictions)
     if len(labels) != len(examples):
         raise TaskError(f"{len(labels)} predictions for {len(examples)} examples")
@@ -712,7 +766,16 @@ def score(spec: TaskSpec, predictions: Any, examples: Sequence[Example]) -> dict
         if kind is not None:
             groups.setdefault(str(kind), []).append(r)
     per_kind = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
-    return {"score": sum(right) / len(right), "n": len(right), "per_kind": per_kind}
+    return {"score": sum(right) / len(right), "n": len(right), "per_kind": per_kind, "per_example": right}
+
+
+def example_clusters(examples: Sequence[Example]) -> list[str]:
+    """The source file of each example (meta "path"), the unit a cluster bootstrap resamples: examples
+    of one file are not independent. An example without a path is its own cluster."""
+    return [
+        str(ex.meta["path"]) if ex.meta and "path" in ex.meta else f"#example{i}"
+        for i, ex in enumerate(examples)
+    ]
 
 
 def first_sentence(text: str) -> str:
@@ -729,7 +792,8 @@ def first_sentence(text: str) -> str:
 
 
 __all__ = [
-    "SPLITS", "TASKS", "BuildContext", "Built", "Example", "Sizes", "TaskData", "TaskError", "TaskSpec",
-    "build_task", "first_sentence", "get_task", "mrr", "mrr_chance", "read_task_data", "register_task",
-    "score", "take", "task_names", "write_task_data",
+    "GENERATIVE_TASKS", "SPLITS", "TASKS", "BuildContext", "Built", "Example", "Sizes", "TaskData",
+    "TaskError", "TaskSpec", "build_spec", "build_task", "canonical_lines", "data_fingerprint",
+    "example_clusters", "first_sentence", "get_task", "gold_ranks", "mrr", "mrr_chance", "read_task_data",
+    "register_task", "score", "take", "task_names", "write_task_data",
 ]  # fmt: skip

@@ -230,7 +230,7 @@ def python_site_packages(
 
 # ------------------------------------------------------------------------------------------- corpus
 
-EXTRACTOR_VERSION = 1  # part of the extraction cache key: bump when extraction changes what it yields
+EXTRACTOR_VERSION = 2  # part of the extraction cache key: bump when extraction changes what it yields
 
 
 def _cached(cache: Path | None, key: Any, options: ExtractOptions, build: Callable[[], Corpus]) -> Corpus:

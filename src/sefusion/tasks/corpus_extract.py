@@ -190,6 +190,7 @@ def extract_python(text: str, path: str, source: str, options: ExtractOptions) -
     except (SyntaxError, ValueError):
         return
     lines = text.splitlines()
+    qualnames = _qualnames(tree)
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
             continue
@@ -201,7 +202,8 @@ def extract_python(text: str, path: str, source: str, options: ExtractOptions) -
         first, last = doc_stmt.lineno, doc_stmt.end_lineno or doc_stmt.lineno
         if first == node.lineno or node.body[1].lineno == last:
             continue  # docstring shares a line with code: cannot cut it out cleanly
-        doc = first_paragraph(ast.get_docstring(node, clean=True) or "")
+        full = ast.get_docstring(node, clean=True) or ""
+        doc = first_paragraph(full)
         if not _doc_is_useful(doc, options):
             continue
         kept = lines[node.lineno - 1 : first - 1] + lines[last : node.end_lineno]
@@ -213,7 +215,27 @@ def extract_python(text: str, path: str, source: str, options: ExtractOptions) -
         params = [x.arg for x in (*a.posonlyargs, *a.args)]
         params += [a.vararg.arg] if a.vararg else []
         params += [x.arg for x in a.kwonlyargs] + ([a.kwarg.arg] if a.kwarg else [])
-        yield Function("python", node.name, code, doc, path, source, tuple(params), n, lineno=node.lineno)
+        yield Function(
+            "python", node.name, code, doc, path, source, tuple(params), n, lineno=node.lineno,
+            doc_full=full, qualname=qualnames.get(node, node.name),
+        )  # fmt: skip
+
+
+def _qualnames(tree: ast.AST) -> dict[ast.AST, str]:
+    """Every def's `__qualname__` as Python computes it (`C.m`, `f.<locals>.g`)."""
+    out: dict[ast.AST, str] = {}
+    stack: list[tuple[ast.AST, str]] = [(tree, "")]
+    while stack:
+        node, prefix = stack.pop()
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                out[child] = name
+                inner = f"{name}.<locals>." if not isinstance(child, ast.ClassDef) else f"{name}."
+                stack.append((child, inner))
+            else:
+                stack.append((child, prefix))
+    return out
 
 
 # -------------------------------------------------------------------------------------- tree-sitter

@@ -24,7 +24,10 @@ class Function:
     train/validation/test split uses. `params` are the parameter names as the signature spells them
     (Python keeps `self`/`cls`, PHP keeps the `$`, Go leaves out the receiver, destructuring patterns
     are left out). `label` is None for mined functions; CodeXGLUE defect records carry their
-    `target` there (1: vulnerable/defective, 0: not).
+    `target` there (1: vulnerable/defective, 0: not). Python functions mined from source also keep
+    `doc_full`, the whole docstring as `inspect.cleandoc` gives it (doctest examples included), and
+    `qualname`, the dotted path from the module (`Class.method`; `f.<locals>.g` when nested); both are
+    "" where the source does not give them.
     """
 
     language: str
@@ -37,6 +40,8 @@ class Function:
     lines: int = 0
     lineno: int = 0
     label: int | None = None
+    doc_full: str = ""
+    qualname: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

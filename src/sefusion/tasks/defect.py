@@ -16,8 +16,9 @@ stays at chance on them, docs/calibration.md):
   (`len` -> `length`, `strings.HasPrefix` -> `strings.StartsWith`, `.equals` -> `.isEqual`).
 
 The kinds are balanced as far as the corpus allows (they take turns, the rarest first). The edit starts within the first `visible_chars` characters (about 100-130 word pieces of code), so a model
-reading 128 tokens sees the bug. Python's train split may add installed site-packages
-(`site_packages`: "auto" adds them only when the standard library yields fewer functions than asked).
+reading 128 tokens sees the bug. The data comes from the corpus the task names only; `site_packages=True`
+adds this environment's installed packages to Python's train split for whoever asks (the splits then
+depend on what is installed).
 `score` reports accuracy per kind, each kind with its clean originals (chance 0.5 per kind).
 """
 
@@ -123,15 +124,15 @@ def _pairs(
     head="classify",
     metric="accuracy",
     labels=["clean", "buggy"],
-    defaults={"kinds": list(BUG_KINDS), "visible_chars": 300, "site_packages": "auto"},
+    defaults={"kinds": list(BUG_KINDS), "visible_chars": 300, "site_packages": False},
 )
 def build_defect(ctx: BuildContext) -> Built:
     """Original function (0) vs the same function with one injected consistency-breaking bug (1)."""
     kinds = _check_kinds(ctx.options["kinds"])
     visible = int(ctx.options["visible_chars"])
     site = ctx.options["site_packages"]
-    if site not in (True, False, "auto"):
-        raise TaskError(f"defect: site_packages must be true, false or 'auto', got {site!r}")
+    if site not in (True, False):
+        raise TaskError(f"defect: site_packages must be true or false, got {site!r}")
     splits = ctx.splits()
     everything = [f for s in SPLITS for f in splits[s]]
     vocab = Vocabulary.of(ctx.lang, everything)
@@ -150,11 +151,6 @@ def build_defect(ctx: BuildContext) -> Built:
             )
         else:
             pairs = _pairs(own, want, kinds, rng, vocab, visible)
-            if split == "train" and ctx.lang == "python" and site == "auto" and len(pairs) < want:
-                extra = ctx.extra_train(ctx.lang)
-                pairs = _pairs(
-                    own + extra, want, kinds, rng, Vocabulary.of(ctx.lang, everything + extra), visible
-                )
         if split == "train":
             extra_used = sum(1 for f, _ in pairs if f.source.startswith("site-packages:"))
         used = Counter(m.kind for _, m in pairs)
