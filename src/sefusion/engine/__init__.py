@@ -124,10 +124,7 @@ def merge(
     from ..io import parse_size
 
     t0 = time.perf_counter()
-    src: Any = None
-    if not isinstance(recipe, Recipe):
-        src = recipe if isinstance(recipe, (str, Path)) else dict(recipe)
-        recipe = load_recipe(src, require_data=stats is None)
+    recipe, src = _as_recipe(recipe, require_data=stats is None)
     out = Path(out)
     spec = METHODS.get(recipe.method)
     refuse_whole_model(spec)
@@ -135,7 +132,7 @@ def merge(
     spec.bind(kwargs, recipe.task_names)
     size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     dev = check_device(device)
-    check_output(out, overwrite, [*recipe.input_paths(), *([src] if isinstance(src, (str, Path)) else [])])
+    check_output(out, overwrite, [*recipe.input_paths(), *([src] if src is not None else [])])
     sources, opened = open_statistics(recipe, spec, stats, compute_stats)
     try:
         plan = _merge_files(recipe, spec, kwargs, out, sources, dev, allow_nonfinite, size, overwrite, quiet)
@@ -145,6 +142,16 @@ def merge(
         out=out, method=spec.name, tasks=list(recipe.task_names), n_merged=len(plan.merged),
         n_copied=len(plan.from_base), seconds=time.perf_counter() - t0, notes=list(recipe.notes),
     )  # fmt: skip
+
+
+def _as_recipe(
+    recipe: Recipe | str | Path | Mapping[str, Any], *, require_data: bool
+) -> tuple[Recipe, str | Path | None]:
+    """The recipe validated, and the file it came from (an input OUT must stay apart from)."""
+    if isinstance(recipe, Recipe):
+        return recipe, None
+    src = recipe if isinstance(recipe, (str, Path)) else dict(recipe)
+    return load_recipe(src, require_data=require_data), src if isinstance(src, (str, Path)) else None
 
 
 def _merge_files(
@@ -179,11 +186,8 @@ def _merge_files(
         )  # fmt: skip
         kind = BundleSink if spec.kind == "bundle" else ModelSink
         with kind.open(out, recipe, spec, plan, streamer, size, overwrite) as w:
-            if kind is BundleSink:
-                sink: Sink = BundleSink(w, recipe, spec, kwargs, plan, streamer)
-            else:
-                sink = ModelSink(w, recipe, plan, streamer)
-            run_merge(streamer, plan.merged, sink, quiet)
+            sink = BundleSink(w, recipe, spec, kwargs, plan, streamer) if kind is BundleSink else None
+            run_merge(streamer, plan.merged, sink or ModelSink(w, recipe, plan, streamer), quiet)
         return plan
     finally:
         for r in [base, *experts]:
@@ -226,16 +230,31 @@ def merge_tensors(
         raise RecipeError(f"method '{method}' needs a base")
     keys = _check_memory(base, experts, names)
     feed = StatsFeed(spec, stats, keys, names) if spec.statistics and stats is not None else None
-    # MemoryReader has the part of the ModelReader interface that the stream reads
-    readers = [cast("ModelReader", MemoryReader(ex)) for ex in experts]
-    mem_base = cast("ModelReader", MemoryReader(base)) if base is not None and spec.needs_base else None
-    streamer = Streamer(
-        spec, kwargs, list(weights) if weights is not None else [1.0] * len(experts), mem_base, readers,
-        seed=seed, task_names=names, device="cpu", allow_nonfinite=True, stats=feed, inline=feed is not None,
-    )  # fmt: skip
+    streamer = _memory_streamer(spec, kwargs, weights, base, experts, seed, names, feed)
     sink = MemorySink(spec, experts, keys)
     run_merge(streamer, keys, sink, quiet=True)
     return {k: sink.out[k] for k in keys}
+
+
+def _memory_streamer(
+    spec: MethodSpec,
+    kwargs: dict[str, Any],
+    weights: Sequence[float] | None,
+    base: Mapping[str, Tensor] | None,
+    experts: Sequence[Mapping[str, Tensor]],
+    seed: int,
+    names: list[str],
+    feed: StatsFeed | None,
+) -> Streamer:
+    """A streamer over in-memory tensors: no NaN/Inf check (the caller's tensors), CPU; a data-aware
+    merge runs inline (see Streamer.run)."""
+    # MemoryReader has the part of the ModelReader interface that the stream reads
+    readers = [cast("ModelReader", MemoryReader(ex)) for ex in experts]
+    mem_base = cast("ModelReader", MemoryReader(base)) if base is not None and spec.needs_base else None
+    return Streamer(
+        spec, kwargs, list(weights) if weights is not None else [1.0] * len(experts), mem_base, readers,
+        seed=seed, task_names=names, device="cpu", allow_nonfinite=True, stats=feed, inline=feed is not None,
+    )  # fmt: skip
 
 
 def _default_names(spec: MethodSpec, experts: Sequence[Any], stats: Sequence[Any] | None) -> list[str]:
