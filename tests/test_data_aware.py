@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
+from sefusion.engine import merge_tensors_with_stats
 from sefusion.errors import RecipeError, SefusionError
 from sefusion.methods.pleas import OUTPUT, encoder_activation_keys, merge_encoders, merge_mlp
 from sefusion.registry import METHODS
@@ -31,7 +32,6 @@ from sefusion.stats import (
     StatsStore,
     TensorStats,
     cache_key,
-    merge_tensors_with_stats,
     required_statistics,
 )
 

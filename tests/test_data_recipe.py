@@ -17,13 +17,14 @@ import pytest
 import torch
 import yaml
 
-import sefusion.engine as engine
+import sefusion.engine.stream as engine
 from conftest import leftovers, read_folder, write_folder, write_recipe
 from sefusion import merge, merge_tensors
 from sefusion.cli import main
+from sefusion.engine import merge_tensors_with_stats
 from sefusion.errors import RecipeError
 from sefusion.recipe import load_recipe
-from sefusion.stats import Statistics, StatisticsError, StatsMeta, merge_tensors_with_stats, open_stats
+from sefusion.stats import Statistics, StatisticsError, StatsMeta, open_stats
 
 SHAPES = {
     "l0.weight": (6, 4),

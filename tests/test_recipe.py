@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import textwrap
 from pathlib import Path
 from typing import Annotated, Literal
@@ -315,11 +314,6 @@ def test_mergekit_conversions_validate_against_the_registry(fake_methods):
 
 
 def test_real_methods_validate(tmp_path):
-    # Temporary guard: sefusion.methods is being written; once it imports, this test runs for real.
-    try:
-        importlib.import_module("sefusion.methods")
-    except ImportError as exc:
-        pytest.skip(f"sefusion.methods is not importable yet: {exc}")
     from sefusion.registry import METHODS
 
     for name in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "consensus", "cabs"):

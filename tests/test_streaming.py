@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import float32_oracle as oracle
-import sefusion.engine as engine
+import sefusion.engine.stream as engine
 from conftest import read_folder, write_folder
 from sefusion import merge, merge_tensors
 from sefusion.methods import BundleTensor
@@ -217,7 +217,7 @@ def test_dare_stream_continues_across_chunks():
 def test_top_k_falls_back_to_radix_selection(monkeypatch, how):
     """Where the sampled bracket cannot give the k-th largest (its band outgrew the cap, or the sampled
     chunks do not represent the tensor) the radix passes still give the same bits."""
-    import sefusion.methods._ops as ops
+    import sefusion.methods._select as ops
 
     base, experts = models(5, "bf16")
     if how == "band_overflow":

@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Mapping, Sequence
-from functools import partial
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
 from ._lazy import torch
+from ._version import __version__
 from .bundle_format import (
     FORMAT,
     FORMAT_VERSION,
@@ -40,10 +39,12 @@ from .errors import CheckpointError, SefusionError
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from .engine import Plan, Streamer
+    from .engine.plan import Plan
     from .io import ModelReader
     from .recipe import Recipe
     from .registry import MethodSpec
+
+DtypeOf = Callable[[Any], Any]  # a stored dtype -> the output's (the recipe's `dtype`)
 
 MANIFEST = "bundle.json"
 
@@ -87,122 +88,84 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def write_bundle(
-    out: Path,
-    recipe: Recipe,
-    spec: MethodSpec,
-    kwargs: Mapping[str, Any],
-    plan: Plan,
-    streamer: Streamer,
-    *,
-    overwrite: bool,
-    shard_size: int,
-    quiet: bool,
-) -> None:
-    """Stream every mergeable tensor through a bundle method and store vector, packed masks and scales,
-    chunk by chunk into their planned places."""
-    import numpy as np
-
-    from .engine import _progress, _target_dtype
-    from .io import ModelWriter, file_sha256
-
-    base, experts = streamer.base, streamer.experts
-    if base is None:
-        raise SefusionError(f"bundle method '{spec.name}' needs a base model")
+def card(out: Path, recipe: Recipe, spec: MethodSpec) -> str:
+    """The bundle's README."""
     tasks = recipe.task_names
-    public_params = {p.name: _jsonable(kwargs[p.arg]) for p in spec.params.values()}
-    card = (
+    return (
         f"# sefusion bundle ({spec.name})\n\nServes {len(tasks)} tasks: {', '.join(tasks)}.\n"
         f"Rebuild one with `sefusion extract {out.name} TASK OUT`.\n\n"
         "## Recipe\n\n```yaml\n" + recipe.to_yaml() + "```\n"
     )
-    n_tasks = len(tasks)
-    layout: list[tuple[str, Sequence[int], Any]] = []
+
+
+def layout(
+    plan: Plan, recipe: Recipe, base: ModelReader, experts: Sequence[ModelReader], dtype_of: DtypeOf
+) -> list[tuple[str, Sequence[int], Any]]:
+    """(key, shape, dtype) of every tensor a bundle stores: vector, packed masks and scales of each merged
+    tensor, each task's own copy of the per-task tensors."""
+    n_tasks = len(recipe.task_names)
+    out: list[tuple[str, Sequence[int], Any]] = []
     for name in plan.merged:
         shape = base.shape(name)
-        layout += [
+        out += [
             (f"vector/{name}", shape, torch.float32),
             (f"masks/{name}", (n_tasks, (math.prod(shape) + 7) // 8), torch.uint8),
             (f"scales/{name}", (n_tasks,), torch.float32),
         ]
-    for task, ex in zip(tasks, experts, strict=True):
-        layout += [
-            (f"tasks/{task}/{name}", ex.shape(name), _target_dtype(recipe, ex.dtype(name)))
-            for name in plan.per_task
-        ]
-    tensors = {
-        name: {"shape": list(base.shape(name)), "dtype": _dtype_name(_target_dtype(recipe, base.dtype(name)))}
-        for name in plan.merged
-    }
-    with ModelWriter(
-        out, overwrite=overwrite, shard_size=shard_size, model_card=card, layout=layout,
-        allow_nonfinite=streamer.allow_nonfinite,
-    ) as w:  # fmt: skip
-        bar = _progress(len(plan.merged), spec.name, quiet)
+    for task, ex in zip(recipe.task_names, experts, strict=True):
+        out += [(f"tasks/{task}/{name}", ex.shape(name), dtype_of(ex.dtype(name))) for name in plan.per_task]
+    return out
 
-        def merge_job(name: str) -> Any:
-            row_bytes = (math.prod(base.shape(name)) + 7) // 8
-            scales: list[Any] = [None]
 
-            def emit(start: int, stop: int, res: Any) -> None:
-                w.write_range(f"vector/{name}", start, res.vector.reshape(-1).float().cpu())
-                # chunk starts are multiples of 8: each task's bits are whole bytes of its packed row
-                bits = res.masks.reshape(n_tasks, -1).cpu().numpy()
-                packed = torch.from_numpy(np.packbits(bits, axis=1, bitorder="little"))
-                for t in range(n_tasks):
-                    w.write_range(f"masks/{name}", t * row_bytes + start // 8, packed[t])
-                if res.scales is not None:  # kept as floats: a small tensor held on would pin the C heap
-                    scales[0] = res.scales.tolist()
+def finish(
+    folder: Path,
+    recipe: Recipe,
+    spec: MethodSpec,
+    kwargs: Mapping[str, Any],
+    plan: Plan,
+    base: ModelReader,
+    experts: Sequence[ModelReader],
+    dtype_of: DtypeOf,
+) -> None:
+    """Each task's config files and bundle.json, into the (temporary) bundle folder."""
+    from .io import file_sha256
 
-            def job(cancelled: Any) -> None:
-                streamer.run_tensor(name, emit, cancelled)
-                # TALL-Masks stores s_t = 1 so that every bundle has one format
-                w.add(f"scales/{name}", torch.tensor(scales[0] or [1.0] * n_tasks, dtype=torch.float32))
-                bar.update()
+    tasks = recipe.task_names
+    _copy_task_files(folder, tasks, experts)
 
-            return job
-
-        names = sorted(plan.merged, key=lambda n: -math.prod(base.shape(n)))
-        jobs = [merge_job(n) for n in names]
-        for task, ex in zip(tasks, experts, strict=True):
-            for name in plan.per_task:
-                key = f"tasks/{task}/{name}"
-                jobs.append(
-                    streamer.copy_job(
-                        ex, name, _target_dtype(recipe, ex.dtype(name)), partial(w.write_range, key)
-                    )
-                )
-        streamer.run(jobs, sum(math.prod(base.shape(n)) for n in plan.merged))
-        bar.close()
-        for task, ex in zip(tasks, experts, strict=True):
-            task_dir = w.tmp_path / "tasks" / task
-            task_dir.mkdir(parents=True, exist_ok=True)
-            for f in ex.aux_files():
-                shutil.copy2(f, task_dir / f.name)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "sefusion_version": __version__,
-            "method": spec.name,
-            "params": public_params,
-            "seed": recipe.seed,
-            "base": {"path": str(Path(base.path).resolve()), "sha256": file_sha256(base.weight_files())},
-            "tasks": [
-                {"name": task, "source": str(m.path), "weight": m.weight}
-                for task, m in zip(tasks, recipe.models, strict=True)
-            ],
-            "tensors": tensors,
-            "from_base": {
-                n: {"shape": list(base.shape(n)), "dtype": _dtype_name(_target_dtype(recipe, base.dtype(n)))}
-                for n in plan.from_base
-                if n not in plan.per_task
-            },
-            "per_task": list(plan.per_task),
-            "recipe": recipe.model_dump(mode="json"),
+    def info(names: Sequence[str]) -> dict[str, Any]:
+        return {
+            n: {"shape": list(base.shape(n)), "dtype": _dtype_name(dtype_of(base.dtype(n)))} for n in names
         }
-        manifest["checksums"] = folder_checksums(w.tmp_path)
-        (w.tmp_path / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        w.commit()
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sefusion_version": __version__,
+        "method": spec.name,
+        "params": {p.name: _jsonable(kwargs[p.arg]) for p in spec.params.values()},
+        "seed": recipe.seed,
+        "base": {"path": str(Path(base.path).resolve()), "sha256": file_sha256(base.weight_files())},
+        "tasks": [
+            {"name": task, "source": str(m.path), "weight": m.weight}
+            for task, m in zip(tasks, recipe.models, strict=True)
+        ],
+        "tensors": info(plan.merged),
+        "from_base": info([n for n in plan.from_base if n not in plan.per_task]),
+        "per_task": list(plan.per_task),
+        "recipe": recipe.model_dump(mode="json"),
+    }
+    manifest["checksums"] = folder_checksums(folder)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _copy_task_files(folder: Path, tasks: Sequence[str], experts: Sequence[ModelReader]) -> None:
+    """Each task's expert's config and tokenizer files under tasks/<task>/ (what `extract` writes out)."""
+    for task, ex in zip(tasks, experts, strict=True):
+        task_dir = folder / "tasks" / task
+        task_dir.mkdir(parents=True, exist_ok=True)
+        for f in ex.aux_files():
+            shutil.copy2(f, task_dir / f.name)
 
 
 class Bundle:
@@ -317,9 +280,9 @@ def extract(
     allow_nonfinite: bool = False,
 ) -> Path:
     """Write task TASK's model from BUNDLE as a normal model folder (config from the task's expert)."""
-    from .engine import _progress
     from .io import ModelWriter, parse_size
     from .io.publish import check_output
+    from .progress import progress
 
     out = Path(out)
     check_output(out, overwrite, [bundle, base])
@@ -352,7 +315,7 @@ def extract(
             out, overwrite=overwrite, shard_size=size, aux_from=task_dir, model_card=card, layout=layout,
             allow_nonfinite=allow_nonfinite,
         ) as w:  # fmt: skip
-            bar = _progress(len(names), f"extract {task}", quiet)
+            bar = progress(len(names), f"extract {task}", quiet)
             for name in names:
                 dtype = getattr(torch, b.manifest["tensors"][name]["dtype"])
                 w.add(name, b.task_tensor(base_reader, name, t).to(dtype))

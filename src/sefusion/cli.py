@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .errors import SefusionError
 
 log = logging.getLogger("sefusion")
@@ -187,31 +187,23 @@ def _stats_pass(recipe: Any, quiet: bool) -> Any:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .engine import check_output, close_statistics, merge, recipe_statistics
-    from .methods._data import required_statistics
+    from .engine import check_output, merge
     from .recipe import load_recipe
-    from .registry import METHODS
 
     _keep_freed_memory()
     recipe = load_recipe(args.recipe)
-    spec = METHODS.get(recipe.method)
+    # OUT apart from the recipe and every input before any work (merge checks it again)
     check_output(args.out, args.overwrite, [args.recipe, *recipe.input_paths()])
-    stats = None
-    if required_statistics(spec.fn):  # statistics first (a possibly long pass), OUT checked before
-        stats = recipe_statistics(recipe, spec, compute=_stats_pass(recipe, args.quiet))
-    try:
-        report = merge(
-            recipe,
-            args.out,
-            overwrite=args.overwrite,
-            shard_size=args.shard_size,
-            device=args.device,
-            allow_nonfinite=args.allow_nonfinite,
-            quiet=args.quiet,
-            stats=stats,
-        )
-    finally:
-        close_statistics(stats or [])
+    report = merge(
+        recipe,
+        args.out,
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+        device=args.device,
+        allow_nonfinite=args.allow_nonfinite,
+        quiet=args.quiet,
+        compute_stats=_stats_pass(recipe, args.quiet),
+    )
     for note in report.notes:
         log.warning("note: %s", note)
     log.info(
@@ -496,8 +488,8 @@ def _signals_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -1,6 +1,6 @@
 """The recipe: which experts to merge, with which method and parameters; and a reader of mergekit's YAML.
 
-A recipe (YAML or a dict) looks like this (METHODS.md, "Recipe (YAML)")::
+A recipe (YAML or a dict) looks like this (docs/methods.md describes every method's parameters)::
 
     method: ties
     base: path/to/base
@@ -44,7 +44,6 @@ __all__ = [
     "ModelEntry",
     "Recipe",
     "check_data",
-    "data_use",
     "from_mergekit",
     "is_data_path",
     "load_recipe",
@@ -121,7 +120,7 @@ def is_data_path(data: str) -> bool:
 
 
 class Recipe(BaseModel):
-    """A merge recipe (METHODS.md, "Recipe (YAML)"). Frozen; unknown keys are refused."""
+    """A merge recipe. Frozen; unknown keys are refused."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -431,15 +430,6 @@ def check_params(recipe: Recipe, where: str = "recipe") -> None:
         raise RecipeError(f"{where}: method '{spec.name}' needs a base model: set `base:` in the recipe")
 
 
-def data_use(spec: MethodSpec) -> str | None:
-    """What a method reads of each expert's data: "statistics" (Fisher, Gram matrices: `fisher`, `regmean`),
-    "activations" (a whole-model method such as `pleas`), or None (a data-free method)."""
-    if getattr(spec.fn, "whole_model", None) is not None:
-        return "activations"
-    # The mark that methods._data.needs_statistics sets (read here without importing the methods package).
-    return "statistics" if getattr(spec.fn, "statistics", None) else None
-
-
 def _check_data_ref(data: str, place: str, where: str) -> None:
     """`data:` is an existing .jsonl file or a registered task name (sefusion.tasks)."""
     if is_data_path(data):
@@ -474,7 +464,7 @@ def check_data(recipe: Recipe, where: str = "recipe", *, require: bool = True) -
         spec = METHODS.get(recipe.method)
     except RecipeError as exc:
         raise RecipeError(f"{where}: {exc}") from None
-    use = data_use(spec)
+    use = spec.data_use
     notes: list[str] = []
     for i, m in enumerate(recipe.models):
         place = f"models[{i}] ('{m.task_name}')"
@@ -801,7 +791,7 @@ def _mk_params(
 
 def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
     """Convert a mergekit 0.1.5 recipe to sefusion's, for linear, task_arithmetic, ties, dare_linear and
-    dare_ties (METHODS.md, "mergekit 0.1.5 conventions").
+    dare_ties, with mergekit 0.1.5's defaults and weighting conventions.
 
     mergekit's defaults are made explicit (density 1.0; normalize and rescale per method), so the converted
     recipe computes what mergekit computes up to the documented differences (top-k count and tie breaking,

@@ -16,17 +16,25 @@ A method is a plain function whose keyword-only parameters are its configuration
 * ``per_expert`` names the parameters that a recipe may set per model (``models[].params``); the
   function then receives a list with one value per expert.
 
+Every other fact about a method is an argument of :func:`register` and lives in its :class:`MethodSpec`:
+its kind (``merge``: one model; ``bundle``: one artefact serving every task; ``whole_model``: a procedure
+over whole models that the tensor-by-tensor engine cannot run), the statistics it reads of each expert,
+whether it merges exactly two models, the hooks the engine calls (``bind_tasks`` before any tensor is
+read, ``prepass`` for a quantity over the whole model) and its study grid (:class:`StudyGrid`). The
+engine, the recipe checks and the study read these fields; none of them names a method.
+
 This module does not import torch, so ``sefusion methods`` and ``--help`` stay fast.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -35,7 +43,8 @@ from .errors import RecipeError
 
 S = TypeVar("S")
 
-Kind = Literal["merge", "bundle"]
+Kind = Literal["merge", "bundle", "whole_model"]
+STATISTICS_KINDS = ("fisher", "gram")  # what a statistics pass can compute (sefusion.stats)
 
 _CONTEXT_PARAMS = {"ctx"}
 
@@ -79,6 +88,50 @@ def _not_a_number(given: Any, parsed: Any) -> str | None:
     return None
 
 
+Candidates = tuple[dict[str, Any], ...]
+
+
+def product(**axes: Sequence[Any]) -> Candidates:
+    """Every combination of the axes' values, the first axis outermost: product(a=(1, 2), b=(3,)).
+    Axes are named as the function's arguments (`lambda_`); candidates hold the public names."""
+    names = [public_name(a) for a in axes]
+    return tuple(dict(zip(names, values, strict=True)) for values in itertools.product(*axes.values()))
+
+
+# the study's lambda axes: ten values at `full`, five at `quick`, two at the tests' tiny budgets
+LAMBDA_FULL = tuple(round(0.1 * i, 1) for i in range(1, 11))
+LAMBDA_QUICK = (0.2, 0.4, 0.6, 0.8, 1.0)
+LAMBDA_SMALL = (0.5, 1.0)
+MASK_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)  # TALL-Masks / Scaling-Masks lambda_t, picked per task
+
+
+@dataclass(frozen=True)
+class StudyGrid:
+    """A method's candidates in the study: `full`, `quick` (demo time) and `small` (the tests' tiny
+    budgets; None: as quick; quick None: as full). `rank` orders the study's rows. `per_task`: the
+    parameter each task picks for itself on validation (a bundle's mask of task t reads only its own
+    value); `curve`: a parameter and extra values scored beside the row as a size/score curve."""
+
+    rank: int
+    full: Candidates
+    quick: Candidates | None = None
+    small: Candidates | None = None
+    per_task: str | None = None
+    curve: tuple[str, tuple[float, ...]] | None = None
+
+    def candidates(self, budget: str) -> list[dict[str, Any]]:
+        """Fresh copies of the candidates at `budget` (full, quick; anything else is small)."""
+        quick = self.quick if self.quick is not None else self.full
+        chosen = self.full if budget == "full" else quick if budget == "quick" else self.small or quick
+        return [dict(c) for c in chosen]
+
+
+BindTasks = Callable[[dict[str, Any], list[str]], None]
+# prepass(kwargs, task_vectors, names, n_experts) -> each tensor's model-wide context, or None: nothing
+# to do for these kwargs. task_vectors(desc) yields (name, task vectors of a chunk) over every tensor.
+Prepass = Callable[[Mapping[str, Any], Callable[[str], Iterator[tuple[str, Any]]], Sequence[str], int], Any]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -91,6 +144,34 @@ class MethodSpec:
     check: Callable[[dict[str, Any]], None] | None = None
     stream: bool = False  # may run on chunks of a tensor's flat range (see sefusion.stream)
     chunk_align: str | None = None  # the parameter whose value chunk starts must be a multiple of
+    statistics: frozenset[str] = frozenset()  # what it reads of each expert's statistics
+    pair_only: bool = False  # merges exactly two models
+    bind_tasks: BindTasks | None = None  # checks/rewrites task-keyed params against the task names
+    prepass: Prepass | None = None  # a model-wide quantity found before the merge pass
+    study: StudyGrid | None = None  # its study grid (None: not a study row)
+    whole_model: Callable[..., Any] | None = None  # the whole-model procedure (kind whole_model)
+    study_fuse: str | None = None  # the models-API function the study runs it with (kind whole_model)
+
+    @property
+    def data_use(self) -> str | None:
+        """What it reads of each expert's data: "statistics", "activations" (whole-model), or None."""
+        if self.kind == "whole_model":
+            return "activations"
+        return "statistics" if self.statistics else None
+
+    def check_count(self, count: int) -> None:
+        """A pair-only method refuses any other number of models."""
+        if self.pair_only and count != 2:
+            raise RecipeError(f"{self.name} merges exactly two models, got {count}")
+
+    def bind(self, kwargs: dict[str, Any], task_names: Sequence[str]) -> None:
+        """Run `bind_tasks` on resolved kwargs before any tensor is read (ValueError -> RecipeError)."""
+        if self.bind_tasks is None:
+            return
+        try:
+            self.bind_tasks(kwargs, list(task_names))
+        except ValueError as exc:
+            raise RecipeError(f"method '{self.name}': {exc}") from None
 
     def alignment(self, kwargs: Mapping[str, Any]) -> int:
         """Chunk starts must be multiples of this (1: any): CABS works in blocks of m entries."""
@@ -235,14 +316,29 @@ def register(
     check: Callable[[dict[str, Any]], None] | None = None,
     stream: bool = False,
     chunk_align: str | None = None,
+    statistics: Iterable[str] = (),
+    pair_only: bool = False,
+    bind_tasks: BindTasks | None = None,
+    prepass: Prepass | None = None,
+    study: StudyGrid | None = None,
+    whole_model: Callable[..., Any] | None = None,
+    study_fuse: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a method function under `name`; its keyword-only parameters become its config.
 
     `stream`: the function gives the same bits on consecutive chunks of a tensor's flat range as on the
     whole tensor (whole-tensor quantities through ctx.whole_tensor), so the engine may stream it;
-    `chunk_align` names the parameter that chunk starts must be multiples of.
+    `chunk_align` names the parameter that chunk starts must be multiples of. `statistics`: the kinds
+    it reads (it then has a per-expert `examples` parameter: how many examples they come from). A
+    `whole_model` method registers a function that only declares its parameters: its `fn` becomes one
+    that validates a direct call and explains where the method runs.
     """
     per_expert = set(per_expert)
+    kinds = frozenset(statistics)
+    if kinds - set(STATISTICS_KINDS):
+        raise TypeError(f"method '{name}': unknown statistics kinds {sorted(kinds - set(STATISTICS_KINDS))}")
+    if (kind == "whole_model") != (whole_model is not None):
+        raise TypeError(f"method '{name}': a whole_model procedure goes with kind 'whole_model' only")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         # Only the keyword-only annotations are evaluated: `Tensor` in the positional ones lives under
@@ -266,13 +362,36 @@ def register(
         summary = doc.splitlines()[0] if doc else ""
         if chunk_align is not None and chunk_align not in params:
             raise TypeError(f"method '{name}': chunk_align names unknown parameter '{chunk_align}'")
-        METHODS.add(
-            MethodSpec(name, fn, paper, kind, needs_base, summary, params, check, stream, chunk_align)
-        )
-        fn.spec = METHODS._specs[name]  # type: ignore[attr-defined]
+        if kinds and not (params.get("examples") and params["examples"].per_expert):
+            raise TypeError(f"method '{name}': reading statistics needs a per-expert `examples` parameter")
+        spec = MethodSpec(
+            name, fn, paper, kind, needs_base, summary, params, check, stream, chunk_align, kinds,
+            pair_only, bind_tasks, prepass, study, whole_model, study_fuse,
+        )  # fmt: skip
+        if kind == "whole_model":
+            spec = replace(spec, fn=_refusal(spec))
+        METHODS.add(spec)
+        fn.spec = spec  # type: ignore[attr-defined]
         return fn
 
     return deco
+
+
+def _refusal(spec: MethodSpec) -> Callable[..., Any]:
+    """A whole-model method called on one tensor: its arguments checked, then where it runs explained."""
+
+    def refuse(base: Any, experts: list[Any], weights: list[float], **params: Any) -> Any:
+        params.pop("ctx", None)
+        spec.check_count(len(experts))
+        spec.resolve({public_name(k): v for k, v in params.items()}, where="call")
+        raise RecipeError(
+            f"{spec.name} is a whole-model method (it ties tensors together), so it cannot run tensor by "
+            f"tensor: run its whole-model procedure ({spec.whole_model.__module__}."  # type: ignore[union-attr]
+            f"{spec.whole_model.__qualname__})"  # type: ignore[union-attr]
+        )
+
+    refuse.__doc__ = spec.fn.__doc__
+    return refuse
 
 
 _loaded = False

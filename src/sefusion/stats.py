@@ -1,4 +1,4 @@
-"""Statistics of each expert on its own data, for the data-aware methods (METHODS.md, "Data-aware methods").
+"""Statistics of each expert on its own data, for the data-aware methods (`fisher`, `regmean`).
 
 A statistics pass runs each expert once over `examples` examples of its task and keeps, per tensor:
 
@@ -60,7 +60,6 @@ from .methods._data import (
     TensorStats,
     check_examples,
     expert_stats,
-    needs_statistics,
     required_statistics,
 )
 
@@ -83,8 +82,6 @@ __all__ = [
     "cache_key",
     "check_examples",
     "expert_stats",
-    "merge_tensors_with_stats",
-    "needs_statistics",
     "open_stats",
     "required_statistics",
 ]
@@ -247,7 +244,7 @@ class Statistics(_StatsSource):
         """Write the store folder (stats.json + stats.safetensors) atomically; returns its path."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from ._version import __version__
         from .io import atomic_dir
 
         folder = Path(folder)
@@ -643,50 +640,3 @@ class LinearInputRecorder(_LinearHooks):
 
     def activations(self) -> dict[str, Tensor]:
         return {k: torch.cat(v) for k, v in self._rows.items()}
-
-
-# --------------------------------------------------------------------------- in-memory merging
-
-
-def merge_tensors_with_stats(
-    method: str,
-    experts: Sequence[Mapping[str, Tensor]],
-    stats: Sequence[_StatsSource],
-    weights: Sequence[float] | None = None,
-    *,
-    base: Mapping[str, Tensor] | None = None,
-    task_names: Sequence[str] | None = None,
-    seed: int = 0,
-    per_expert: Sequence[Mapping[str, Any]] | None = None,
-    **params: Any,
-) -> dict[str, Tensor]:
-    """A data-aware method over in-memory tensor dicts, tensor by tensor (what the engine will do).
-
-    Each expert's statistics (a Statistics or a StatsStore) are read per tensor; `fisher`'s model-wide
-    norm is taken over the tensors merged here (every name of the first expert). `per_expert`: one
-    mapping of parameter overrides per expert, like a recipe's ``models[].params`` (``examples``, say).
-    """
-    from .registry import METHODS
-
-    spec = METHODS.get(method)
-    kinds = required_statistics(spec.fn)
-    if not experts:
-        raise StatisticsError("merge_tensors_with_stats needs at least one expert")
-    names = list(task_names) if task_names is not None else [s.label for s in stats]
-    if len(stats) != len(experts):
-        raise StatisticsError(f"{len(stats)} statistics for {len(experts)} experts")
-    if len(names) != len(experts):
-        raise StatisticsError(f"{len(names)} task names for {len(experts)} experts")
-    kwargs = spec.resolve(params, list(per_expert) if per_expert else None, where="merge_tensors_with_stats")
-    if spec.needs_base and base is None:
-        raise StatisticsError(f"method '{method}' needs a base")
-    w = list(weights) if weights is not None else [1.0] * len(experts)
-    keys = list(experts[0])
-    norms = [s.fisher_norm(keys) if FISHER in kinds else None for s in stats]
-    out: dict[str, Tensor] = {}
-    for k in keys:
-        per_expert = tuple(s.tensor_stats(k, kinds, fisher_norm=n) for s, n in zip(stats, norms, strict=True))
-        ctx = StatsContext(name=k, seed=seed, task_names=tuple(names), stats=per_expert)
-        b = base[k].float() if base is not None else None
-        out[k] = spec.fn(b, [ex[k] for ex in experts], w, **kwargs, ctx=ctx).to(experts[0][k].dtype)
-    return out

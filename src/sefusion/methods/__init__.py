@@ -1,18 +1,14 @@
-"""Built-in merge methods. Importing this package registers them (see sefusion.registry)."""
+"""Built-in merge methods. Importing this package registers them (see sefusion.registry): every module
+here whose name does not start with an underscore is one method's file, imported in name order, so
+adding a method is adding its file."""
 
-from . import (  # noqa: F401  (imported for their registration)
-    cabs,
-    consensus,
-    dare,
-    fisher,
-    linear,
-    pleas,
-    regmean,
-    scaling_masks,
-    tall_masks,
-    task_arithmetic,
-    ties,
-)
+import importlib
+import pkgutil
+
 from ._ops import BundleTensor, ModelThreshold, TensorContext
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["BundleTensor", "ModelThreshold", "TensorContext"]

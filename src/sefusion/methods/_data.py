@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SefusionError
+from ..registry import STATISTICS_KINDS
 from ._ops import TensorContext
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-FISHER = "fisher"
-GRAM = "gram"
-KINDS = (FISHER, GRAM)
+KINDS = STATISTICS_KINDS
+FISHER, GRAM = KINDS
 
 
 class StatisticsError(SefusionError, ValueError):
@@ -51,22 +51,10 @@ class StatsContext(TensorContext):
     stats: tuple[TensorStats | None, ...] | None = field(default=None, compare=False)
 
 
-def needs_statistics(*kinds: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Mark a method function with the statistics it reads (`fisher`, `gram`); the engine asks for them."""
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown statistics kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.statistics = frozenset(kinds)  # type: ignore[attr-defined]
-        return fn
-
-    return deco
-
-
 def required_statistics(fn: Callable[..., Any]) -> frozenset[str]:
-    """The statistics kinds a method function reads (empty for data-free methods)."""
-    return frozenset(getattr(fn, "statistics", frozenset()))
+    """The statistics kinds a registered method function reads (empty for data-free methods)."""
+    spec = getattr(fn, "spec", None)
+    return spec.statistics if spec is not None else frozenset()
 
 
 def expert_stats(ctx: TensorContext, count: int, method: str, kind: str) -> tuple[TensorStats, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
-from ..registry import register
+from ..registry import StudyGrid, register
 from ._ops import (
     DEFAULT_CTX,
     PosInt,
@@ -26,7 +26,26 @@ def _check(params: dict[str, Any]) -> None:
         raise ValueError(f"n ({params['n']}) must be <= m ({params['m']})")
 
 
-@register("cabs", paper="https://arxiv.org/abs/2503.01874", check=_check, stream=True, chunk_align="m")
+def _bind_order(kwargs: dict[str, Any], task_names: list[str]) -> None:
+    resolve_order(kwargs["order"], task_names)  # every task named once, before any tensor is read
+
+
+def _grid(nm: tuple[tuple[int, int], ...], lambdas: tuple[float, ...]) -> tuple[dict[str, Any], ...]:
+    return tuple({"n": n, "m": m, "lambda": x} for n, m in nm for x in lambdas)
+
+
+# CABS's masks are disjoint, so each kept entry enters at full weight and lambda only trims the sum:
+# three values near the default 1.0 at `full`, the default alone below
+_NM = ((1, 4), (2, 8), (8, 32))
+
+
+@register(
+    "cabs", paper="https://arxiv.org/abs/2503.01874", check=_check, stream=True, chunk_align="m",
+    bind_tasks=_bind_order,
+    study=StudyGrid(
+        rank=80, full=_grid(_NM, (0.6, 0.8, 1.0)), quick=_grid(_NM, (1.0,)), small=_grid(((2, 8),), (1.0,))
+    ),
+)  # fmt: skip
 def cabs(
     base: Tensor | None,
     experts: list[Tensor],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import torch
-from ..registry import register
+from ..registry import LAMBDA_FULL, LAMBDA_QUICK, LAMBDA_SMALL, StudyGrid, product, register
 from ._ops import (
     DEFAULT_CTX,
     DEFAULT_LAMBDA,
@@ -14,6 +14,7 @@ from ._ops import (
     NonNegInt,
     TensorContext,
     apply,
+    bind_lambdas,
     keep_where,
     mtl_vector,
     resolve_per_task,
@@ -26,7 +27,14 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("consensus", paper="https://arxiv.org/abs/2405.07813", stream=True)
+@register(
+    "consensus", paper="https://arxiv.org/abs/2405.07813", stream=True, bind_tasks=bind_lambdas,
+    study=StudyGrid(
+        rank=50, full=product(alpha=LAMBDA_FULL, k=(2,), lambdas=(0.4,)),
+        quick=product(alpha=LAMBDA_QUICK, k=(2,), lambdas=(0.4,)),
+        small=product(alpha=LAMBDA_SMALL, k=(2,), lambdas=(0.4,)),
+    ),
+)  # fmt: skip
 def consensus(
     base: Tensor | None,
     experts: list[Tensor],

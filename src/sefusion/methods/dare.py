@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import torch
-from ..registry import register
+from ..registry import StudyGrid, product, register
 from ._ops import (
     DEFAULT_CTX,
     Density,
@@ -56,7 +56,11 @@ def dare_linear(
     return apply(base, lambda_ * (w[:, None] * _dare_all(taus, density, rescale, ctx)).sum(0))
 
 
-@register("dare_ties", paper=_PAPER, per_expert=("density",), stream=True)
+# DARE's rescale keeps each expert's expected task vector, so the study keeps lambda at 1
+@register(
+    "dare_ties", paper=_PAPER, per_expert=("density",), stream=True,
+    study=StudyGrid(rank=40, full=product(density=(0.1, 0.3, 0.5), lambda_=(1.0,))),
+)  # fmt: skip
 def dare_ties(
     base: Tensor | None,
     experts: list[Tensor],

@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING, Annotated
 from annotated_types import Ge
 
 from .._lazy import torch
-from ..registry import register
+from ..registry import StudyGrid, register
 from ._data import (
     FISHER,
     StatisticsError,
     check_examples,
     examples_per_expert,
     expert_stats,
-    needs_statistics,
 )
 from ._ops import DEFAULT_CTX, PosInt, TensorContext, check_experts
 
@@ -24,8 +23,10 @@ if TYPE_CHECKING:
 Floor = Annotated[float, Ge(0)]
 
 
-@register("fisher", paper="https://arxiv.org/abs/2111.09832", needs_base=False, per_expert=("examples",))
-@needs_statistics(FISHER)
+@register(
+    "fisher", paper="https://arxiv.org/abs/2111.09832", needs_base=False, per_expert=("examples",),
+    statistics=(FISHER,), study=StudyGrid(rank=90, full=({"floor": 1e-6, "normalize": True},)),
+)  # fmt: skip
 def fisher(
     base: Tensor | None,
     experts: list[Tensor],

@@ -5,14 +5,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import torch
-from ..registry import register
+from ..registry import StudyGrid, register
 from ._ops import DEFAULT_CTX, TensorContext, check_experts
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("linear", paper="https://arxiv.org/abs/2203.05482", needs_base=False, stream=True)
+@register(
+    "linear", paper="https://arxiv.org/abs/2203.05482", needs_base=False, stream=True,
+    study=StudyGrid(rank=10, full=({},)),
+)  # fmt: skip
 def linear(
     base: Tensor | None,
     experts: list[Tensor],

@@ -36,8 +36,8 @@ Two entry points (whole-model procedures, not per tensor):
   are one row per example, too few for a fit) are permuted and averaged; every linear layer of the
   encoder layers is fit by least squares.
 
-The registered method `pleas` only carries the parameters (budget, examples) for recipes: the engine
-dispatches it to the whole-model path (``pleas.whole_model``); called per tensor it explains that.
+The registered method `pleas` declares the parameters (budget, examples) and `merge_encoders` as its
+whole-model procedure; the registry refuses a per-tensor call with an explanation.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from annotated_types import Gt, Le
 
 from .._lazy import torch
 from ..errors import RecipeError
-from ..registry import register
+from ..registry import StudyGrid, register
 from ._data import StatisticsError
-from ._ops import DEFAULT_CTX, PosInt, TensorContext, keep_count
+from ._ops import PosInt, keep_count
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -396,7 +396,164 @@ def merge_encoders(
     """
     check_pair(len(models))
     check_budget(budget)
-    a, b = dict(models[0]), dict(models[1])
+    pair = _EncoderPair(models[0], models[1], num_heads)
+    pair.copy_fixed()  # before any activation is computed: refuse what cannot be permuted
+    pair.acts = [dict(activations(pair.a)), dict(activations(pair.b))]
+    residual = pair.residual_matching()  # 1. one permutation of the residual stream
+    qks, vos, ffns = [], [], []
+    for i in range(pair.n_layers):
+        qk, vo = pair.head_matchings(i)  # 2. attention heads as blocks
+        ffn = match(*pair.both(pair.lname(i, FO), pair.a[pair.lname(i, FI)].shape[0]), budget)  # 3. FFN units
+        pair.fit(i, residual, qk, vo, ffn)  # 4. least squares, layer by layer
+        qks.append(qk)
+        vos.append(vo)
+        ffns.append(ffn)
+    pair.average_rest(residual)  # 5. what is not fit: permuted and averaged
+    return EncoderMerge(
+        state_dict=pair.out, residual=residual, qk=qks, vo=vos, ffn=ffns,
+        intermediate_size=ffns[0].width if ffns else 0,
+    )  # fmt: skip
+
+
+class _EncoderPair:
+    """Two BERT-style encoders being merged: their tensors checked and grouped, their activations, and
+    the merged state dict as it is filled."""
+
+    def __init__(self, a: Mapping[str, Tensor], b: Mapping[str, Tensor], num_heads: int) -> None:
+        self.a, self.b = dict(a), dict(b)
+        _check_same_tensors(self.a, self.b)
+        self.prefix, self.n_layers = _layout(list(self.a))
+        self.hidden = self.a[self.lname(0, Q)].shape[1]
+        if num_heads < 1 or self.hidden % num_heads:
+            raise RecipeError(f"pleas: num_heads {num_heads} does not divide the hidden size {self.hidden}")
+        self.num_heads, self.head_dim = num_heads, self.hidden // num_heads
+        self.out: dict[str, Tensor] = {}
+        self.acts: list[dict[str, Tensor]] = []
+        self._qk_outputs: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._group_names()
+
+    def lname(self, i: int, part: str, kind: str = "weight") -> str:
+        return f"{self.prefix}encoder.layer.{i}.{part}.{kind}"
+
+    def _group_names(self) -> None:
+        """LayerNorms and embeddings (permuted and averaged), fitted linear layers, the pooler."""
+        prefix, a = self.prefix, self.a
+        self.ln_names = [f"{prefix}embeddings.LayerNorm.{kind}" for kind in ("weight", "bias")]
+        self.fitted: list[str] = []
+        for i in range(self.n_layers):
+            self.ln_names += [self.lname(i, part, kind) for part in (ALN, OLN) for kind in ("weight", "bias")]
+            self.fitted += [
+                self.lname(i, part, kind) for part in (Q, K, V, AO, FI, FO) for kind in ("weight", "bias")
+            ]
+        self.emb_names = [n for e in EMBEDDINGS if (n := f"{prefix}embeddings.{e}.weight") in a]
+        if not self.emb_names:
+            raise RecipeError(
+                f"pleas: no embeddings found (e.g. '{prefix}embeddings.word_embeddings.weight')"
+            )
+        self.pooler = [n for n in (f"{prefix}pooler.dense.weight", f"{prefix}pooler.dense.bias") if n in a]
+        for name in self.ln_names + self.fitted + self.pooler:
+            if name not in a:
+                raise RecipeError(f"pleas: tensor '{name}' is missing (a BERT-style encoder needs it)")
+
+    def copy_fixed(self) -> None:
+        """Non-float tensors equal in both models are copied; any other unknown tensor is refused."""
+        known = set(self.ln_names + self.fitted + self.emb_names + self.pooler)
+        a, b = self.a, self.b
+        for name in a:
+            if name in known:
+                continue
+            if a[name].is_floating_point():
+                raise RecipeError(
+                    f"pleas: tensor '{name}' is not part of a BERT-style encoder that pleas knows how to "
+                    "permute; leave it out (task heads: map them with EncoderMerge.head_input)"
+                )
+            if not torch.equal(a[name], b[name]):
+                raise RecipeError(f"pleas: non-float tensor '{name}' differs between the models")
+            self.out[name] = a[name].clone()
+
+    def act(self, side: int, key: str, width: int) -> Tensor:
+        if key not in self.acts[side]:
+            raise StatisticsError(f"pleas: the activations of model {'AB'[side]} lack '{key}'")
+        x = self.acts[side][key].double()
+        if x.dim() != 2 or x.shape[1] != width:
+            raise StatisticsError(
+                f"pleas: activations '{key}' of model {'AB'[side]} have shape {tuple(x.shape)}, expected (rows, {width})"
+            )
+        return x
+
+    def both(self, key: str, width: int) -> tuple[Tensor, Tensor]:
+        xa, xb = self.act(0, key, width), self.act(1, key, width)
+        if xa.shape[0] != xb.shape[0]:
+            raise StatisticsError(
+                f"pleas: activations '{key}' have {xa.shape[0]} rows in model A but {xb.shape[0]} in B"
+            )
+        return xa, xb
+
+    def residual_matching(self) -> Matching:
+        """One permutation of the residual stream, matched on every residual state at once."""
+        hidden = self.hidden
+        sites = [self.both(self.lname(i, Q), hidden) for i in range(self.n_layers)]
+        sites += [self.both(self.lname(i, FI), hidden) for i in range(self.n_layers)]
+        sites.append(self.both(OUTPUT, hidden))
+        score = sum(correlation(xa, xb) for xa, xb in sites)
+        perm, matched = assign(score)  # type: ignore[arg-type]
+        return Matching.partial(perm, matched / len(sites), 1.0)
+
+    def outputs(self, x: tuple[Tensor, Tensor], i: int, part: str) -> list[Tensor]:
+        """Each model's pre-activation outputs of layer i's `part` on its own inputs."""
+        return [
+            xs @ sd[self.lname(i, part)].double().T + sd[self.lname(i, part, "bias")].double()
+            for xs, sd in zip(x, (self.a, self.b), strict=True)
+        ]
+
+    def head_matchings(self, i: int) -> tuple[Matching, Matching]:
+        """Layer i's heads by block assignment on within-head matching scores; query and key share one
+        permutation within a head, value and the attention output's columns another."""
+        xq = self.both(self.lname(i, Q), self.hidden)
+        q, k = self.outputs(xq, i, Q), self.outputs(xq, i, K)
+        self._qk_outputs = (q, k)  # reused by fit(): the very tensors the matching saw
+        c_qk = correlation(q[0], q[1]) + correlation(k[0], k[1])  # (H, H)
+        c_vo = correlation(*self.both(self.lname(i, AO), self.hidden))  # (H, H)
+        perm_qk, perm_vo = _head_permutations(c_qk, c_vo, self.num_heads, self.head_dim)
+        idx = torch.arange(self.hidden)
+        qk = Matching.partial(perm_qk, c_qk[idx, perm_qk] / 2, 1.0)
+        vo = Matching.partial(perm_vo, c_vo[idx, perm_vo], 1.0)
+        return qk, vo
+
+    def fit(self, i: int, residual: Matching, qk: Matching, vo: Matching, ffn: Matching) -> None:
+        """Layer i's linear layers fit by least squares on the combined features of the two models."""
+        hidden, inter = self.hidden, self.a[self.lname(i, FI)].shape[0]
+        xq, ctx = self.both(self.lname(i, Q), hidden), self.both(self.lname(i, AO), hidden)
+        xi, z = self.both(self.lname(i, FI), hidden), self.both(self.lname(i, FO), inter)
+        x_res = residual.combine(*xq)
+        q, k = self._qk_outputs
+        self._put(i, Q, x_res, qk.combine(*q), residual, qk)
+        self._put(i, K, x_res, qk.combine(*k), residual, qk)
+        self._put(i, V, x_res, vo.combine(*self.outputs(xq, i, V)), residual, vo)
+        self._put(i, AO, vo.combine(*ctx), residual.combine(*self.outputs(ctx, i, AO)), vo, residual)
+        self._put(i, FI, residual.combine(*xi), ffn.combine(*self.outputs(xi, i, FI)), residual, ffn)
+        self._put(i, FO, ffn.combine(*z), residual.combine(*self.outputs(z, i, FO)), ffn, residual)
+
+    def _put(self, i: int, part: str, x: Tensor, y: Tensor, m_in: Matching, m_out: Matching) -> None:
+        w, bias = fit_layer(x, y, m_in, m_out, self.lname(i, part))
+        self.out[self.lname(i, part)], self.out[self.lname(i, part, "bias")] = w.float(), bias.float()
+
+    def average_rest(self, residual: Matching) -> None:
+        """LayerNorms and embeddings permuted along the residual stream and averaged; the pooler's
+        columns read the residual stream, its rows are its own outputs."""
+        a, b = self.a, self.b
+        for name in self.ln_names + self.emb_names:
+            ta, tb = a[name].double(), b[name].double()
+            rows = ta if ta.dim() == 2 else ta[None]
+            merged = residual.combine(rows, tb if tb.dim() == 2 else tb[None])
+            self.out[name] = (merged if ta.dim() == 2 else merged[0]).float()
+        pooler_w, pooler_b = f"{self.prefix}pooler.dense.weight", f"{self.prefix}pooler.dense.bias"
+        if pooler_w in a:
+            self.out[pooler_w] = residual.combine(a[pooler_w].double(), b[pooler_w].double()).float()
+            self.out[pooler_b] = ((a[pooler_b].double() + b[pooler_b].double()) / 2).float()
+
+
+def _check_same_tensors(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> None:
     for name in sorted(set(a) | set(b)):
         if name not in a or name not in b:
             side = "B" if name not in b else "A"
@@ -405,180 +562,47 @@ def merge_encoders(
             raise RecipeError(
                 f"pleas: tensor '{name}' has shape {tuple(a[name].shape)} in model A but {tuple(b[name].shape)} in B"
             )
-    prefix, n_layers = _layout(list(a))
 
-    def lname(i: int, part: str, kind: str = "weight") -> str:
-        return f"{prefix}encoder.layer.{i}.{part}.{kind}"
 
-    hidden = a[lname(0, Q)].shape[1]
-    if num_heads < 1 or hidden % num_heads:
-        raise RecipeError(f"pleas: num_heads {num_heads} does not divide the hidden size {hidden}")
-    head_dim = hidden // num_heads
-
-    ln_names = [f"{prefix}embeddings.LayerNorm.{kind}" for kind in ("weight", "bias")]
-    fitted: list[str] = []
-    for i in range(n_layers):
-        ln_names += [lname(i, part, kind) for part in (ALN, OLN) for kind in ("weight", "bias")]
-        fitted += [lname(i, part, kind) for part in (Q, K, V, AO, FI, FO) for kind in ("weight", "bias")]
-    emb_names = [n for e in EMBEDDINGS if (n := f"{prefix}embeddings.{e}.weight") in a]
-    if not emb_names:
-        raise RecipeError(f"pleas: no embeddings found (e.g. '{prefix}embeddings.word_embeddings.weight')")
-    pooler = [n for n in (f"{prefix}pooler.dense.weight", f"{prefix}pooler.dense.bias") if n in a]
-    known = set(ln_names + fitted + emb_names + pooler)
-    for name in ln_names + fitted + pooler:
-        if name not in a:
-            raise RecipeError(f"pleas: tensor '{name}' is missing (a BERT-style encoder needs it)")
-    out: dict[str, Tensor] = {}
-    for name in a:  # before any activation is computed: refuse what cannot be permuted
-        if name in known:
-            continue
-        if a[name].is_floating_point():
-            raise RecipeError(
-                f"pleas: tensor '{name}' is not part of a BERT-style encoder that pleas knows how to "
-                "permute; leave it out (task heads: map them with EncoderMerge.head_input)"
-            )
-        if not torch.equal(a[name], b[name]):
-            raise RecipeError(f"pleas: non-float tensor '{name}' differs between the models")
-        out[name] = a[name].clone()
-
-    def get(sd: Mapping[str, Tensor], name: str) -> Tensor:
-        return sd[name].double()
-
-    acts = [dict(activations(a)), dict(activations(b))]
-
-    def act(side: int, key: str, width: int) -> Tensor:
-        if key not in acts[side]:
-            raise StatisticsError(f"pleas: the activations of model {'AB'[side]} lack '{key}'")
-        x = acts[side][key].double()
-        if x.dim() != 2 or x.shape[1] != width:
-            raise StatisticsError(
-                f"pleas: activations '{key}' of model {'AB'[side]} have shape {tuple(x.shape)}, expected (rows, {width})"
-            )
-        return x
-
-    def both(key: str, width: int) -> tuple[Tensor, Tensor]:
-        xa, xb = act(0, key, width), act(1, key, width)
-        if xa.shape[0] != xb.shape[0]:
-            raise StatisticsError(
-                f"pleas: activations '{key}' have {xa.shape[0]} rows in model A but {xb.shape[0]} in B"
-            )
-        return xa, xb
-
-    # 1. residual stream: one permutation, matched on every residual state at once
-    sites = [both(lname(i, Q), hidden) for i in range(n_layers)]
-    sites += [both(lname(i, FI), hidden) for i in range(n_layers)]
-    sites.append(both(OUTPUT, hidden))
-    score = sum(correlation(xa, xb) for xa, xb in sites)
-    perm, matched = assign(score)
-    residual = Matching.partial(perm, matched / len(sites), 1.0)
-
-    def linear_out(x: Tensor, sd: Mapping[str, Tensor], i: int, part: str) -> Tensor:
-        return x @ get(sd, lname(i, part)).T + get(sd, lname(i, part, "bias"))
-
-    def put_fit(i: int, part: str, x: Tensor, y: Tensor, m_in: Matching, m_out: Matching) -> None:
-        w, bias = fit_layer(x, y, m_in, m_out, lname(i, part))
-        out[lname(i, part)], out[lname(i, part, "bias")] = w.float(), bias.float()
-
-    qks, vos, ffns = [], [], []
-    for i in range(n_layers):
-        # 2. heads: block assignment on within-head matching scores; q/k share one permutation per head
-        xq = both(lname(i, Q), hidden)
-        q = [linear_out(xq[s], sd, i, Q) for s, sd in ((0, a), (1, b))]
-        k = [linear_out(xq[s], sd, i, K) for s, sd in ((0, a), (1, b))]
-        v = [linear_out(xq[s], sd, i, V) for s, sd in ((0, a), (1, b))]
-        ctx = both(lname(i, AO), hidden)
-        c_qk = correlation(q[0], q[1]) + correlation(k[0], k[1])  # (H, H)
-        c_vo = correlation(*ctx)  # (H, H)
-        inner: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-        head_score = torch.zeros((num_heads, num_heads), dtype=torch.float64)
-        for ha in range(num_heads):
-            sa = slice(ha * head_dim, (ha + 1) * head_dim)
-            for hb in range(num_heads):
-                sb = slice(hb * head_dim, (hb + 1) * head_dim)
-                p_qk, s_qk = assign(c_qk[sa, sb])
-                p_vo, s_vo = assign(c_vo[sa, sb])
-                inner[ha, hb] = (p_qk, p_vo)
-                head_score[ha, hb] = s_qk.sum() + s_vo.sum()
-        head_perm, _ = assign(head_score)
-        perm_qk = torch.empty(hidden, dtype=torch.long)
-        perm_vo = torch.empty(hidden, dtype=torch.long)
-        for ha in range(num_heads):
-            hb = int(head_perm[ha])
-            p_qk, p_vo = inner[ha, hb]
-            perm_qk[ha * head_dim : (ha + 1) * head_dim] = hb * head_dim + p_qk
-            perm_vo[ha * head_dim : (ha + 1) * head_dim] = hb * head_dim + p_vo
-        idx = torch.arange(hidden)
-        qk = Matching.partial(perm_qk, c_qk[idx, perm_qk] / 2, 1.0)
-        vo = Matching.partial(perm_vo, c_vo[idx, perm_vo], 1.0)
-        # 3. FFN units, partially merged by the budget
-        inter = a[lname(i, FI)].shape[0]
-        z = both(lname(i, FO), inter)
-        ffn = match(z[0], z[1], budget)
-        qks.append(qk)
-        vos.append(vo)
-        ffns.append(ffn)
-        # 4. least squares, layer by layer, on the combined features of the original models
-        x_res = residual.combine(*xq)
-        put_fit(i, Q, x_res, qk.combine(*q), residual, qk)
-        put_fit(i, K, x_res, qk.combine(*k), residual, qk)
-        put_fit(i, V, x_res, vo.combine(*v), residual, vo)
-        ao = [linear_out(ctx[s], sd, i, AO) for s, sd in ((0, a), (1, b))]
-        put_fit(i, AO, vo.combine(*ctx), residual.combine(*ao), vo, residual)
-        xi = both(lname(i, FI), hidden)
-        u = [linear_out(xi[s], sd, i, FI) for s, sd in ((0, a), (1, b))]
-        put_fit(i, FI, residual.combine(*xi), ffn.combine(*u), residual, ffn)
-        o = [linear_out(z[s], sd, i, FO) for s, sd in ((0, a), (1, b))]
-        put_fit(i, FO, ffn.combine(*z), residual.combine(*o), ffn, residual)
-
-    # 5. tensors that are not fit: permuted (residual stream) and averaged
-    def residual_average(name: str) -> None:
-        ta, tb = get(a, name), get(b, name)
-        rows = ta if ta.dim() == 2 else ta[None]
-        merged = residual.combine(rows, tb if tb.dim() == 2 else tb[None])
-        out[name] = (merged if ta.dim() == 2 else merged[0]).float()
-
-    for name in ln_names + emb_names:
-        residual_average(name)
-    pooler_w, pooler_b = f"{prefix}pooler.dense.weight", f"{prefix}pooler.dense.bias"
-    if pooler_w in a:  # columns read the residual stream; rows are the pooler's outputs
-        out[pooler_w] = residual.combine(get(a, pooler_w), get(b, pooler_w)).float()
-        out[pooler_b] = ((get(a, pooler_b) + get(b, pooler_b)) / 2).float()
-    return EncoderMerge(
-        state_dict=out,
-        residual=residual,
-        qk=qks,
-        vo=vos,
-        ffn=ffns,
-        intermediate_size=ffns[0].width if ffns else 0,
-    )
+def _head_permutations(c_qk: Tensor, c_vo: Tensor, num_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
+    """Heads matched as blocks (assignment on each head pair's summed within-head scores), then within
+    each matched pair the query/key dims and the value dims by their own assignments."""
+    inner: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+    head_score = torch.zeros((num_heads, num_heads), dtype=torch.float64)
+    for ha in range(num_heads):
+        sa = slice(ha * head_dim, (ha + 1) * head_dim)
+        for hb in range(num_heads):
+            sb = slice(hb * head_dim, (hb + 1) * head_dim)
+            p_qk, s_qk = assign(c_qk[sa, sb])
+            p_vo, s_vo = assign(c_vo[sa, sb])
+            inner[ha, hb] = (p_qk, p_vo)
+            head_score[ha, hb] = s_qk.sum() + s_vo.sum()
+    head_perm, _ = assign(head_score)
+    hidden = num_heads * head_dim
+    perm_qk = torch.empty(hidden, dtype=torch.long)
+    perm_vo = torch.empty(hidden, dtype=torch.long)
+    for ha in range(num_heads):
+        hb = int(head_perm[ha])
+        p_qk, p_vo = inner[ha, hb]
+        perm_qk[ha * head_dim : (ha + 1) * head_dim] = hb * head_dim + p_qk
+        perm_vo[ha * head_dim : (ha + 1) * head_dim] = hb * head_dim + p_vo
+    return perm_qk, perm_vo
 
 
 # --------------------------------------------------------------------------- registration
 
 
-@register("pleas", paper="https://arxiv.org/abs/2407.02447", needs_base=False, per_expert=("examples",))
-def pleas(
-    base: Tensor | None,
-    experts: list[Tensor],
-    weights: list[float],
-    *,
-    budget: Budget = 1.0,
-    examples: PosInt = 256,
-    ctx: TensorContext = DEFAULT_CTX,
-) -> Tensor:
+@register(
+    "pleas", paper="https://arxiv.org/abs/2407.02447", kind="whole_model", needs_base=False,
+    per_expert=("examples",), pair_only=True, whole_model=merge_encoders, study_fuse="pleas_fuse",
+    study=StudyGrid(rank=110, full=({"budget": 1.0},), curve=("budget", (0.75, 0.5))),
+)  # fmt: skip
+def pleas(*, budget: Budget = 1.0, examples: PosInt = 256) -> None:
     """PLeaS: match two models' hidden units on activations, then fit each layer by least squares.
 
-    A whole-model method (permutations tie tensors together): the engine runs `merge_encoders` with each
-    expert's activations on `examples` examples of the two tasks; `budget` in (0, 1] is the share of
-    hidden units merged (below 1 the least-matched units of both models are kept: a wider model).
+    A whole-model method (permutations tie tensors together): `merge_encoders` runs with each expert's
+    activations on `examples` examples of the two tasks; `budget` in (0, 1] is the share of hidden units
+    merged (below 1 the least-matched units of both models are kept: a wider model). In the study, the
+    row is the base's size (budget 1.0) and the smaller budgets are a size/score curve beside it.
     Nasery et al., "PLeaS: Merging Models with Permutations and Least Squares", https://arxiv.org/abs/2407.02447
     """
-    check_pair(len(experts))
-    check_budget(budget)
-    raise RecipeError(
-        "pleas permutes hidden units across tensors, so it cannot run tensor by tensor: it needs the "
-        "whole-model path (sefusion.methods.pleas.merge_encoders with both experts' activations)"
-    )
-
-
-pleas.whole_model = merge_encoders  # type: ignore[attr-defined]

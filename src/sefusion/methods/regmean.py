@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 from annotated_types import Ge, Le
 
 from .._lazy import torch
-from ..registry import register
-from ._data import GRAM, StatisticsError, check_examples, examples_per_expert, expert_stats, needs_statistics
+from ..registry import StudyGrid, register
+from ._data import GRAM, StatisticsError, check_examples, examples_per_expert, expert_stats
 from ._ops import DEFAULT_CTX, PosInt, TensorContext, check_experts
 from .linear import linear
 
@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 Alpha = Annotated[float, Ge(0), Le(1)]
 
 
-@register("regmean", paper="https://arxiv.org/abs/2212.09849", needs_base=False, per_expert=("examples",))
-@needs_statistics(GRAM)
+@register(
+    "regmean", paper="https://arxiv.org/abs/2212.09849", needs_base=False, per_expert=("examples",),
+    statistics=(GRAM,), study=StudyGrid(rank=100, full=({"alpha": 0.95},)),
+)  # fmt: skip
 def regmean(
     base: Tensor | None,
     experts: list[Tensor],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import torch
-from ..registry import register
+from ..registry import MASK_LAMBDAS, StudyGrid, product, register
 from ._ops import (
     DEFAULT_CTX,
     DEFAULT_LAMBDA,
@@ -16,6 +16,7 @@ from ._ops import (
     Share,
     Stat,
     TensorContext,
+    bind_lambdas,
     mtl_vector,
     range_stats,
     resolve_per_task,
@@ -28,7 +29,10 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("scaling_masks", paper="https://doi.org/10.1145/3808198", kind="bundle", stream=True)
+@register(
+    "scaling_masks", paper="https://doi.org/10.1145/3808198", kind="bundle", stream=True, bind_tasks=bind_lambdas,
+    study=StudyGrid(rank=70, full=product(lambdas=MASK_LAMBDAS), per_task="lambdas"),
+)  # fmt: skip
 def scaling_masks(
     base: Tensor | None,
     experts: list[Tensor],

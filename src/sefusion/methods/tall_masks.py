@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..registry import register
+from ..registry import MASK_LAMBDAS, StudyGrid, product, register
 from ._ops import (
     DEFAULT_CTX,
     DEFAULT_LAMBDA,
@@ -12,6 +12,7 @@ from ._ops import (
     BundleTensor,
     Lambdas,
     TensorContext,
+    bind_lambdas,
     mtl_vector,
     resolve_per_task,
     tall_masks_of,
@@ -23,7 +24,10 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("tall_masks", paper="https://arxiv.org/abs/2405.07813", kind="bundle", stream=True)
+@register(
+    "tall_masks", paper="https://arxiv.org/abs/2405.07813", kind="bundle", stream=True, bind_tasks=bind_lambdas,
+    study=StudyGrid(rank=60, full=product(lambdas=MASK_LAMBDAS), per_task="lambdas"),
+)  # fmt: skip
 def tall_masks(
     base: Tensor | None,
     experts: list[Tensor],

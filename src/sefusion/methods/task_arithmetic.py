@@ -5,14 +5,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import torch
-from ..registry import register
+from ..registry import LAMBDA_FULL, LAMBDA_QUICK, LAMBDA_SMALL, StudyGrid, product, register
 from ._ops import DEFAULT_CTX, TensorContext, apply, check_experts
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("task_arithmetic", paper="https://arxiv.org/abs/2212.04089", stream=True)
+@register(
+    "task_arithmetic", paper="https://arxiv.org/abs/2212.04089", stream=True,
+    study=StudyGrid(
+        rank=20, full=product(lambda_=LAMBDA_FULL), quick=product(lambda_=LAMBDA_QUICK),
+        small=product(lambda_=LAMBDA_SMALL),
+    ),
+)  # fmt: skip
 def task_arithmetic(
     base: Tensor | None,
     experts: list[Tensor],

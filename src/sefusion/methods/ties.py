@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from ..registry import register
+from ..registry import LAMBDA_FULL, LAMBDA_SMALL, StudyGrid, product, register
 from ._ops import (
     DEFAULT_CTX,
     Density,
     DensityScope,
     Merge,
+    ModelThreshold,
     TensorContext,
     apply,
     check_choice,
+    model_thresholds,
     per_expert,
     task_vectors,
+    tensor_thresholds,
     ties_merge,
     trim_each,
     trim_model_scope,
@@ -24,7 +28,35 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@register("ties", paper="https://arxiv.org/abs/2306.01708", per_expert=("density",), stream=True)
+def _model_scope(
+    kwargs: Mapping[str, Any],
+    task_vectors: Callable[[str], Iterator[tuple[str, Any]]],
+    names: Sequence[str],
+    count: int,
+) -> dict[str, list[ModelThreshold]] | None:
+    """`density_scope: model`: the exact model-wide thresholds (bounded-memory passes over every tensor),
+    each tensor handed its share of the tie budgets; None for the per-tensor scope."""
+    if kwargs["density_scope"] != "model":
+        return None
+    found = model_thresholds(
+        lambda: (taus for _, taus in task_vectors("model-wide top-k")), count, kwargs["density"]
+    )
+    return tensor_thresholds(found, list(names), lambda: task_vectors("model-wide ties"))
+
+
+# quick: three lambdas per density (the demo's time budget); the tests' tiny budgets: one density
+_DENSITIES = (0.1, 0.2, 0.3)
+
+
+@register(
+    "ties", paper="https://arxiv.org/abs/2306.01708", per_expert=("density",), stream=True,
+    prepass=_model_scope,
+    study=StudyGrid(
+        rank=30, full=product(density=_DENSITIES, lambda_=LAMBDA_FULL),
+        quick=product(density=_DENSITIES, lambda_=(0.4, 0.7, 1.0)),
+        small=product(density=(0.2,), lambda_=LAMBDA_SMALL),
+    ),
+)  # fmt: skip
 def ties(
     base: Tensor | None,
     experts: list[Tensor],

@@ -125,8 +125,6 @@ class Budget:
         )
         return base.replace(**changes) if changes else base
 
-    config = train  # an alias
-
     @property
     def sizes(self) -> dict[str, int]:
         """Per-split example counts for the task builders: train, validation, test, pool."""
@@ -138,30 +136,9 @@ class Budget:
         }
 
 
-# How these were chosen (2-core CPU, all-MiniLM-L6-v2, fp32, sefusion's own loop). Step cost:
-# CALIBRATION.md measured ~1.2 s per step at batch 16, length 128 with BertForSequenceClassification
-# on a quiet machine; on identical 16 x 128-token batches, interleaved, sefusion's step (mean pooling
-# + linear head + AdamW) took 1.07x that step's CPU time, so ~1.3 s, i.e. ~0.08 s per training
-# example. Evaluation (inference mode, batches of 64 sorted by length) costs ~0.27x a training
-# example (24 vs 6.4 examples per CPU-second on one thread): ~50 examples/s on two cores.
-#  - quick (the demo: 4 experts + a multitask model of their summed steps = 8 experts' worth of
-#    steps, 4 head-only probes, ~55 merged candidates x 4 tasks on validation + 8 methods x 4 on
-#    test): every expert sees 640 examples once. 80 steps at batch 8 reached 0.73 validation accuracy
-#    on stdlib docstring-code consistency (40 steps at batch 16: 0.70 at lr 1e-4, 0.65 at 2e-4;
-#    chance 0.5) at the same cost per example. Time: training 8 * 640 * 0.08 s ~ 7 min; probes
-#    4 * 640 / 50 ~ 1 min; ~260 evaluations on 32-example validation / 64-example test splits
-#    ~ 10,000 examples ~ 3.5 min. With data and merges this fits 15 minutes on a quiet machine.
-#  - full (the committed study): CALIBRATION.md measured consistency at 0.94 after 150 steps at lr
-#    5e-5 (batch 16); 300 steps (two passes over 2,400 examples) leave room for harder tasks (defect,
-#    clone, exception). Test 1,000 examples (search: the issue's 1,000-candidate pool). Validation 200:
-#    ~94 grid candidates x T tasks are scored on it (~25 min for 4 tasks at ~50 examples/s), against
-#    ~60 min at 500; 200 still separates the grid's neighbours by the average of T tasks. Scoring runs
-#    under bf16 autocast: on this CPU (AVX512-BF16) it embeds 76-90 examples/s against 46-48 in fp32
-#    (batches of 64 x 128 tokens), and the full study is mostly scoring. Training runs under bf16
-#    autocast too (float32 master weights and AdamW state): on identical 16 x 128-token batches a step
-#    took 1.02-1.13 s against 1.58-1.79 s in fp32 (1.55x), which is what lets a six-task scenario
-#    (six experts + a multitask model of their summed steps) fit one working session on 2 cores.
-#    A first results/pair run trained in fp32 scored within 0.006 of the bf16 one on every row.
+# quick: the demo's 15 minutes on 2 CPU cores (each expert sees its 640 examples once); full: every task
+# learnt clearly above chance, scored and trained under bf16 autocast (1.5x faster on AVX512-BF16 CPUs,
+# rows within 0.006 of fp32). The measurements behind both: docs/calibration.md.
 BUDGETS: dict[str, Budget] = {
     "quick": Budget(
         name="quick",
@@ -185,7 +162,7 @@ BUDGETS: dict[str, Budget] = {
         n_validation=200,
         n_test=1000,
         pool=1000,
-        note="committed study: experts clearly above chance (CALIBRATION.md: 150 steps learn consistency)",
+        note="committed study: experts clearly above chance (150 steps already learn consistency)",
         eval_precision="bf16",
         train_precision="bf16",
     ),

@@ -29,7 +29,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -313,7 +313,7 @@ def head_only(
 ) -> Path:
     """The `pretrained` row: the base body frozen, only the task's head trained (none for retrieval).
 
-    The head's learning rate is ``config.head_lr``, or 1e-3 when it is None (CALIBRATION.md's probe).
+    The head's learning rate is ``config.head_lr``, or 1e-3 when it is None (what a linear probe needs).
     Without dropout the frozen body's embeddings are computed once and the head trains on them.
     """
     cfg = config.replace(train_body=False, head_lr=config.head_lr or 1e-3)
@@ -322,6 +322,25 @@ def head_only(
 
 def _seed_of(seed: int, task: str) -> int:
     return int.from_bytes(hashlib.sha256(f"head:{seed}:{task}".encode()).digest()[:7], "little")
+
+
+@dataclass
+class _Training:
+    """One training run's state: the encoder, its heads, the task runs, the optimizer, the progress."""
+
+    enc: Encoder
+    runs: list[_TaskRun]
+    heads: dict[str, torch.nn.Parameter]
+    body: dict[str, Any]
+    feats: dict[str, Any]
+    groups: list[dict[str, Any]]
+    opt: Any
+    sched: Any
+    total: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    start: int = 0
+    resumed_from: list[int] = field(default_factory=list)
 
 
 def _train(
@@ -341,8 +360,40 @@ def _train(
     device: str,
     label: str,
 ) -> Path:
-    from tqdm.auto import tqdm
+    """Set up, resume from a checkpoint if one matches `key`, run the steps, write the folder."""
+    tr = _setup(base, tasks, specs, kinds, cfg, quiet=quiet, device=device)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work / CHECKPOINT
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
+        torch.manual_seed(cfg.seed)
+        state = _load_checkpoint(ckpt_path, key) if tr.total else None
+        if state is not None:
+            _resume(tr, state)
+        run_seconds = _run_steps(
+            tr, cfg, key, ckpt_path, quiet=quiet, checkpoint_seconds=checkpoint_seconds,
+            max_steps_this_run=max_steps_this_run, callback=callback, label=label,
+        )  # fmt: skip
+    tr.seconds += run_seconds
+    final_body = {n: t for n, t in tr.enc.body_state().items()}
+    final_heads = {n: p.detach().cpu() for n, p in tr.heads.items()}
+    info = _train_info(tr, base, tasks, specs, kinds, cfg, key, label, run_seconds)
+    _write_folder(base, tr.enc, final_body, final_heads, info, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
 
+
+def _setup(
+    base: Path,
+    tasks: list[Any],
+    specs: list[Any],
+    kinds: list[str],
+    cfg: TrainConfig,
+    *,
+    quiet: bool,
+    device: str,
+) -> _Training:
+    """The encoder, each classification task's head (own seed), frozen-body features when only heads
+    train, and the optimizer."""
     enc = Encoder.from_pretrained(base, device=device)
     runs = [_prepare(enc, d, s, k, cfg) for d, s, k in zip(tasks, specs, kinds, strict=True)]
     heads: dict[str, torch.nn.Parameter] = {}
@@ -363,15 +414,23 @@ def _train(
     else:
         enc.model.train()
         feats = {}
+    groups, opt, sched, total = _optimizer(body, heads, cfg, len(runs))
+    return _Training(enc, runs, heads, body, feats, groups, opt, sched, total)
 
-    no_decay = [p for k, p in body.items() if k.endswith("bias") or "LayerNorm" in k or "layer_norm" in k]
+
+def _optimizer(
+    body: Mapping[str, Any], heads: Mapping[str, Any], cfg: TrainConfig, n_runs: int
+) -> tuple[list[dict[str, Any]], Any, Any, int]:
+    """AdamW parameter groups (no weight decay on biases and LayerNorms; heads at head_lr), the
+    optimizer, its warmup-then-linear schedule and the total number of steps (0: nothing trains)."""
+    plain = [p for k, p in body.items() if k.endswith("bias") or "LayerNorm" in k or "layer_norm" in k]
     decay = [p for k, p in body.items() if not (k.endswith("bias") or "LayerNorm" in k or "layer_norm" in k)]
     head_lr = cfg.head_lr or cfg.lr
     groups: list[dict[str, Any]] = []
     if cfg.train_body:
         groups += [
             {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": plain, "weight_decay": 0.0},
         ]
     head_w = [p for n, p in heads.items() if n.endswith(".weight")]
     head_b = [p for n, p in heads.items() if n.endswith(".bias")]
@@ -380,100 +439,131 @@ def _train(
             {"params": head_w, "weight_decay": cfg.weight_decay, "lr": head_lr},
             {"params": head_b, "weight_decay": 0.0, "lr": head_lr},
         ]
-    total = cfg.steps * len(runs) if groups else 0
+    total = cfg.steps * n_runs if groups else 0
     warmup = int(cfg.warmup * total)
     opt = torch.optim.AdamW(groups, lr=cfg.lr) if groups else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup)) if opt else None
+    return groups, opt, sched, total
 
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt_path = work / CHECKPOINT
-    losses: list[float] = []
-    seconds = 0.0
-    start = 0
-    resumed_from: list[int] = []
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
-        torch.manual_seed(cfg.seed)
-        state = _load_checkpoint(ckpt_path, key) if total else None
-        if state is not None:
-            with torch.no_grad():
-                for k, t in state["body"].items():
-                    body[k].copy_(t)
-                for n, t in state["heads"].items():
-                    heads[n].copy_(t)
-            assert opt is not None and sched is not None
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            start, losses, seconds = state["step"], list(state["losses"]), float(state["seconds"])
-            resumed_from = [*state["resumed_from"], start]
 
-        def checkpoint(step: int) -> None:
-            assert opt is not None and sched is not None
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "key": key,
-                    "step": step,
-                    "body": {k: p.detach().clone() for k, p in body.items()} if cfg.train_body else {},
-                    "heads": {n: p.detach().clone() for n, p in heads.items()},
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "losses": losses,
-                    "seconds": seconds + (time.perf_counter() - t0),
-                    "resumed_from": resumed_from,
-                },
-            )
+def _resume(tr: _Training, state: dict[str, Any]) -> None:
+    """Weights, optimizer, schedule, RNG and progress restored from a checkpoint."""
+    with torch.no_grad():
+        for k, t in state["body"].items():
+            tr.body[k].copy_(t)
+        for n, t in state["heads"].items():
+            tr.heads[n].copy_(t)
+    assert tr.opt is not None and tr.sched is not None
+    tr.opt.load_state_dict(state["optimizer"])
+    tr.sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    tr.start, tr.losses, tr.seconds = state["step"], list(state["losses"]), float(state["seconds"])
+    tr.resumed_from = [*state["resumed_from"], tr.start]
 
-        params = [p for g in groups for p in g["params"]]
-        t0 = time.perf_counter()
-        last_ckpt = t0
-        bar = tqdm(
-            total=total, initial=start, desc=f"train {label}"[:60], unit="step", disable=quiet or total == 0,
-            dynamic_ncols=True, leave=False,
-        )  # fmt: skip
-        try:
-            for step in range(start, total):
-                r = runs[step % len(runs)]
-                idx = r.batch(step // len(runs), cfg.batch_size, cfg.seed)
-                loss = _step_loss(enc, r, idx, heads, feats, cfg)
-                loss.backward()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise SefusionError(
-                        f"training of {label}: the loss is {value} at step {step + 1} "
-                        f"(task {r.name}); try a lower lr than {cfg.lr}"
+
+def _checkpoint(tr: _Training, cfg: TrainConfig, key: str, path: Path, step: int, elapsed: float) -> None:
+    assert tr.opt is not None and tr.sched is not None
+    _save_checkpoint(
+        path,
+        {
+            "key": key,
+            "step": step,
+            "body": {k: p.detach().clone() for k, p in tr.body.items()} if cfg.train_body else {},
+            "heads": {n: p.detach().clone() for n, p in tr.heads.items()},
+            "optimizer": tr.opt.state_dict(),
+            "scheduler": tr.sched.state_dict(),
+            "rng": torch.get_rng_state(),
+            "losses": tr.losses,
+            "seconds": tr.seconds + elapsed,
+            "resumed_from": tr.resumed_from,
+        },
+    )
+
+
+def _run_steps(
+    tr: _Training,
+    cfg: TrainConfig,
+    key: str,
+    ckpt_path: Path,
+    *,
+    quiet: bool,
+    checkpoint_seconds: float,
+    max_steps_this_run: int | None,
+    callback: Callable[[int, int, float], None] | None,
+    label: str,
+) -> float:
+    """The steps from tr.start to tr.total, checkpointed every `checkpoint_seconds` (and where a run
+    stops early); the seconds this run took."""
+    params = [p for g in tr.groups for p in g["params"]]
+    t0 = time.perf_counter()
+    last_ckpt = t0
+    bar = _bar(tr, label, quiet)
+    try:
+        for step in range(tr.start, tr.total):
+            _one_step(tr, cfg, step, params, label)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(tr.losses[-10:]) / len(tr.losses[-10:]):.3f}", refresh=False)
+            if callback is not None:
+                callback(step + 1, tr.total, tr.losses[-1])
+            done = step + 1
+            if done < tr.total:
+                now = time.perf_counter()
+                stop = max_steps_this_run is not None and done - tr.start >= max_steps_this_run
+                if stop or now - last_ckpt >= checkpoint_seconds:
+                    _checkpoint(tr, cfg, key, ckpt_path, done, time.perf_counter() - t0)
+                    last_ckpt = time.perf_counter()
+                if stop:
+                    raise TrainingStopped(
+                        f"training of {label} stopped after {done} of {tr.total} steps "
+                        f"(max_steps_this_run={max_steps_this_run}); run again to resume from {ckpt_path}"
                     )
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                assert opt is not None and sched is not None
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(value)
-                bar.update(1)
-                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", refresh=False)
-                if callback is not None:
-                    callback(step + 1, total, losses[-1])
-                done = step + 1
-                if done < total:
-                    now = time.perf_counter()
-                    stop = max_steps_this_run is not None and done - start >= max_steps_this_run
-                    if stop or now - last_ckpt >= checkpoint_seconds:
-                        checkpoint(done)
-                        last_ckpt = time.perf_counter()
-                    if stop:
-                        raise TrainingStopped(
-                            f"training of {label} stopped after {done} of {total} steps "
-                            f"(max_steps_this_run={max_steps_this_run}); run again to resume from {ckpt_path}"
-                        )
-        finally:
-            bar.close()
-        run_seconds = time.perf_counter() - t0
-    seconds += run_seconds
+    finally:
+        bar.close()
+    return time.perf_counter() - t0
 
-    final_body = {n: t for n, t in enc.body_state().items()}
-    final_heads = {n: p.detach().cpu() for n, p in heads.items()}
-    info = {
+
+def _bar(tr: _Training, label: str, quiet: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=tr.total, initial=tr.start, desc=f"train {label}"[:60], unit="step",
+        disable=quiet or tr.total == 0, dynamic_ncols=True, leave=False,
+    )  # fmt: skip
+
+
+def _one_step(tr: _Training, cfg: TrainConfig, step: int, params: list[Any], label: str) -> None:
+    """One optimizer step on the batch of task step % T (tasks take turns); a non-finite loss stops."""
+    r = tr.runs[step % len(tr.runs)]
+    idx = r.batch(step // len(tr.runs), cfg.batch_size, cfg.seed)
+    loss = _step_loss(tr.enc, r, idx, tr.heads, tr.feats, cfg)
+    loss.backward()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise SefusionError(
+            f"training of {label}: the loss is {value} at step {step + 1} (task {r.name}); try a lower lr "
+            f"than {cfg.lr}"
+        )
+    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    assert tr.opt is not None and tr.sched is not None
+    tr.opt.step()
+    tr.sched.step()
+    tr.opt.zero_grad(set_to_none=True)
+    tr.losses.append(value)
+
+
+def _train_info(
+    tr: _Training,
+    base: Path,
+    tasks: list[Any],
+    specs: list[Any],
+    kinds: list[str],
+    cfg: TrainConfig,
+    key: str,
+    label: str,
+    run_seconds: float,
+) -> dict[str, Any]:
+    """train.json: what was trained, on what, how, and how long."""
+    return {
         "key": key,
         "format": FORMAT,
         "mode": label.split("-", 1)[0],
@@ -490,19 +580,16 @@ def _train(
             for d, s, k in zip(tasks, specs, kinds, strict=True)
         ],  # fmt: skip
         "config": cfg.to_dict(),
-        "total_steps": total,
-        "losses": losses,
-        "loss_tasks": [runs[s % len(runs)].name for s in range(total)],
-        "seconds": round(seconds, 3),
-        "seconds_per_step_last_run": round(run_seconds / max(1, total - start), 4),
-        "resumed_from": resumed_from,
+        "total_steps": tr.total,
+        "losses": tr.losses,
+        "loss_tasks": [tr.runs[s % len(tr.runs)].name for s in range(tr.total)],
+        "seconds": round(tr.seconds, 3),
+        "seconds_per_step_last_run": round(run_seconds / max(1, tr.total - tr.start), 4),
+        "resumed_from": tr.resumed_from,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": _version("transformers"),
     }
-    _write_folder(base, enc, final_body, final_heads, info, out)
-    shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def _step_loss(

@@ -1,92 +1,68 @@
-"""Hyper-parameter grids of the study (METHODS.md and issue 5) and the selection rule.
+"""The study's rows and its selection rule; each method's candidates are data in its registration.
 
 Every candidate is scored on the validation split only; the chosen one is then scored once on test.
 Merge methods pick the candidate with the highest average normalized validation score (score / the task's
-own expert's validation score), ties going to the earlier candidate. TALL-Masks and Scaling-Masks pick
-lambda_t per task: task t's mask depends on its own lambda_t only, so each task takes the value that is
-best for itself.
+own expert's validation score), ties going to the earlier candidate. A method whose grid names a
+`per_task` parameter (TALL-Masks and Scaling-Masks: lambda_t) lets each task take the value best for
+itself, since task t's mask depends on its own value only.
+
+The method rows, and the sets below, are read from the registry (sefusion.registry.StudyGrid) on first
+use, so that importing this module does not import the methods (and torch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any
 
-BASELINES = ("pretrained", "individual", "multitask")
-FUSION = (
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "consensus",
-    "tall_masks",
-    "scaling_masks",
-    "cabs",
-    "fisher",
-    "regmean",
-    "pleas",
-)
-ROWS = BASELINES + FUSION
-PER_TASK = frozenset({"tall_masks", "scaling_masks"})
-# methods that read each expert's statistics on its own train data (METHODS.md, "Data-aware methods")
-DATA_AWARE = frozenset({"fisher", "regmean", "pleas"})
-PAIR_ONLY = frozenset({"pleas"})  # two models: a row only in two-task scenarios
-# PLeaS budgets below the row's 1.0, reported as a size/score curve beside the row (the paper's trade-off:
-# budget b keeps the FFN's (1 - b) least-matched units of both models, an FFN (2 - b) times as wide)
-PLEAS_BUDGETS = (0.75, 0.5)
+from ..registry import METHODS, MethodSpec
 
-_LAMBDA_FULL = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0
-_LAMBDA_QUICK = (0.2, 0.4, 0.6, 0.8, 1.0)
-_MASK_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
-_CABS_LAMBDAS = (0.6, 0.8, 1.0)
-_TIES_LAMBDA_QUICK = (0.4, 0.7, 1.0)
+BASELINES = ("pretrained", "individual", "multitask")
+# examples of its own train split each expert's statistics come from, per budget (the tests' tiny budgets:
+# 8). quick: the exact Fisher costs one backward pass per class per example, so the demo takes few
+STATS_EXAMPLES = {"full": 256, "quick": 16}
+
+
+@cache
+def _study_specs() -> tuple[MethodSpec, ...]:
+    return tuple(sorted((s for s in METHODS if s.study is not None), key=lambda s: s.study.rank))  # type: ignore[union-attr]
+
+
+def _derived() -> dict[str, Any]:
+    specs = _study_specs()
+    fusion = tuple(s.name for s in specs)
+    return {
+        "FUSION": fusion,
+        "ROWS": BASELINES + fusion,
+        "PER_TASK": frozenset(s.name for s in specs if s.study.per_task),  # type: ignore[union-attr]
+        "DATA_AWARE": frozenset(s.name for s in specs if s.data_use),
+        "PAIR_ONLY": frozenset(s.name for s in specs if s.pair_only),
+        "CURVES": {s.name: s.study.curve for s in specs if s.study.curve},  # type: ignore[union-attr]
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """FUSION, ROWS, PER_TASK, DATA_AWARE, PAIR_ONLY, CURVES, PLEAS_BUDGETS: read from the registry."""
+    derived = _derived()
+    if name == "PLEAS_BUDGETS":
+        return derived["CURVES"]["pleas"][1]
+    if name in derived:
+        return derived[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def grid(method: str, budget: str) -> list[dict[str, Any]]:
-    """The candidates for `method`. `full` is the issue's grid; `quick` thins the lambda axis (demo time);
-    any other budget (the tests' tiny ones) keeps two lambdas, enough to exercise the selection."""
-    lam = _LAMBDA_FULL if budget == "full" else _LAMBDA_QUICK if budget == "quick" else (0.5, 1.0)
-    if method == "linear":
-        return [{}]
-    if method == "task_arithmetic":
-        return [{"lambda": x} for x in lam]
-    small = budget not in ("full", "quick")
-    if method == "ties":
-        # quick: three lambdas per density (the demo's 15-minute budget); full: the issue's ten
-        ties_lam = _TIES_LAMBDA_QUICK if budget == "quick" else lam
-        return [{"density": d, "lambda": x} for d in ((0.2,) if small else (0.1, 0.2, 0.3)) for x in ties_lam]
-    if method == "dare_ties":
-        # DARE's rescale keeps each expert's expected vector, so lambda stays 1 (the issue's grid)
-        return [{"density": d, "lambda": 1.0} for d in (0.1, 0.3, 0.5)]
-    if method == "consensus":
-        return [{"alpha": x, "k": 2, "lambdas": 0.4} for x in lam]
-    if method == "cabs":
-        # the issue's grid is n:m; CABS's masks are disjoint, so each kept entry enters at full weight and
-        # lambda only trims the sum: three values near METHODS.md's default 1.0, not TIES's ten
-        nm = ((2, 8),) if small else ((1, 4), (2, 8), (8, 32))
-        return [
-            {"n": n, "m": m, "lambda": x}
-            for n, m in nm
-            for x in (_CABS_LAMBDAS if budget == "full" else _CABS_LAMBDAS[-1:])  # quick: METHODS.md's 1.0
-        ]
-    if method in PER_TASK:
-        return [{"lambdas": x} for x in _MASK_LAMBDAS]
-    # the data-aware methods run at METHODS.md's defaults: their knob is the data, `stats_examples`
-    if method == "fisher":
-        return [{"floor": 1e-6, "normalize": True}]
-    if method == "regmean":
-        return [{"alpha": 0.95}]
-    if method == "pleas":
-        return [{"budget": 1.0}]  # the base's size, like every other row; < 1: PLEAS_BUDGETS
-    raise KeyError(method)
+    """The candidates for `method` at `budget` (full, quick; any other is the tests' tiny one)."""
+    study = METHODS.get(method).study
+    if study is None:
+        raise KeyError(method)
+    return study.candidates(budget)
 
 
 def stats_examples(budget: str) -> int:
-    """Examples of its own train split each expert's statistics come from: METHODS.md's default (256) at
-    `full`, fewer for the demo and the tests' tiny budgets."""
-    # quick: 16 (the exact Fisher costs one backward pass per class per example: 64 examples of the
-    # 8-class exception task took 78 s, a tenth of the demo's budget)
-    return 256 if budget == "full" else 16 if budget == "quick" else 8
+    """Examples of its own train split each expert's statistics come from at `budget`."""
+    return STATS_EXAMPLES.get(budget, 8)
 
 
 def avg(values: Sequence[float]) -> float:

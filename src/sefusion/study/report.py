@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -58,37 +58,46 @@ def table_text(results: Mapping[str, Any]) -> str:
 
 
 def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
-    tasks = results["tasks"]
-    ex = results["experts"]
-    L: list[str] = [
+    """report.md: one section after another, each read from the results."""
+    L = _header(results) + _tasks_section(results) + _scores_section(results) + _data_aware_section(results)
+    L += _masks_section(results) + _magnitudes_section(results) + _provenance_section(results)
+    if plots:
+        L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    L.append("")
+    return "\n".join(L)
+
+
+def _precision_note(results: Mapping[str, Any]) -> str:
+    bf16_eval = " (torch autocast; embeddings pooled in float32)"
+    bf16_train = " (torch autocast; float32 weights, gradients and AdamW state)"
+    return (
+        f"scoring in {results.get('eval_precision', 'fp32')}"
+        + (bf16_eval if results.get("eval_precision") == "bf16" else "")
+        + f"; training in {results.get('train_precision', 'fp32')}"
+        + (bf16_train if results.get("train_precision") == "bf16" else "")
+    )
+
+
+def _header(results: Mapping[str, Any]) -> list[str]:
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results.get("timings_s", {}).items())
+    return [
         f"# Study: {results['scenario']}",
         "",
         f"{results.get('description', '')}",
         "",
         f"- base: `{results['base']}` (sha256 {results.get('base_sha256', '')[:16]}…)",
-        f"- budget: `{results['budget']}`, seed {results['seed']}, sefusion {__version__}; scoring in "
-        f"{results.get('eval_precision', 'fp32')}"
-        + (
-            " (torch autocast; embeddings pooled in float32)"
-            if results.get("eval_precision") == "bf16"
-            else ""
-        )
-        + f"; training in {results.get('train_precision', 'fp32')}"
-        + (
-            " (torch autocast; float32 weights, gradients and AdamW state)"
-            if results.get("train_precision") == "bf16"
-            else ""
-        ),
-        f"- wall time: {results.get('wall_s', 0):.0f} s "
-        + "("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("timings_s", {}).items())
-        + ")",
+        f"- budget: `{results['budget']}`, seed {results['seed']}, sefusion {__version__}; "
+        + _precision_note(results),
+        f"- wall time: {results.get('wall_s', 0):.0f} s (" + timings + ")",
         "- hyper-parameters of every fusion row were chosen on the validation split only, then scored once on test;",
         "  normalized score = test score / the task's individual expert's test score.",
         "",
-        "## Tasks and experts",
-        "",
     ]
+
+
+def _tasks_section(results: Mapping[str, Any]) -> list[str]:
+    tasks, ex = results["tasks"], results["experts"]
+    L = ["## Tasks and experts", ""]
     trows = []
     for t in tasks:
         sizes = results["data"][t]["sizes"]
@@ -105,32 +114,32 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
     if kinds:
         L += ["", "Expert accuracy per kind (test):", ""]
         for t, pk in kinds.items():
-            L.append(
-                f"- {t}: "
-                + ", ".join(
-                    f"{k} {_fmt(v.get('score') if isinstance(v, dict) else v)}" for k, v in pk.items()
-                )
-            )
+            scores = (f"{k} {_fmt(v.get('score') if isinstance(v, dict) else v)}" for k, v in pk.items())
+            L.append(f"- {t}: " + ", ".join(scores))
+    return L
 
-    L += ["", "## Absolute test scores", ""]
-    hdr = ["method", *tasks, "average"]
-    L += _table(hdr, [[r["method"], *(r["test"][t] for t in tasks), sum(r["test"].values()) / len(tasks)]
-                      for r in results["rows"]])  # fmt: skip
+
+def _scores_section(results: Mapping[str, Any]) -> list[str]:
+    tasks, rows = results["tasks"], results["rows"]
+    L = ["", "## Absolute test scores", ""]
+    L += _table(["method", *tasks, "average"],
+                [[r["method"], *(r["test"][t] for t in tasks), sum(r["test"].values()) / len(tasks)] for r in rows])  # fmt: skip
     L += ["", "## Normalized test scores (fused / individual expert)", ""]
     L += _table(
         ["method", *tasks, "avg normalized", "bytes to serve all tasks"],
         [[r["method"], *(r["normalized"][t] for t in tasks), r["avg_normalized"], _mb(r["storage_bytes"])]
-         for r in results["rows"]],
+         for r in rows],
     )  # fmt: skip
     L += ["", "## Selected hyper-parameters (on validation)", ""]
     L += _table(
         ["method", "params", "candidates"],
-        [
-            [r["method"], _params(r["params"]) or "–", len(r.get("grid") or []) or "–"]
-            for r in results["rows"]
-        ],
+        [[r["method"], _params(r["params"]) or "–", len(r.get("grid") or []) or "–"] for r in rows],
     )
+    return L
 
+
+def _data_aware_section(results: Mapping[str, Any]) -> list[str]:
+    L: list[str] = []
     st = results.get("statistics") or {}
     if st.get("methods"):
         L += ["", "## Data-aware methods", ""]
@@ -142,62 +151,67 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         )
     for method, why in (results.get("skipped") or {}).items():
         L.append(f"\n- `{method}` not run: {why}.")
-    curve = results.get("pleas_budgets") or []
-    if curve:
-        L += ["", "### PLeaS: merged size against score (budget)", ""]
-        L.append(
-            "Budget b merges the best-matched share b of each FFN's units and keeps the rest of *both* models "
-            "side by side (a wider FFN); residual stream and heads are always merged. Every budget is scored "
-            "on validation and test; none is selected."
-        )
-        L.append("")
-        L += _table(
+    return L + _curve_section(results)
+
+
+def _curve_section(results: Mapping[str, Any]) -> list[str]:
+    tasks, curve = results["tasks"], results.get("pleas_budgets") or []
+    if not curve:
+        return []
+    return [
+        "", "### PLeaS: merged size against score (budget)", "",
+        "Budget b merges the best-matched share b of each FFN's units and keeps the rest of *both* models "
+        "side by side (a wider FFN); residual stream and heads are always merged. Every budget is scored "
+        "on validation and test; none is selected.",
+        "",
+        *_table(
             ["budget", *tasks, "avg norm.", "bytes", "size vs b=1"],
             [[c["budget"], *(c["normalized"][t] for t in tasks), c["avg_normalized"], _mb(c["storage_bytes"]),
               c["size_vs_budget_1"]] for c in curve],
-        )  # fmt: skip
+        ),
+    ]  # fmt: skip
 
+
+def _masks_section(results: Mapping[str, Any]) -> list[str]:
     by = {r["method"]: r for r in results["rows"]}
-    if "tall_masks" in by and "scaling_masks" in by:
-        L += ["", "## Scaling-Masks vs TALL-Masks per task", ""]
-        masks = results.get("masks", {})
-        rows = []
-        for t in tasks:
-            tall, sc = by["tall_masks"], by["scaling_masks"]
-            rows.append(
-                [t, tall["normalized"][t], sc["normalized"][t], sc["normalized"][t] - tall["normalized"][t],
-                 masks.get("tall_masks", {}).get("mask_density", {}).get(t),
-                 masks.get("scaling_masks", {}).get("mask_density", {}).get(t),
-                 masks.get("scaling_masks", {}).get("mean_scale", {}).get(t),
-                 results["magnitudes"]["tasks"][t]["relative"]]
-            )  # fmt: skip
-        L += _table(
-            ["task", "TALL norm.", "Scaling norm.", "Δ", "TALL mask share", "Scaling mask share", "mean scale s_t",
-             "‖τ_t‖/‖θ0‖"],
-            rows,
-        )  # fmt: skip
+    if "tall_masks" not in by or "scaling_masks" not in by:
+        return []
+    masks, tall, sc = results.get("masks", {}), by["tall_masks"], by["scaling_masks"]
+    rows = [
+        [t, tall["normalized"][t], sc["normalized"][t], sc["normalized"][t] - tall["normalized"][t],
+         masks.get("tall_masks", {}).get("mask_density", {}).get(t),
+         masks.get("scaling_masks", {}).get("mask_density", {}).get(t),
+         masks.get("scaling_masks", {}).get("mean_scale", {}).get(t),
+         results["magnitudes"]["tasks"][t]["relative"]]
+        for t in results["tasks"]
+    ]  # fmt: skip
+    header = ["task", "TALL norm.", "Scaling norm.", "Δ", "TALL mask share", "Scaling mask share",
+              "mean scale s_t", "‖τ_t‖/‖θ0‖"]  # fmt: skip
+    return ["", "## Scaling-Masks vs TALL-Masks per task", "", *_table(header, rows)]
 
-    mags = results["magnitudes"]
-    L += ["", "## Task-vector magnitude per layer (‖τ_t‖ / ‖θ0‖ of the layer)", ""]
+
+def _magnitudes_section(results: Mapping[str, Any]) -> list[str]:
+    tasks, mags = results["tasks"], results["magnitudes"]
+    L = ["", "## Task-vector magnitude per layer (‖τ_t‖ / ‖θ0‖ of the layer)", ""]
     L += _table(
         ["task", *mags["layers"], "whole body"],
         [[t, *(mags["tasks"][t]["per_layer"][g]["relative"] for g in mags["layers"]), mags["tasks"][t]["relative"]]
          for t in tasks],
     )  # fmt: skip
+    return L
 
-    L += ["", "## Corpus provenance", ""]
+
+def _provenance_section(results: Mapping[str, Any]) -> list[str]:
+    L = ["", "## Corpus provenance", ""]
     seen = set()
-    for t in tasks:
+    for t in results["tasks"]:
         prov = results["data"][t].get("provenance") or {}
         text = json.dumps(prov, sort_keys=True)
         if text in seen:
             continue
         seen.add(text)
         L.append(f"- {t}: " + _provenance_line(prov))
-    if plots:
-        L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    L.append("")
-    return "\n".join(L)
+    return L
 
 
 def _provenance_line(prov: Mapping[str, Any]) -> str:

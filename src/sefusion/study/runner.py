@@ -26,14 +26,15 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .._lazy import torch
-from ..methods._data import required_statistics
 from ..models.config import PRECISIONS
-from ..registry import METHODS
+from ..registry import METHODS, MethodSpec
 from . import grids
+from .api import Candidate, CurvePoint, Evaluate, ModelsAPI, Row, TasksAPI
 from .scenarios import Scenario, StudyError
 
 log = logging.getLogger("sefusion")
@@ -49,7 +50,7 @@ class StudyConfig:
     base: Path | None = None
     cache: Path | None = None
     seed: int = 0
-    methods: Sequence[str] = grids.FUSION
+    methods: Sequence[str] = field(default_factory=lambda: grids.FUSION)
     overwrite: bool = False
     quiet: bool = False
     dirs: Mapping[str, Path] = field(default_factory=dict)
@@ -175,33 +176,34 @@ def fuse(
 
     `stats`: each expert's statistics (sefusion.stats sources, in task order) for the data-aware methods.
     """
-    from ..bundle import rebuild
     from ..engine import merge_tensors
 
+    spec = METHODS.get(method)
     names = [k for k in base if fusable(k, base[k])]
-    if method in grids.DATA_AWARE:
-        from ..stats import merge_tensors_with_stats
-
-        if stats is None:
-            raise StudyError(f"method '{method}' needs each expert's statistics")
-        merged = merge_tensors_with_stats(
-            method, [{k: ex[k] for k in names} for ex in experts], stats, task_names=list(tasks), seed=seed,
-            **params,
-        )  # fmt: skip
-        body = {**{k: v for k, v in base.items() if k not in merged}, **merged}
-        return {t: body for t in tasks}, {}
+    if spec.statistics and stats is None:
+        raise StudyError(f"method '{method}' needs each expert's statistics")
     merged = merge_tensors(
         method,
-        {k: base[k] for k in names},
+        {k: base[k] for k in names} if spec.needs_base else None,
         [{k: ex[k] for k in names} for ex in experts],
         task_names=list(tasks),
         seed=seed,
+        stats=stats if spec.statistics else None,
         **params,
     )
     fixed = {k: v for k, v in base.items() if k not in merged}
-    if method not in grids.PER_TASK:
+    if spec.kind != "bundle":
         body = {**fixed, **merged}
         return {t: body for t in tasks}, {}
+    return _bundle_bodies(base, merged, fixed, tasks)
+
+
+def _bundle_bodies(
+    base: Mapping[str, Any], merged: Mapping[str, Any], fixed: Mapping[str, Any], tasks: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Each task's body rebuilt from a bundle's vector and its mask (and scale), with mask statistics."""
+    from ..bundle import rebuild
+
     bodies: dict[str, dict[str, Any]] = {t: dict(fixed) for t in tasks}
     kept = {t: 0 for t in tasks}
     scale_sum = {t: 0.0 for t in tasks}
@@ -285,7 +287,7 @@ def storage_bytes(row: str, body: Mapping[str, Any], heads: Mapping[str, Mapping
     heads_b = sum(v.numel() * v.element_size() for h in heads.values() for v in h.values())
     if row == "individual":
         return T * body_b + heads_b
-    if row in grids.PER_TASK:
+    if row in METHODS and METHODS.get(row).kind == "bundle":
         fus = [v for k, v in body.items() if fusable(k, v)]
         vector = sum(v.numel() * 4 for v in fus)
         masks = sum(T * math.ceil(v.numel() / 8) for v in fus)
@@ -310,17 +312,23 @@ def _fingerprint(obj: Any) -> str:
 
 
 class Study:
-    """One scenario run. `run()` returns the results dict (the schema of results.json)."""
+    """One scenario run. `run()` returns the results dict (the schema of results.json), step by step:
+    setup, data, experts, records, states, baseline rows, fusion rows, multitask row, results."""
 
-    def __init__(self, cfg: StudyConfig, *, models: Any = None, tasks_api: Any = None) -> None:
+    def __init__(
+        self, cfg: StudyConfig, *, models: ModelsAPI | None = None, tasks_api: TasksAPI | None = None
+    ) -> None:
         if models is None:
-            from .. import models
-        if tasks_api is None:
-            from ..tasks import base as tasks_api
+            from .. import models as default_models
 
+            models = cast(ModelsAPI, default_models)
+        if tasks_api is None:
+            from ..tasks import base as default_tasks
+
+            tasks_api = cast(TasksAPI, default_tasks)
         self.cfg = cfg
-        self.models = models
-        self.tasks_api = tasks_api
+        self.models: ModelsAPI = models
+        self.tasks_api: TasksAPI = tasks_api
         self.tasks = list(cfg.scenario.tasks)
         unknown = [m for m in cfg.methods if m not in grids.FUSION]
         if unknown:
@@ -329,7 +337,6 @@ class Study:
             )
         self.timings: dict[str, float] = {}
 
-    # -------------------------------------------------------------- steps
     def _progress(self, msg: str) -> None:
         if not self.cfg.quiet:
             log.info(msg)
@@ -343,209 +350,220 @@ class Study:
 
     def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
-        m, tk, cfg = self.models, self.tasks_api, self.cfg
-        base = Path(cfg.base) if cfg.base else m.default_base()
-        cache = Path(cfg.cache) if cfg.cache else m.default_cache()
+        self._setup()
+        self._build_data()
+        self._train_experts()
+        self._open_records()
+        self._load_states()
+        rows = self._baseline_rows()
+        rows += self._fusion_rows()
+        rows.insert(2, self._multitask_row())
+        return self._results(rows, time.perf_counter() - t_start)
+
+    # -------------------------------------------------------------- steps
+    def _setup(self) -> None:
+        """Base, cache, budget, precisions and train config; each task's spec."""
+        m, cfg = self.models, self.cfg
+        self.base = Path(cfg.base) if cfg.base else m.default_base()
+        self.cache = Path(cfg.cache) if cfg.cache else m.default_cache()
         budget = m.get_budget(cfg.budget) if isinstance(cfg.budget, str) else cfg.budget
         self.budget_name = budget.name
         self.precision = cfg.eval_precision or budget.eval_precision
         if self.precision not in PRECISIONS:
             raise StudyError(f"eval_precision must be fp32 or bf16, got '{self.precision}'")
-        specs = {t: tk.get_task(t)[0] for t in self.tasks}
-
+        self.specs = {t: self.tasks_api.get_task(t)[0] for t in self.tasks}
+        self.budget = budget
         self._progress(
-            f"study '{cfg.scenario.name}': {len(self.tasks)} tasks, budget {budget.name}, base {base}"
+            f"study '{cfg.scenario.name}': {len(self.tasks)} tasks, budget {budget.name}, base {self.base}"
         )
-        data = {}
-        for t in self.tasks:
-            data[t] = self._timed(
-                "data",
-                lambda t=t: tk.build_task(t, sizes=budget.sizes, seed=cfg.seed, cache=cache, dirs=cfg.dirs),
-            )
-            sizes = {s: len(v) for s, v in data[t].splits.items()}
-            self._progress(f"  {t}: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
 
-        train_precision = cfg.train_precision or budget.train_precision
+    def _build_data(self) -> None:
+        """Each task built from its corpus (cached) and split."""
+        cfg, sizes = self.cfg, self.budget.sizes
+        self.data: dict[str, Any] = {}
+        for t in self.tasks:
+            self.data[t] = self._timed(
+                "data",
+                partial(self.tasks_api.build_task, t, sizes=sizes, seed=cfg.seed, cache=self.cache, dirs=cfg.dirs),
+            )  # fmt: skip
+            counts = {s: len(v) for s, v in self.data[t].splits.items()}
+            self._progress(f"  {t}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+
+    def _train_experts(self) -> None:
+        """The base fine-tuned on each task alone (cached, resumable)."""
+        cfg = self.cfg
+        train_precision = cfg.train_precision or self.budget.train_precision
         if train_precision not in PRECISIONS:
             raise StudyError(f"train_precision must be fp32 or bf16, got '{train_precision}'")
-        train_cfg = budget.train(seed=cfg.seed, precision=train_precision)
-        experts = {}
+        self.train_cfg = self.budget.train(seed=cfg.seed, precision=train_precision)
+        self.experts: dict[str, Path] = {}
         for t in self.tasks:
             self._progress(f"expert {t}")
-            experts[t] = self._timed(
-                "experts",
-                lambda t=t: m.finetune(base, [data[t]], [specs[t]], train_cfg, cache, quiet=cfg.quiet),
-            )
+            self.experts[t] = self._timed("experts", partial(self.models.finetune,
+                self.base, [self.data[t]], [self.specs[t]], self.train_cfg, self.cache, quiet=cfg.quiet))  # fmt: skip
+
+    def _open_records(self) -> None:
+        """The evaluation records of this study (keyed by everything that determines its scores)."""
+        cfg = self.cfg
         expert_keys = {
-            t: json.loads((experts[t] / "train.json").read_text()).get("key", "") for t in self.tasks
+            t: json.loads((self.experts[t] / "train.json").read_text()).get("key", "") for t in self.tasks
         }
         key_parts = {  # the base by its bytes, not its path: records carried to another machine still match
-            "base_sha256": _weights_sha256(base),
+            "base_sha256": _weights_sha256(self.base),
             "experts": expert_keys,
-            "budget": budget.name,
+            "budget": self.budget_name,
             "seed": cfg.seed,
             "precision": self.precision,
             "v": 1,
         }
         records_key = _fingerprint(key_parts)
-        records_path = cache / "study" / f"{cfg.scenario.name}-{records_key}.jsonl"
-        if cfg.records:
-            records_path = Path(cfg.records)
-        self.records = EvalRecords(records_path, study=records_key)
+        records_path = self.cache / "study" / f"{cfg.scenario.name}-{records_key}.jsonl"
+        self.records = EvalRecords(Path(cfg.records) if cfg.records else records_path, study=records_key)
         for t in self.tasks:
-            self.records.check_model(f"expert {t}", _weights_sha256(experts[t]))
+            self.records.check_model(f"expert {t}", _weights_sha256(self.experts[t]))
 
-        base_state = load_state(base)
-        states = {t: split_state(load_state(experts[t])) for t in self.tasks}
+    def _load_states(self) -> None:
+        """The base body and each expert's (body, heads); the evaluator over them."""
+        base_state = load_state(self.base)
+        states = {t: split_state(load_state(self.experts[t])) for t in self.tasks}
         names = list(states[self.tasks[0]][0])
         missing = [k for k in names if k not in base_state]
         if missing:
-            raise StudyError(f"expert tensors missing from the base {base}: {', '.join(missing[:5])}")
-        base_body = {k: base_state[k] for k in names}
-        bodies = {t: states[t][0] for t in self.tasks}
-        heads = {t: states[t][1] for t in self.tasks}
+            raise StudyError(f"expert tensors missing from the base {self.base}: {', '.join(missing[:5])}")
+        self.base_body = {k: base_state[k] for k in names}
+        self.bodies = {t: states[t][0] for t in self.tasks}
+        self.heads = {t: states[t][1] for t in self.tasks}
+        self.evaluate = self._evaluator(self.base, self.data, self.specs, self.train_cfg.max_length)
 
-        evaluate = self._evaluator(base, data, specs, train_cfg.max_length)
-        rows: list[dict[str, Any]] = []
+    def _baseline_rows(self) -> list[Row]:
+        """`pretrained` and `individual`; the individual experts' scores are the normalizer."""
+        evaluate, tasks = self.evaluate, self.tasks
+        self.ind_val = {
+            t: evaluate("individual", {}, t, "validation", self.bodies[t], self.heads[t]) for t in tasks
+        }
+        self.ind_test = {
+            t: evaluate("individual", {}, t, "test", self.bodies[t], self.heads[t]) for t in tasks
+        }
+        self.ref_val = {t: r["score"] for t, r in self.ind_val.items()}
+        self.ref_test = {t: r["score"] for t, r in self.ind_test.items()}
+        pre_heads = {t: self._pretrained_head(t) for t in tasks}
+        pre_test = {t: evaluate("pretrained", {}, t, "test", self.base_body, pre_heads[t]) for t in tasks}
+        storage = storage_bytes("pretrained", self.base_body, pre_heads)
+        ind_storage = storage_bytes("individual", self.base_body, self.heads)
+        return [
+            self._row("pretrained", {}, None, pre_test, self.ref_test, storage),
+            self._row("individual", {}, self.ind_val, self.ind_test, self.ref_test, ind_storage),
+        ]  # fmt: skip
 
-        # individual: the normalizer, on both splits
-        ind_val = {t: evaluate("individual", {}, t, "validation", bodies[t], heads[t]) for t in self.tasks}
-        ind_test = {t: evaluate("individual", {}, t, "test", bodies[t], heads[t]) for t in self.tasks}
-        ref_val = {t: r["score"] for t, r in ind_val.items()}
-        ref_test = {t: r["score"] for t, r in ind_test.items()}
+    def _pretrained_head(self, t: str) -> dict[str, Any]:
+        """The base body with a head trained on the frozen body (retrieval: the base as is, no head)."""
+        if self.specs[t].head == "retrieval":
+            return {}
+        self._progress(f"pretrained head {t}")
+        folder = self._timed("experts", lambda: self.models.head_only(
+            self.base, self.data[t], self.specs[t], self.train_cfg, self.cache, quiet=self.cfg.quiet))  # fmt: skip
+        self.records.check_model(f"pretrained head {t}", _weights_sha256(folder))
+        return split_state(load_state(folder))[1]
 
-        # pretrained: the base body with a head trained on the frozen body (retrieval: the base as is)
-        pre_test = {}
-        pre_heads: dict[str, dict[str, Any]] = {}
-        for t in self.tasks:
-            if specs[t].head == "retrieval":
-                pre_heads[t] = {}
-            else:
-                self._progress(f"pretrained head {t}")
-                folder = self._timed(
-                    "experts",
-                    lambda t=t: m.head_only(base, data[t], specs[t], train_cfg, cache, quiet=cfg.quiet),
-                )
-                self.records.check_model(f"pretrained head {t}", _weights_sha256(folder))
-                pre_heads[t] = split_state(load_state(folder))[1]
-            pre_test[t] = evaluate("pretrained", {}, t, "test", base_body, pre_heads[t])
-        rows.append(
-            self._row(
-                "pretrained", {}, None, pre_test, ref_test, storage_bytes("pretrained", base_body, pre_heads)
-            )
-        )
-        rows.append(
-            self._row(
-                "individual", {}, ind_val, ind_test, ref_test, storage_bytes("individual", base_body, heads)
-            )
-        )
-
-        # fusion rows
-        expert_list = [bodies[t] for t in self.tasks]
-        extras: dict[str, Any] = {}
-        skipped: dict[str, str] = {}
-        methods = list(cfg.methods)
-        for method in [x for x in methods if x in grids.PAIR_ONLY and len(self.tasks) != 2]:
-            skipped[method] = f"merges two models; this scenario has {len(self.tasks)} tasks"
+    def _fusion_rows(self) -> list[Row]:
+        """One row per method (pair-only methods skipped beside more than two tasks), then the curves."""
+        self.masks: dict[str, Any] = {}
+        self.skipped: dict[str, str] = {}
+        methods = list(self.cfg.methods)
+        for method in [x for x in methods if METHODS.get(x).pair_only and len(self.tasks) != 2]:
+            self.skipped[method] = f"merges two models; this scenario has {len(self.tasks)} tasks"
             methods.remove(method)
-        self.stats_examples = grids.stats_examples(budget.name)
-        # what the methods' functions declare they read (pleas reads activations, computed when it runs)
-        kinds = sorted({k for x in methods for k in required_statistics(METHODS.get(x).fn)})
-        self.stats = None
-        if kinds:
-            self._progress(
-                f"statistics ({', '.join(kinds)}) of each expert on {self.stats_examples} train examples"
-            )
-            self.stats = [
-                self._timed("statistics", lambda t=t: m.expert_statistics(
-                    experts[t], data=data[t], examples=self.stats_examples, kinds=kinds, base=base,
-                    cache=cache, seed=cfg.seed, max_length=train_cfg.max_length, quiet=cfg.quiet))
-                for t in self.tasks
-            ]  # fmt: skip
-        self.pair_inputs = (base, [data[t] for t in self.tasks], train_cfg.max_length)
-        for method in methods:
-            row = self._timed(method, lambda method=method: self._fusion_row(
-                method, base_body, expert_list, heads, ref_val, ref_test, evaluate, extras))  # fmt: skip
-            rows.append(row)
-        pleas_budgets = []
-        if "pleas" in methods and "pleas" not in skipped:
-            pleas_budgets = self._timed("pleas", lambda: self._pleas_budgets(
-                rows, expert_list, heads, ref_test, evaluate))  # fmt: skip
+        self.methods = methods
+        self.stats_examples = grids.stats_examples(self.budget_name)
+        self._open_statistics(methods)
+        self.expert_list = [self.bodies[t] for t in self.tasks]
+        self.pair_inputs = (self.base, [self.data[t] for t in self.tasks], self.train_cfg.max_length)
+        rows = [self._timed(x, partial(self._fusion_row, x)) for x in methods]
+        self.curves: list[CurvePoint] = []
+        for spec in (METHODS.get(x) for x in methods):
+            if spec.study is not None and spec.study.curve is not None:
+                row = next(r for r in rows if r["method"] == spec.name)
+                self.curves += self._timed(spec.name, partial(self._curve, spec, row))
+        return rows
 
-        # multitask: one body, per-task heads, the experts' total steps. Trained after the fusion rows, which
-        # need only the experts: a run cut short (a session's end) has by then recorded every fusion
-        # evaluation, and a resumed run trains what it lacks. Its row goes where the report lists it.
-        self._progress(f"multitask ({len(self.tasks)} tasks)")
-        mt_folder = self._timed(
-            "multitask",
-            lambda: m.finetune(base, [data[t] for t in self.tasks], [specs[t] for t in self.tasks], train_cfg,
-                               cache, quiet=cfg.quiet),
-        )  # fmt: skip
+    def _open_statistics(self, methods: Sequence[str]) -> None:
+        """Each expert's statistics on its own train data, of the kinds the methods read (else None)."""
+        cfg, m = self.cfg, self.models
+        kinds = sorted({k for x in methods for k in METHODS.get(x).statistics})
+        self.stats: list[Any] | None = None
+        if not kinds:
+            return
+        self._progress(
+            f"statistics ({', '.join(kinds)}) of each expert on {self.stats_examples} train examples"
+        )
+        self.stats = [
+            self._timed("statistics", partial(m.expert_statistics,
+                self.experts[t], data=self.data[t], examples=self.stats_examples, kinds=kinds, base=self.base,
+                cache=self.cache, seed=cfg.seed, max_length=self.train_cfg.max_length, quiet=cfg.quiet))
+            for t in self.tasks
+        ]  # fmt: skip
+
+    def _multitask_row(self) -> Row:
+        """One body fine-tuned on every task with per-task heads, the experts' total steps. Trained after
+        the fusion rows, which need only the experts: a run cut short has recorded those first."""
+        tasks, cfg = self.tasks, self.cfg
+        self._progress(f"multitask ({len(tasks)} tasks)")
+        mt_folder = self._timed("multitask", lambda: self.models.finetune(
+            self.base, [self.data[t] for t in tasks], [self.specs[t] for t in tasks], self.train_cfg,
+            self.cache, quiet=cfg.quiet))  # fmt: skip
         self.records.check_model("multitask", _weights_sha256(mt_folder))
         mt_body, mt_heads_all = split_state(load_state(mt_folder))
         mt_heads = {
-            t: {k: v for k, v in mt_heads_all.items() if k.startswith(f"{HEAD_PREFIX}{t}.")}
-            for t in self.tasks
+            t: {k: v for k, v in mt_heads_all.items() if k.startswith(f"{HEAD_PREFIX}{t}.")} for t in tasks
         }
-        mt_test = {t: evaluate("multitask", {}, t, "test", mt_body, mt_heads[t]) for t in self.tasks}
-        mt_row = self._row("multitask", {"steps": "sum of the experts' steps"}, None, mt_test, ref_test,
-                           storage_bytes("multitask", mt_body, mt_heads))  # fmt: skip
-        rows.insert(2, mt_row)
+        mt_test = {t: self.evaluate("multitask", {}, t, "test", mt_body, mt_heads[t]) for t in tasks}
+        storage = storage_bytes("multitask", mt_body, mt_heads)
+        return self._row(
+            "multitask", {"steps": "sum of the experts' steps"}, None, mt_test, self.ref_test, storage
+        )
 
-        mags = magnitudes(base_body, bodies)
-        results = {
-            "scenario": cfg.scenario.name,
-            "description": cfg.scenario.description,
-            "base": str(base),
-            "base_sha256": _weights_sha256(base),
-            "budget": budget.name,
-            "seed": cfg.seed,
-            "tasks": self.tasks,
-            "experts": {
-                t: {
-                    "metric": specs[t].metric,
-                    # measured on the built test split (pool size, majority share), else the nominal level
-                    "chance": getattr(data[t], "chance", None) or specs[t].chance,
-                    "validation": ref_val[t],
-                    "test": ref_test[t],
-                    "per_kind": ind_test[t].get("per_kind") or {},
-                    "n_test": ind_test[t].get("n"),
-                    "train": json.loads((experts[t] / "train.json").read_text()),
-                }
-                for t in self.tasks
-            },
-            "data": {
-                t: {"sizes": {s: len(v) for s, v in data[t].splits.items()}, "provenance": data[t].provenance}
-                for t in self.tasks
-            },
-            "rows": rows,
-            "masks": extras,
-            "skipped": skipped,
-            "pleas_budgets": pleas_budgets,
+    def _results(self, rows: list[Row], wall: float) -> dict[str, Any]:
+        """The results dict (results.json's schema)."""
+        cfg, data, specs = self.cfg, self.data, self.specs
+        experts = {
+            t: {
+                "metric": specs[t].metric,
+                # measured on the built test split (pool size, majority share), else the nominal level
+                "chance": getattr(data[t], "chance", None) or specs[t].chance,
+                "validation": self.ref_val[t], "test": self.ref_test[t],
+                "per_kind": self.ind_test[t].get("per_kind") or {}, "n_test": self.ind_test[t].get("n"),
+                "train": json.loads((self.experts[t] / "train.json").read_text()),
+            }
+            for t in self.tasks
+        }  # fmt: skip
+        sizes = {t: {"sizes": {s: len(v) for s, v in data[t].splits.items()}, "provenance": data[t].provenance}
+                 for t in self.tasks}  # fmt: skip
+        return {
+            "scenario": cfg.scenario.name, "description": cfg.scenario.description, "base": str(self.base),
+            "base_sha256": _weights_sha256(self.base), "budget": self.budget_name, "seed": cfg.seed,
+            "tasks": self.tasks, "experts": experts, "data": sizes, "rows": rows, "masks": self.masks,
+            "skipped": self.skipped, "pleas_budgets": self.curves,
             "statistics": {
-                "examples": self.stats_examples,
-                "split": "train",
-                "methods": [x for x in methods if x in grids.DATA_AWARE],
+                "examples": self.stats_examples, "split": "train",
+                "methods": [x for x in self.methods if METHODS.get(x).data_use],
                 "fisher": "exact expectation over classes (classification), empirical of the contrastive loss (retrieval)",
             },
-            "magnitudes": mags,
-            "train_config": _jsonable(train_cfg),
-            "eval_precision": self.precision,
-            "train_precision": train_cfg.precision,
-            "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
-            "wall_s": round(time.perf_counter() - t_start, 1),
-        }
-        return results
+            "magnitudes": magnitudes(self.base_body, self.bodies), "train_config": _jsonable(self.train_cfg),
+            "eval_precision": self.precision, "train_precision": self.train_cfg.precision,
+            "timings_s": {k: round(v, 1) for k, v in self.timings.items()}, "wall_s": round(wall, 1),
+        }  # fmt: skip
 
     # -------------------------------------------------------------- pieces
-    def _evaluator(self, base: Path, data: Mapping[str, Any], specs: Mapping[str, Any], max_length: int):
+    def _evaluator(
+        self, base: Path, data: Mapping[str, Any], specs: Mapping[str, Any], max_length: int
+    ) -> Evaluate:
         def evaluate(
             row: str,
             params: Mapping[str, Any],
             task: str,
             split: str,
-            body,
-            head,
+            body: Mapping[str, Any],
+            head: Mapping[str, Any],
             precision: str | None = None,
         ) -> dict[str, Any]:
             key = EvalRecords.key(row, params, task, split)
@@ -564,12 +582,14 @@ class Study:
 
         return evaluate
 
-    def _row(self, method, params, val, test, ref_test, storage) -> dict[str, Any]:
+    def _row(
+        self, method: str, params: Mapping[str, Any], val: Any, test: Any, ref_test: Any, storage: int
+    ) -> Row:
         test_scores = {t: r["score"] for t, r in test.items()}
         normalized = grids.normalize(test_scores, ref_test)
         return {
             "method": method,
-            "params": params,
+            "params": params,  # type: ignore[typeddict-item]
             "selected_on": "validation",
             "validation": {t: r["score"] for t, r in val.items()} if val else None,
             "test": test_scores,
@@ -579,108 +599,116 @@ class Study:
             "storage_bytes": storage,
         }
 
-    def _fusion_row(
-        self, method, base_body, experts, heads, ref_val, ref_test, evaluate, extras
-    ) -> dict[str, Any]:
-        cfg, tasks = self.cfg, self.tasks
-        candidates = grids.grid(method, self.budget_name)
-        if method in grids.DATA_AWARE:  # the data budget is part of the candidate (and of its records)
-            candidates = [{**c, "examples": self.stats_examples} for c in candidates]
-        self._progress(f"{method}: {len(candidates)} candidates on validation")
-        it = candidates
-        if not cfg.quiet:
+    def _candidate(self, spec: MethodSpec, params: Mapping[str, Any]) -> Candidate:
+        """(bodies, heads, mask stats) of one candidate of `spec`."""
+        tasks, experts, heads = self.tasks, self.expert_list, self.heads
+        if spec.kind == "whole_model":
+            base, datas, max_length = self.pair_inputs
+            run = getattr(self.models, str(spec.study_fuse))
+            options = {k: v for k, v in params.items() if k in spec.params}
+            body, new_heads = run(base, experts, [heads[t] for t in tasks], datas, seed=self.cfg.seed,
+                                  max_length=max_length, **options)  # fmt: skip
+            return {t: body for t in tasks}, dict(zip(tasks, new_heads, strict=True)), {}
+        bodies, stats = fuse(
+            spec.name, params, self.base_body, experts, tasks, self.cfg.seed, stats=self.stats
+        )
+        return bodies, heads, stats
+
+    def _validate(self, spec: MethodSpec, candidates: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+        """Every candidate's validation score per task (from the records where they hold it)."""
+        tasks, it = self.tasks, candidates
+        self._progress(f"{spec.name}: {len(candidates)} candidates on validation")
+        if not self.cfg.quiet:
             from tqdm.auto import tqdm
 
-            it = tqdm(candidates, desc=method, unit="cand", leave=False)
-
-        def candidate(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-            """(bodies, heads, mask stats) of one candidate."""
-            if method == "pleas":
-                base, datas, max_length = self.pair_inputs
-                body, pair_heads = self.models.pleas_fuse(
-                    base, experts, [heads[t] for t in tasks], datas, examples=params["examples"],
-                    budget=params["budget"], seed=cfg.seed, max_length=max_length)  # fmt: skip
-                return {t: body for t in tasks}, dict(zip(tasks, pair_heads, strict=True)), {}
-            bodies, stats = fuse(method, params, base_body, experts, tasks, cfg.seed, stats=self.stats)
-            return bodies, heads, stats
-
+            it = tqdm(candidates, desc=spec.name, unit="cand", leave=False)
         val_scores: list[dict[str, float]] = []
         for params in it:
-            scores = {}
-            keys = [EvalRecords.key(method, params, t, "validation") for t in tasks]
-            if all(self.records.get(k) is not None for k in keys):
-                scores = {t: self.records.get(k)["score"] for t, k in zip(tasks, keys, strict=True)}
-            else:
-                bodies, cand_heads, _ = candidate(params)
-                for t in tasks:
-                    scores[t] = evaluate(method, params, t, "validation", bodies[t], cand_heads[t])["score"]
-            val_scores.append(scores)
+            keys = [EvalRecords.key(spec.name, params, t, "validation") for t in tasks]
+            hits = [self.records.get(k) for k in keys]
+            if all(h is not None for h in hits):
+                val_scores.append({t: h["score"] for t, h in zip(tasks, hits, strict=True)})  # type: ignore[index]
+                continue
+            bodies, cand_heads, _ = self._candidate(spec, params)
+            val_scores.append({
+                t: self.evaluate(spec.name, params, t, "validation", bodies[t], cand_heads[t])["score"] for t in tasks
+            })  # fmt: skip
+        return val_scores
 
-        if method in grids.PER_TASK:
-            values = [c["lambdas"] for c in candidates]
+    def _fusion_row(self, method: str) -> Row:
+        """A method's row: its grid scored on validation, the selected candidate scored on test."""
+        spec, tasks = METHODS.get(method), self.tasks
+        study = spec.study
+        assert study is not None  # Study() admits grids.FUSION only
+        candidates = study.candidates(self.budget_name)
+        if spec.data_use:  # the data budget is part of the candidate (and of its records)
+            candidates = [{**c, "examples": self.stats_examples} for c in candidates]
+        val_scores = self._validate(spec, candidates)
+        if study.per_task:
+            values = [c[study.per_task] for c in candidates]
             chosen = grids.select_per_task(values, val_scores, tasks)
-            params = {"lambdas": chosen}
+            params: dict[str, Any] = {study.per_task: chosen}
             val = {t: {"score": val_scores[values.index(chosen[t])][t]} for t in tasks}
         else:
-            i = grids.select(candidates, val_scores, ref_val)
+            i = grids.select(candidates, val_scores, self.ref_val)
             params = dict(candidates[i])
             val = {t: {"score": val_scores[i][t]} for t in tasks}
-        bodies, cand_heads, stats = candidate(params)
+        bodies, cand_heads, stats = self._candidate(spec, params)
         if stats:
-            extras[method] = stats
-        test = {t: evaluate(method, params, t, "test", bodies[t], cand_heads[t]) for t in tasks}
-        row = self._row(
-            method, params, val, test, ref_test, storage_bytes(method, bodies[tasks[0]], cand_heads)
-        )
+            self.masks[method] = stats
+        test = {t: self.evaluate(method, params, t, "test", bodies[t], cand_heads[t]) for t in tasks}
+        storage = storage_bytes(method, bodies[tasks[0]], cand_heads)
+        row = self._row(method, params, val, test, self.ref_test, storage)
         row["grid"] = [{"params": c, "validation": s} for c, s in zip(candidates, val_scores, strict=True)]
         return row
 
-    def _pleas_budgets(self, rows, experts, heads, ref_test, evaluate) -> list[dict[str, Any]]:
-        """PLeaS's size/score trade-off (the paper's budget curve): the row's budget 1.0 and each of
-        grids.PLEAS_BUDGETS, every one scored on validation and test (a curve, nothing selected)."""
-        tasks, cfg = self.tasks, self.cfg
-        base, datas, max_length = self.pair_inputs
-        row = next(r for r in rows if r["method"] == "pleas")
-        base_params = None
-        out = []
-        for b in (1.0, *grids.PLEAS_BUDGETS):
-            if b == 1.0:
-                val, test, storage = row["validation"], row["test"], row["storage_bytes"]
-                params = row["params"]
+    def _curve(self, spec: MethodSpec, row: Row) -> list[CurvePoint]:
+        """A size/score trade-off beside a row: its own value of the curve's parameter, then each of the
+        others, every one scored on validation and test (a curve, nothing selected)."""
+        name, values = spec.study.curve  # type: ignore[union-attr, misc]
+        out: list[CurvePoint] = []
+        first: int | None = None
+        for value in (row["params"][name], *values):
+            if value == row["params"][name]:
+                val, test, storage, params = (
+                    row["validation"],
+                    row["test"],
+                    row["storage_bytes"],
+                    row["params"],
+                )
             else:
-                # scored in fp32 whatever the study's precision: a widened model (FFN units of both experts
-                # side by side) loses nearly all it learned under bf16 autocast (budget 0.75 on the pair
-                # scenario: validation 0.895 / 0.765 in fp32, 0.55 / 0.565 under bf16; cause not established)
-                params = {"budget": b, "examples": self.stats_examples, "scoring": "fp32"}
-                self._progress(f"pleas budget {b}")
-                body, pair_heads = self.models.pleas_fuse(
-                    base, experts, [heads[t] for t in tasks], datas, examples=params["examples"],
-                    budget=b, seed=cfg.seed, max_length=max_length)  # fmt: skip
-                cand = dict(zip(tasks, pair_heads, strict=True))
-                val = {
-                    t: evaluate("pleas", params, t, "validation", body, cand[t], params["scoring"])["score"]
-                    for t in tasks
-                }
-                test = {
-                    t: evaluate("pleas", params, t, "test", body, cand[t], params["scoring"])["score"]
-                    for t in tasks
-                }
-                storage = storage_bytes("pleas", body, cand)
-            normalized = grids.normalize(test, ref_test)
-            if base_params is None:
-                base_params = storage
+                # scored in fp32 whatever the study's precision: a widened model (both experts' FFN units
+                # side by side) loses nearly all it learned under bf16 autocast
+                params = {**row["params"], name: value, "scoring": "fp32"}
+                self._progress(f"{spec.name} {name} {value}")
+                val, test, storage = self._curve_point(spec, params)
+            normalized = grids.normalize(test, self.ref_test)  # type: ignore[arg-type]
+            first = storage if first is None else first
             out.append({
-                "budget": b, "params": params, "validation": val, "test": test, "normalized": normalized,
+                name: value, "params": params, "validation": val, "test": test, "normalized": normalized,  # type: ignore[misc]
                 "avg_normalized": grids.avg(list(normalized.values())), "storage_bytes": storage,
-                "size_vs_budget_1": storage / base_params if base_params else float("nan"),
+                "size_vs_budget_1": storage / first if first else float("nan"),
             })  # fmt: skip
         return out
+
+    def _curve_point(
+        self, spec: MethodSpec, params: Mapping[str, Any]
+    ) -> tuple[dict[str, float], dict[str, float], int]:
+        """(validation, test, storage) of one point of a curve, scored at params["scoring"]."""
+        bodies, cand, _ = self._candidate(spec, params)
+        body = bodies[self.tasks[0]]
+        scores = {
+            split: {t: self.evaluate(spec.name, params, t, split, body, cand[t], params["scoring"])["score"]
+                    for t in self.tasks}
+            for split in ("validation", "test")
+        }  # fmt: skip
+        return scores["validation"], scores["test"], storage_bytes(spec.name, body, cand)
 
 
 def _jsonable(obj: Any) -> Any:
     import dataclasses
 
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
     if hasattr(obj, "model_dump"):
         return obj.model_dump()

@@ -2,8 +2,8 @@
 
 Every kept function gives two examples in the same split, its clean version and one mutant, so labels
 are balanced and no function's two versions straddle a split. The bugs break consistency *inside* the
-function, which a small encoder can learn (CALIBRATION.md: single-token operator swaps stay at chance,
-so there are none here):
+function, which a small encoder can learn (there are no single-token operator swaps: a small encoder
+stays at chance on them, docs/calibration.md):
 
 - `unbound_name`: one read of a variable is replaced by a name the function never binds (a near miss
   such as `items` for `item`, or another parameter name from the corpus) and that no function of its
