@@ -320,7 +320,8 @@ def load_causal(
     if (path / "adapter_config.json").is_file():
         return _load_adapter(path, base, device, dtype)
     check_causal_folder(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = model.to(device).eval()
     return model, load_tokenizer(path)
 
 
@@ -425,7 +426,7 @@ def _generate_batch(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache, eos = DynamicCache(config=model.config), _eos_ids(model, tokenizer)
     tail = max((len(s) for s in stop), default=0) + 4  # a token decodes to at least one character, or nearly
-    alive, new = list(range(len(batch))), [[] for _ in batch]
+    alive, new = list(range(len(batch))), [list[int]() for _ in batch]
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             logits = model(

@@ -270,7 +270,7 @@ def _build_model(base: Path, cfg: CausalTrainConfig, device: str) -> Any:
         kwargs["quantization_config"] = _check_qlora(device)
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except (RuntimeError, ValueError, ImportError) as exc:
         if cfg.mode != "qlora":
             raise
@@ -369,16 +369,17 @@ def train_causal(
     device = pick_device(device)
     torch.manual_seed(config.seed)
     tok = load_tokenizer(base)
+    sizes = {k: len(v) for k, v in tasks.items()}
     run = {
         "base_sha256": base_sha256(base),
         "config": config.to_json(),
         "data_sha256": _fingerprint(tasks),
-        "tasks": {k: len(v) for k, v in tasks.items()},
+        "tasks": sizes,
     }
     encoded = {
         k: [encode_pair(tok, p, t, config.max_len, config.chat) for p, t in v] for k, v in tasks.items()
     }
-    schedule = mix_schedule(run["tasks"], config.steps, config.batch, config.seed)
+    schedule = mix_schedule(sizes, config.steps, config.batch, config.seed)
     model = _build_model(base, config, device)
     model.train()
     opt, sched = _optimizer(model, config, len(schedule))
