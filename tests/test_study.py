@@ -4,12 +4,14 @@ tiny model lives in test_study_e2e.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -35,9 +37,20 @@ class FakeTasks:
     def get_task(self, name):
         return FakeSpec(), name.split("-")[1]
 
+    def __init__(self, test_labels=(1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 0)) -> None:
+        self.test_labels = test_labels  # 12 test examples from 4 source files (3 each)
+
     def build_task(self, name, *, sizes, seed, cache, dirs):
-        return SimpleNamespace(task=name, splits={"train": [0] * 8, "validation": [0] * 4, "test": [0] * 4},
-                               provenance={"sources": [{"name": "fake", "version": "1", "licence": "MIT"}]})  # fmt: skip
+        from sefusion.tasks.base import Example, TaskData, data_fingerprint
+
+        def split(labels, what):
+            return [Example(f"{name} {what} {i}", label=y, meta={"path": f"{what}/f{i // 3}.py"})
+                    for i, y in enumerate(labels)]  # fmt: skip
+
+        data = TaskData(name, {"train": split([1] * 5 + [0] * 3, "train"), "validation": split([1, 0, 1, 0], "val"),
+                               "test": split(self.test_labels, "test")},
+                        {"sources": [{"name": "fake", "version": "1", "licence": "MIT"}]}, ["a", "b"])  # fmt: skip
+        return dataclasses.replace(data, fingerprint=data_fingerprint(data))
 
 
 class FakeModels:
@@ -142,7 +155,10 @@ class FakeModels:
         closeness = 1.0 / (1.0 + math.sqrt(dist / ref))  # 1 at the expert, 0.5 at the base
         assert set(heads) == {f"head.{t}.weight", f"head.{t}.bias"}
         score = closeness if split == "validation" else 1.0 - closeness + 0.01
-        return {"score": score, "per_kind": {}, "n": 4}
+        n = len(data.splits[split])
+        noise = np.random.default_rng(int(score * 1e9)).normal(0, 0.05, n)
+        per = score + noise - noise.mean()  # mean: the score; the noise differs from body to body
+        return {"score": float(per.mean()), "per_kind": {}, "n": n, "per_example": per.tolist()}
 
 
 def _config(tmp_path, **kw):
