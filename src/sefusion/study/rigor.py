@@ -47,7 +47,7 @@ def _finite(iv: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def attach_readings(
     rows: Sequence[Row],
-    per_example: Mapping[str, Mapping[str, np.ndarray]],
+    per_example: Mapping[str, Mapping[str, Any]],  # row -> task -> per-example scores (numpy vectors)
     clusters: Mapping[str, Sequence[str]],
     chance: Mapping[str, float | None],
     *,
