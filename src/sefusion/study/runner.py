@@ -9,7 +9,10 @@ The flow, for tasks t = 1..T of a scenario:
 3. fusion: the experts' bodies merged in memory by every method (heads are never fused: task t is served
    with its own expert's head); each candidate of the method's grid scored on validation, the selected
    one scored once on test;
-4. scores normalized by each task's individual expert on the same split; results.json, report.md, plots.
+4. scores normalized by each task's individual expert on the same split; results.json, report.md, plots;
+5. readings: from each evaluation's per-example test scores, every row's interval, normalized score and
+   gain kept with intervals, flags, and the paired differences the report compares (`rigor`); the
+   per-example scores go to scores.json, so each interval can be recomputed from what the study wrote.
 
 Every evaluation is appended to a record in the cache as soon as it is made, so a run that stops (a
 session that ends, Ctrl-C) resumes where it stopped; records are keyed by everything that determines them.
