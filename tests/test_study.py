@@ -40,7 +40,7 @@ class FakeTasks:
     def __init__(self, test_labels=(1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 0)) -> None:
         self.test_labels = test_labels  # 12 test examples from 4 source files (3 each)
 
-    def build_task(self, name, *, sizes, seed, cache, dirs):
+    def build_task(self, name, *, sizes, seed, cache, dirs, options=None):
         from sefusion.tasks.base import Example, TaskData, data_fingerprint
 
         def split(labels, what):
@@ -694,3 +694,46 @@ def test_committed_results_without_intervals_still_render():
             and "## Paired differences" not in md
             and "[" not in md.split("## Gain")[1][:400]
         )
+
+
+def test_keep_names_reaches_the_search_tasks_options(tmp_path, monkeypatch):
+    """--keep-names: tasks whose builder masks names get mask_name False (part of the task's cache key,
+    hence of its data and fingerprint); tasks without the option get none; the report says which."""
+    from sefusion.cli import main
+    from sefusion.tasks.base import build_task, get_task
+
+    seen = {}
+
+    class Tasks(FakeTasks):
+        def get_task(self, name):
+            spec, lang = FakeTasks.get_task(self, name)
+            spec.defaults = {"mask_name": True} if name.startswith("alpha") else {}
+            return spec, lang
+
+        def build_task(self, name, *, options=None, **kw):
+            seen[name] = options
+            return FakeTasks.build_task(self, name, **kw)
+
+    results = run_study(
+        _config(tmp_path, keep_names=True), models=FakeModels(tmp_path / "m"), tasks_api=Tasks()
+    )
+    assert seen == {"alpha-python": {"mask_name": False}, "beta-python": None, "gamma-python": None}
+    assert results["keep_names"] is True
+    assert "keep the function's own name" in (tmp_path / "report" / "report.md").read_text()
+    run_study(_config(tmp_path, overwrite=True), models=FakeModels(tmp_path / "m2"), tasks_api=Tasks())
+    assert seen["alpha-python"] is None
+    assert get_task("search-go")[0].defaults == {"mask_name": True}
+    sizes = {"train": 4, "validation": 2, "test": 2}
+    masked = build_task("search-python", sizes=sizes, cache=tmp_path / "c")
+    kept = build_task("search-python", sizes=sizes, cache=tmp_path / "c", options={"mask_name": False})
+    assert masked.fingerprint != kept.fingerprint  # another cache entry, other queries
+
+    import sefusion.study as study_pkg
+
+    def fake_run(cfg):
+        seen["cfg"] = cfg.keep_names
+        raise study_pkg.StudyError("stop here")
+
+    monkeypatch.setattr(study_pkg, "run_study", fake_run)
+    assert main(["study", "pair", "--out", str(tmp_path / "o"), "--keep-names"]) == 2 and seen["cfg"] is True
+    assert main(["study", "pair", "--out", str(tmp_path / "o")]) == 2 and seen["cfg"] is False

@@ -38,7 +38,14 @@ class TasksAPI(Protocol):
 
     def get_task(self, name: str) -> tuple[Any, ...]: ...
     def build_task(
-        self, name: str, *, sizes: Any, seed: int, cache: Path, dirs: Mapping[str, Path]
+        self,
+        name: str,
+        *,
+        sizes: Any,
+        seed: int,
+        cache: Path,
+        dirs: Mapping[str, Path],
+        options: Mapping[str, Any] | None = None,
     ) -> Any: ...
 
 

@@ -90,10 +90,19 @@ def _header(results: Mapping[str, Any]) -> list[str]:
         f"- budget: `{results['budget']}`, seed {results['seed']}, sefusion {__version__}; "
         + _precision_note(results),
         f"- wall time: {results.get('wall_s', 0):.0f} s (" + timings + ")",
+        *_names_note(results),
         "- hyper-parameters of every fusion row were chosen on the validation split only, then scored once on test;",
         "  normalized score = test score / the task's individual expert's test score.",
         "",
     ]
+
+
+def _names_note(results: Mapping[str, Any]) -> list[str]:
+    if "keep_names" not in results:  # results written before the option existed
+        return []
+    if results["keep_names"]:
+        return ["- search queries keep the function's own name (`--keep-names`)"]
+    return ["- search queries have the function's own name (and its identifier words) masked"]
 
 
 def _tasks_section(results: Mapping[str, Any]) -> list[str]:

@@ -60,6 +60,7 @@ class StudyConfig:
     eval_precision: str | None = None  # None: the budget's (models.Budget.eval_precision)
     train_precision: str | None = None  # None: the budget's (models.Budget.train_precision)
     records: Path | None = None  # evaluation records to read and extend instead of the cache's own file
+    keep_names: bool = False  # search queries keep the function's own name (task option mask_name off)
 
 
 # ----------------------------------------------------------------------------------------- records
@@ -388,12 +389,17 @@ class Study:
         cfg, sizes = self.cfg, self.budget.sizes
         self.data: dict[str, Any] = {}
         for t in self.tasks:
-            self.data[t] = self._timed(
-                "data",
-                partial(self.tasks_api.build_task, t, sizes=sizes, seed=cfg.seed, cache=self.cache, dirs=cfg.dirs),
-            )  # fmt: skip
+            self.data[t] = self._timed("data", partial(self.tasks_api.build_task, t, sizes=sizes, seed=cfg.seed,
+                                                       cache=self.cache, dirs=cfg.dirs, options=self._options(t)))  # fmt: skip
             counts = {s: len(v) for s, v in self.data[t].splits.items()}
             self._progress(f"  {t}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+
+    def _options(self, task: str) -> dict[str, Any] | None:
+        """The task's builder options the study sets: `--keep-names` turns name masking off in the tasks
+        that mask names (the option enters the task's cache key and so its data fingerprint)."""
+        if self.cfg.keep_names and "mask_name" in (getattr(self.specs[task], "defaults", None) or {}):
+            return {"mask_name": False}
+        return None
 
     def _train_experts(self) -> None:
         """The base fine-tuned on each task alone (cached, resumable)."""
@@ -573,6 +579,7 @@ class Study:
         return {
             "scenario": cfg.scenario.name, "description": cfg.scenario.description, "base": str(self.base),
             "base_sha256": _weights_sha256(self.base), "budget": self.budget_name, "seed": cfg.seed,
+            "keep_names": cfg.keep_names,
             "tasks": self.tasks, "experts": experts, "data": sizes, "rows": rows, "masks": self.masks,
             "skipped": self.skipped, "pleas_budgets": self.curves,
             "comparisons": self.comparisons, "uncertainty": rigor.about(),
