@@ -106,7 +106,8 @@ class EvalRecords:
         if study is not None and found is not None and found != study:
             raise StudyError(
                 f"{path}: evaluation records of another study (key {found}; this study's is {study}: "
-                "a different scenario, base, budget, seed, precision or expert data/config)"
+                "a different scenario, base, budget, seed, precision, expert data/config or task data (a split "
+                "changed), or records written before they kept per-example scores)"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         if study is not None and found is None and not self.done:
