@@ -4,12 +4,14 @@ tiny model lives in test_study_e2e.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -35,9 +37,20 @@ class FakeTasks:
     def get_task(self, name):
         return FakeSpec(), name.split("-")[1]
 
-    def build_task(self, name, *, sizes, seed, cache, dirs):
-        return SimpleNamespace(task=name, splits={"train": [0] * 8, "validation": [0] * 4, "test": [0] * 4},
-                               provenance={"sources": [{"name": "fake", "version": "1", "licence": "MIT"}]})  # fmt: skip
+    def __init__(self, test_labels=(1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 0)) -> None:
+        self.test_labels = test_labels  # 12 test examples from 4 source files (3 each)
+
+    def build_task(self, name, *, sizes, seed, cache, dirs, options=None):
+        from sefusion.tasks.base import Example, TaskData, data_fingerprint
+
+        def split(labels, what):
+            return [Example(f"{name} {what} {i}", label=y, meta={"path": f"{what}/f{i // 3}.py"})
+                    for i, y in enumerate(labels)]  # fmt: skip
+
+        data = TaskData(name, {"train": split([1] * 5 + [0] * 3, "train"), "validation": split([1, 0, 1, 0], "val"),
+                               "test": split(self.test_labels, "test")},
+                        {"sources": [{"name": "fake", "version": "1", "licence": "MIT"}]}, ["a", "b"])  # fmt: skip
+        return dataclasses.replace(data, fingerprint=data_fingerprint(data))
 
 
 class FakeModels:
@@ -142,7 +155,10 @@ class FakeModels:
         closeness = 1.0 / (1.0 + math.sqrt(dist / ref))  # 1 at the expert, 0.5 at the base
         assert set(heads) == {f"head.{t}.weight", f"head.{t}.bias"}
         score = closeness if split == "validation" else 1.0 - closeness + 0.01
-        return {"score": score, "per_kind": {}, "n": 4}
+        n = len(data.splits[split])
+        noise = np.random.default_rng(int(score * 1e9)).normal(0, 0.05, n)
+        per = score + noise - noise.mean()  # mean: the score; the noise differs from body to body
+        return {"score": float(per.mean()), "per_kind": {}, "n": n, "per_example": per.tolist()}
 
 
 def _config(tmp_path, **kw):
@@ -550,3 +566,174 @@ def test_records_of_an_earlier_version_without_a_study_line_still_resume(tmp_pat
     n = models.calls["evaluate"]
     run_study(_config(tmp_path, overwrite=True), models=models, tasks_api=FakeTasks())
     assert models.calls["evaluate"] == n
+
+
+# ------------------------------------------------------------------ uncertainty wired into the study
+
+
+def _scores_json(folder: Path):
+    from sefusion.study import scores
+
+    return scores.read_scores_document(json.loads((folder / "scores.json").read_text()))
+
+
+def test_results_intervals_recompute_from_scores_json(study):
+    """Every reading of results.json is recomputed here, independently, from scores.json's per-example
+    scores and source files: intervals, normalized score, paired differences, flags, the baseline."""
+    from sefusion.study import uncertainty as U
+    from sefusion.tasks.base import data_fingerprint
+
+    _, _, tmp = study
+    results = json.loads((tmp / "report" / "results.json").read_text())
+    clusters, per = _scores_json(tmp / "report")
+    doc = json.loads((tmp / "report" / "scores.json").read_text())
+    assert results["uncertainty"]["resamples"] == U.B_DEFAULT and results["uncertainty"]["level"] == 0.95
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(per) == set(rows) | {"no_training_baseline"}
+    for t in TASKS:
+        facts = results["data"][t]
+        data = FakeTasks().build_task(t, sizes=None, seed=0, cache=None, dirs=None)
+        assert facts["fingerprint"] == doc["tasks"][t]["fingerprint"] == data_fingerprint(data)
+        assert (facts["test_examples"], facts["test_files"]) == (12, 4) and len(set(clusters[t])) == 4
+        base = per["no_training_baseline"][t]
+        assert base.mean() == pytest.approx(8 / 12)  # majority label 1 (train) on 8 of 12 test labels
+        assert facts["baseline"] == {"name": "majority class", **U.interval(base, clusters[t]).as_dict()}
+        pre, ind = per["pretrained"][t], per["individual"][t]
+        for m, r in rows.items():
+            x, reading = per[m][t], r["readings"][t]
+            assert x.mean() == pytest.approx(r["test"][t], abs=1e-12)
+            assert reading["interval"] == U.interval(x, clusters[t]).as_dict()
+            if m != "individual":
+                want = U.normalized(x, ind, clusters[t]).as_dict()
+                assert reading["normalized"] == {k: (None if v != v else v) for k, v in want.items()}
+            if m not in ("pretrained", "individual"):
+                assert reading["gain_kept"] is None  # the fake's experts score below pretrained on test
+                below = r["test"][t] < rows["pretrained"]["test"][t]
+                assert reading["flags"] == ["below pretrained"] * below + ["below chance"] * (
+                    r["test"][t] < 0.5
+                )
+                d = U.paired_difference(x, pre, clusters[t])
+                assert reading["below_pretrained_significant"] == (d.significant and d.estimate < 0)
+        comp = results["comparisons"][t]
+        assert {"ties - individual", "scaling_masks - tall_masks", "ties - multitask"} <= set(comp)
+        d = U.paired_difference(per["ties"][t], per["multitask"][t], clusters[t])
+        assert comp["ties - multitask"] == {**d.as_dict(), "significant": d.significant}
+        assert comp["ties - multitask"]["significant"] == (d.low > 0 or d.high < 0)
+    md = (tmp / "report" / "report.md").read_text()
+    ties = rows["ties"]["readings"][TASKS[0]]["interval"]
+    assert f"{ties['estimate']:.3f} [{ties['low']:.3f}, {ties['high']:.3f}]" in md
+    assert "## Paired differences" in md and "## Gain kept" in md and facts["fingerprint"][:16] in md
+
+
+def test_gain_kept_readings_by_hand():
+    """attach_readings on rows where the expert beats pretrained: gain kept (f - p) / (e - p) by hand."""
+    from sefusion.study import rigor
+    from sefusion.study import uncertainty as U
+
+    files = [f"f{i // 2}.py" for i in range(10)]
+    per = {"pretrained": np.array([1, 0, 0, 0, 1, 0, 0, 0, 0, 0.0]), "individual": np.array([1, 1, 1, 0, 1, 1, 1, 1, 0, 1.0]),
+           "ties": np.array([1, 1, 0, 0, 1, 1, 0, 0, 0, 1.0])}  # fmt: skip
+    rows = [{"method": m, "test": {"t": float(v.mean())}} for m, v in per.items()]
+    comp = rigor.attach_readings(rows, {m: {"t": v} for m, v in per.items()}, {"t": files}, {"t": 0.45})
+    ties = rows[2]["readings"]["t"]
+    assert ties["gain_kept"]["estimate"] == pytest.approx((0.5 - 0.2) / (0.8 - 0.2))
+    assert (
+        ties["gain_kept"] == U.gain_kept(per["ties"], per["individual"], per["pretrained"], files).as_dict()
+    )
+    assert ties["flags"] == [] and rows[0]["readings"]["t"]["flags"] == ["below chance"]
+    assert "gain_kept" not in rows[0]["readings"]["t"] and "normalized" not in rows[1]["readings"]["t"]
+    assert list(comp["t"]) == ["ties - individual"]
+
+
+def test_a_changed_test_split_does_not_reuse_records(tmp_path):
+    """The records are keyed by each task's data fingerprint: another test split scores everything anew
+    (a new records file); a records file of the old split is refused."""
+    models = FakeModels(tmp_path / "models")
+    records = tmp_path / "carried.jsonl"
+    run_study(_config(tmp_path, records=records), models=models, tasks_api=FakeTasks())
+    run_study(_config(tmp_path, overwrite=True), models=models, tasks_api=FakeTasks())
+    n = models.calls["evaluate"]
+    changed = FakeTasks(test_labels=(0,) * 12)
+    again = run_study(_config(tmp_path, overwrite=True), models=models, tasks_api=changed)
+    assert models.calls["evaluate"] - n == n // 2  # every evaluation made again, on the new split
+    assert len(list((tmp_path / "models" / "cache" / "study").glob("*.jsonl"))) == 2
+    assert again["data"]["alpha-python"]["baseline"]["estimate"] == 0.0
+    with pytest.raises(StudyError, match="evaluation records of another study"):
+        run_study(_config(tmp_path, records=records, overwrite=True), models=models, tasks_api=changed)
+
+
+def test_records_without_per_example_scores_are_scored_again_once(tmp_path):
+    """Test records written before per-example scores were kept are scored again, once; validation
+    records (only their score is read) are reused."""
+    models = FakeModels(tmp_path / "models")
+    first = run_study(_config(tmp_path), models=models, tasks_api=FakeTasks())
+    (path,) = (tmp_path / "models" / "cache" / "study").glob("*.jsonl")
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    stripped = 0
+    for rec in lines:
+        if "result" in rec and rec["key"].endswith("|test"):
+            del rec["result"]["per_example"]
+            stripped += 1
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    n = models.calls["evaluate"]
+    again = run_study(_config(tmp_path, overwrite=True), models=models, tasks_api=FakeTasks())
+    assert models.calls["evaluate"] - n == stripped > 0
+    run_study(_config(tmp_path, overwrite=True), models=models, tasks_api=FakeTasks())
+    assert models.calls["evaluate"] - n == stripped  # once
+    assert [r["test"] for r in again["rows"]] == [r["test"] for r in first["rows"]]
+    assert [r["readings"] for r in again["rows"]] == [r["readings"] for r in first["rows"]]
+
+
+def test_committed_results_without_intervals_still_render():
+    root = Path(__file__).resolve().parents[1] / "results"
+    for f in sorted(root.glob("*/results.json")):
+        results = json.loads(f.read_text())
+        md = render_markdown(results)
+        assert (
+            "## Gain kept" in md
+            and "## Paired differences" not in md
+            and "[" not in md.split("## Gain")[1][:400]
+        )
+
+
+def test_keep_names_reaches_the_search_tasks_options(tmp_path, monkeypatch):
+    """--keep-names: tasks whose builder masks names get mask_name False (part of the task's cache key,
+    hence of its data and fingerprint); tasks without the option get none; the report says which."""
+    from sefusion.cli import main
+    from sefusion.tasks.base import build_task, get_task
+
+    seen = {}
+
+    class Tasks(FakeTasks):
+        def get_task(self, name):
+            spec, lang = FakeTasks.get_task(self, name)
+            spec.defaults = {"mask_name": True} if name.startswith("alpha") else {}
+            return spec, lang
+
+        def build_task(self, name, *, options=None, **kw):
+            seen[name] = options
+            return FakeTasks.build_task(self, name, **kw)
+
+    results = run_study(
+        _config(tmp_path, keep_names=True), models=FakeModels(tmp_path / "m"), tasks_api=Tasks()
+    )
+    assert seen == {"alpha-python": {"mask_name": False}, "beta-python": None, "gamma-python": None}
+    assert results["keep_names"] is True
+    assert "keep the function's own name" in (tmp_path / "report" / "report.md").read_text()
+    run_study(_config(tmp_path, overwrite=True), models=FakeModels(tmp_path / "m2"), tasks_api=Tasks())
+    assert seen["alpha-python"] is None
+    assert get_task("search-go")[0].defaults == {"mask_name": True}
+    sizes = {"train": 4, "validation": 2, "test": 2}
+    masked = build_task("search-python", sizes=sizes, cache=tmp_path / "c")
+    kept = build_task("search-python", sizes=sizes, cache=tmp_path / "c", options={"mask_name": False})
+    assert masked.fingerprint != kept.fingerprint  # another cache entry, other queries
+
+    import sefusion.study as study_pkg
+
+    def fake_run(cfg):
+        seen["cfg"] = cfg.keep_names
+        raise study_pkg.StudyError("stop here")
+
+    monkeypatch.setattr(study_pkg, "run_study", fake_run)
+    assert main(["study", "pair", "--out", str(tmp_path / "o"), "--keep-names"]) == 2 and seen["cfg"] is True
+    assert main(["study", "pair", "--out", str(tmp_path / "o")]) == 2 and seen["cfg"] is False

@@ -118,3 +118,39 @@ def test_cli_study_eval_precision_flag(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["study", "pair", "--out", str(tmp_path / "o"), "--eval-precision", "fp16"])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_intervals_and_gain_kept_recompute_from_scores_json(study):
+    """results.json's readings on real tasks agree with an independent recomputation from scores.json:
+    every row's interval (cluster bootstrap over source files), gain kept by hand, the differences."""
+    from sefusion.study import gains, scores
+    from sefusion.study import uncertainty as U
+
+    results, cfg, _ = study
+    doc = json.loads((cfg.out / "scores.json").read_text())
+    clusters, per = scores.read_scores_document(doc)
+    assert (
+        "ranks" in doc["rows"]["individual"]["search-python"]
+        or "bits" in doc["rows"]["individual"]["search-python"]
+    )
+    rows = {r["method"]: r for r in results["rows"]}
+    for t in TASKS:
+        facts = results["data"][t]
+        assert facts["fingerprint"] == doc["tasks"][t]["fingerprint"] and len(facts["fingerprint"]) == 64
+        assert facts["test_files"] == len(set(clusters[t])) and facts["test_examples"] == len(clusters[t])
+        assert facts["baseline"]["name"] == (
+            "name match + TF-IDF" if t.startswith("search") else "majority class"
+        )
+        pre, ind = rows["pretrained"]["test"][t], rows["individual"]["test"][t]
+        for m, r in rows.items():
+            assert per[m][t].mean() == pytest.approx(r["test"][t], abs=1e-9)
+            assert r["readings"][t]["interval"] == U.interval(per[m][t], clusters[t]).as_dict()
+            if m in ("pretrained", "individual"):
+                continue
+            by_hand = gains.gain_kept(r["test"][t], ind, pre)
+            g = r["readings"][t]["gain_kept"]
+            assert (g is None) == (by_hand is None)
+            if g is not None:
+                assert g["estimate"] == pytest.approx(by_hand, abs=1e-9)
+        d = U.paired_difference(per["ties"][t], per["individual"][t], clusters[t])
+        assert results["comparisons"][t]["ties - individual"] == {**d.as_dict(), "significant": d.significant}

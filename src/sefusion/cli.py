@@ -334,6 +334,11 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
         help="evaluation records to read and extend instead of the cache's (carries a study to another "
         "machine or session; refused if the models trained there differ from the ones they scored)",
     )  # fmt: skip
+    p.add_argument(
+        "--keep-names", action="store_true",
+        help="search queries keep the function's own name (masked by default: a query that names its "
+        "function is a shortcut no model needs to learn)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
@@ -352,6 +357,7 @@ def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite:
         methods=methods, overwrite=overwrite, quiet=args.quiet, dirs=dirs,
         eval_precision=getattr(args, "eval_precision", None),
         train_precision=getattr(args, "train_precision", None), records=getattr(args, "records", None),
+        keep_names=getattr(args, "keep_names", False),
     )  # fmt: skip
 
 

@@ -38,7 +38,14 @@ class TasksAPI(Protocol):
 
     def get_task(self, name: str) -> tuple[Any, ...]: ...
     def build_task(
-        self, name: str, *, sizes: Any, seed: int, cache: Path, dirs: Mapping[str, Path]
+        self,
+        name: str,
+        *,
+        sizes: Any,
+        seed: int,
+        cache: Path,
+        dirs: Mapping[str, Path],
+        options: Mapping[str, Any] | None = None,
     ) -> Any: ...
 
 
@@ -55,6 +62,8 @@ class Row(TypedDict, total=False):
     per_kind: dict[str, Any]
     storage_bytes: int
     grid: list[dict[str, Any]]  # every candidate with its validation scores (method rows)
+    # per task: interval of the test score, normalized score and gain kept with intervals, flags
+    readings: dict[str, dict[str, Any]]
 
 
 # A point of a size/score curve beside a row: the curve's parameter (e.g. "budget") and its value,
@@ -62,5 +71,6 @@ class Row(TypedDict, total=False):
 CurvePoint = dict[str, Any]
 # (bodies per task, heads per task, mask statistics) of one candidate
 Candidate = tuple[dict[str, dict[str, Any]], Mapping[str, Mapping[str, Any]], dict[str, Any]]
-# evaluate(row, params, task, split, body, head, precision=None) -> {"score", "per_kind", "n"}
+# evaluate(row, params, task, split, body, head, precision=None) -> {"score", "per_kind", "n", "per_example"}
+# ("per_example": the encoded per-example scores, `scores.encode_scores`, or None)
 Evaluate = Callable[..., dict[str, Any]]

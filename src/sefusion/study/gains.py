@@ -140,10 +140,10 @@ def task_intervals(
         }
         expert, pre = have.get(EXPERT), have.get(PRETRAINED)
         for r, x in have.items():
+            if expert is not None and r != EXPERT:  # pretrained too: how much the frozen base already scores
+                cells[r]["normalized"] = U.normalized(x, expert, files, b=b).as_dict()
             if r in _SKIP:
                 continue
-            if expert is not None:
-                cells[r]["normalized"] = U.normalized(x, expert, files, b=b).as_dict()
             if pre is not None:
                 d = U.paired_difference(x, pre, files, b=b)
                 cells[r]["below_pretrained_significant"] = bool(d.significant and d.estimate < 0)
@@ -158,21 +158,25 @@ def task_intervals(
     return out
 
 
-def task_facts(data: Any, spec: Any, *, b: int = B_DEFAULT) -> dict[str, Any]:
+def task_facts(data: Any, spec: Any, *, b: int = B_DEFAULT, with_scores: bool = False) -> dict[str, Any]:
     """What a report states about a task's test data besides the models: its data fingerprint, how many
-    source files its test examples come from, and its no-training baseline with a cluster interval."""
+    source files its test examples come from, and its no-training baseline with a cluster interval
+    (`with_scores`: also the baseline's per-example scores, as "baseline_scores")."""
     from ..tasks.base import data_fingerprint, example_clusters
     from ..tasks.baselines import no_training_baseline
 
     test = list(data.splits.get("test") or [])
     files = example_clusters(test)
     base = no_training_baseline(data, spec)
-    return {
+    out = {
         "fingerprint": data.fingerprint or data_fingerprint(data),
         "test_examples": len(test),
         "test_files": len(set(files)),
         "baseline": {"name": base["baseline"], **U.interval(base["per_example"], files, b=b).as_dict()},
     }
+    if with_scores:
+        out["baseline_scores"] = list(base["per_example"])
+    return out
 
 
 __all__ = ["BELOW_CHANCE", "BELOW_PRETRAINED", "flags", "gain_kept", "row_readings", "row_summary",

@@ -59,7 +59,8 @@ def table_text(results: Mapping[str, Any]) -> str:
 
 def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     """report.md: one section after another, each read from the results."""
-    L = _header(results) + _tasks_section(results) + _scores_section(results) + _data_aware_section(results)
+    L = _header(results) + _tasks_section(results) + _test_data_section(results) + _scores_section(results)
+    L += _gain_section(results) + _comparisons_section(results) + _data_aware_section(results)
     L += _masks_section(results) + _magnitudes_section(results) + _provenance_section(results)
     if plots:
         L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -89,10 +90,19 @@ def _header(results: Mapping[str, Any]) -> list[str]:
         f"- budget: `{results['budget']}`, seed {results['seed']}, sefusion {__version__}; "
         + _precision_note(results),
         f"- wall time: {results.get('wall_s', 0):.0f} s (" + timings + ")",
+        *_names_note(results),
         "- hyper-parameters of every fusion row were chosen on the validation split only, then scored once on test;",
         "  normalized score = test score / the task's individual expert's test score.",
         "",
     ]
+
+
+def _names_note(results: Mapping[str, Any]) -> list[str]:
+    if "keep_names" not in results:  # results written before the option existed
+        return []
+    if results["keep_names"]:
+        return ["- search queries keep the function's own name (`--keep-names`)"]
+    return ["- search queries have the function's own name (and its identifier words) masked"]
 
 
 def _tasks_section(results: Mapping[str, Any]) -> list[str]:
@@ -119,16 +129,38 @@ def _tasks_section(results: Mapping[str, Any]) -> list[str]:
     return L
 
 
+def _interval(iv: Mapping[str, Any] | None) -> str:
+    """'0.812 [0.790, 0.835]'; '–' for a missing interval."""
+    from .uncertainty import format_interval
+
+    return "–" if iv is None or iv.get("estimate") is None else format_interval(iv)
+
+
+def _cell(row: Mapping[str, Any], task: str, value: Any, reading: str) -> Any:
+    """A score with its interval when the row has one (results written before intervals: the score)."""
+    iv = ((row.get("readings") or {}).get(task) or {}).get(reading)
+    return _interval(iv) if iv is not None else value
+
+
+def _uncertainty_note(results: Mapping[str, Any]) -> list[str]:
+    u = results.get("uncertainty")
+    if not u:
+        return []
+    return [f"Brackets: {u['level']:.0%} interval, {u['method']} (B = {u['resamples']}; per-example scores in "
+            f"`{u.get('scores_file', 'scores.json')}`).", ""]  # fmt: skip
+
+
 def _scores_section(results: Mapping[str, Any]) -> list[str]:
     tasks, rows = results["tasks"], results["rows"]
-    L = ["", "## Absolute test scores", ""]
+    L = ["", "## Absolute test scores", "", *_uncertainty_note(results)]
     L += _table(["method", *tasks, "average"],
-                [[r["method"], *(r["test"][t] for t in tasks), sum(r["test"].values()) / len(tasks)] for r in rows])  # fmt: skip
+                [[r["method"], *(_cell(r, t, r["test"][t], "interval") for t in tasks),
+                  sum(r["test"].values()) / len(tasks)] for r in rows])  # fmt: skip
     L += ["", "## Normalized test scores (fused / individual expert)", ""]
     L += _table(
         ["method", *tasks, "avg normalized", "bytes to serve all tasks"],
-        [[r["method"], *(r["normalized"][t] for t in tasks), r["avg_normalized"], _mb(r["storage_bytes"])]
-         for r in rows],
+        [[r["method"], *(_cell(r, t, r["normalized"][t], "normalized") for t in tasks), r["avg_normalized"],
+          _mb(r["storage_bytes"])] for r in rows],
     )  # fmt: skip
     L += ["", "## Selected hyper-parameters (on validation)", ""]
     L += _table(
@@ -136,6 +168,69 @@ def _scores_section(results: Mapping[str, Any]) -> list[str]:
         [[r["method"], _params(r["params"]) or "–", len(r.get("grid") or []) or "–"] for r in rows],
     )
     return L
+
+
+def _test_data_section(results: Mapping[str, Any]) -> list[str]:
+    """Each task's data fingerprint, test examples and source files, and its no-training baseline."""
+    data = results.get("data") or {}
+    tasks = [t for t in results["tasks"] if "fingerprint" in (data.get(t) or {})]
+    if not tasks:
+        return []
+    rows = []
+    for t in tasks:
+        d, base = data[t], data[t].get("baseline")
+        rows.append([t, f"`{str(d['fingerprint'])[:16]}`", d.get("test_examples"), d.get("test_files"),
+                     base["name"] if base else "–", _interval(base)])  # fmt: skip
+    return ["", "## Test data and no-training baselines", "",
+            "Fingerprint: sha256 of the task's splits (first 16 hex digits). Baseline: what the test split gives "
+            "away with no model (name match + TF-IDF for search, the train split's majority class otherwise).",
+            "", *_table(["task", "fingerprint", "test examples", "test files", "baseline", "baseline score"], rows)]  # fmt: skip
+
+
+def _gain_section(results: Mapping[str, Any]) -> list[str]:
+    """Gain kept (fused - pretrained) / (expert - pretrained) per row and task, with the failure flags."""
+    from . import gains
+
+    tasks, points = results["tasks"], gains.row_readings(results)
+    if not points:
+        return []
+    rows = []
+    for r in results["rows"]:
+        if r["method"] not in points:
+            continue
+        cells = []
+        for t in tasks:
+            p = points[r["method"]].get(t) or {}
+            reading = (r.get("readings") or {}).get(t) or {}
+            g = _interval(reading["gain_kept"]) if reading.get("gain_kept") else _fmt(p.get("gain_kept"))
+            marks = [f + ("*" if f == gains.BELOW_PRETRAINED and reading.get("below_pretrained_significant")
+                          else "") for f in reading.get("flags", p.get("flags") or [])]  # fmt: skip
+            cells.append(g + (f" ({', '.join(marks)})" if marks else ""))
+        rows.append([r["method"], *cells])
+    return ["", "## Gain kept ((fused − pretrained) / (expert − pretrained))", "",
+            "1: the fused row keeps all the expert's gain over the `pretrained` row; 0: none; < 0: worse than not "
+            "fine-tuning (– : the expert does not beat `pretrained`). Flags: below the `pretrained` row's score "
+            "(* significantly: the paired interval excludes 0), below chance.",
+            "", *_table(["method", *tasks], rows)]  # fmt: skip
+
+
+def _comparisons_section(results: Mapping[str, Any]) -> list[str]:
+    """The paired differences of test scores the study compares, * where the interval excludes 0."""
+    comp, tasks = results.get("comparisons") or {}, results["tasks"]
+    pairs: list[str] = []
+    for t in tasks:
+        pairs += [p for p in comp.get(t) or {} if p not in pairs]
+    if not pairs:
+        return []
+
+    def cell(t: str, p: str) -> str:
+        d = (comp.get(t) or {}).get(p)
+        return "–" if d is None else _interval(d) + (" *" if d.get("significant") else "")
+
+    return ["", "## Paired differences of test scores", "",
+            "Each difference a − b on the same bootstrap resamples of the task's test examples; "
+            "* significant: its interval excludes 0.",
+            "", *_table(["a − b", *tasks], [[p, *(cell(t, p) for t in tasks)] for p in pairs])]  # fmt: skip
 
 
 def _data_aware_section(results: Mapping[str, Any]) -> list[str]:
@@ -332,6 +427,7 @@ def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
     from .gains import summary_lines as gain_lines  # numpy: imported only when a summary is written
 
     L += ["", *gain_lines(runs)]
+    L += _significance_lines(runs, methods)
     L += ["", "Experts (test score, chance level):", ""]
     for res in runs:
         cells = ", ".join(
@@ -339,6 +435,28 @@ def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
         )
         L.append(f"- {res['scenario']} ({res.get('budget', '?')} budget): {cells}")
     return "\n".join(L) + "\n"
+
+
+def _significance_lines(runs: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[str]:
+    """Per method and scenario: the tasks where the row is significantly below / above the individual
+    experts (paired interval of the difference excludes 0); results without intervals: '–'."""
+    if not any(res.get("comparisons") for res in runs):
+        return []
+    rows = []
+    for m in methods:
+        cells: list[Any] = []
+        for res in runs:
+            comp = res.get("comparisons") or {}
+            diffs = [(comp.get(t) or {}).get(f"{m} - individual") for t in res["tasks"]]
+            diffs = [d for d in diffs if d is not None]
+            below = sum(d["significant"] and d["estimate"] < 0 for d in diffs)
+            above = sum(d["significant"] and d["estimate"] > 0 for d in diffs)
+            cells.append(f"{below} below, {above} above / {len(diffs)}" if diffs else None)
+        if any(c is not None for c in cells):
+            rows.append([m, *cells])
+    names = [str(res["scenario"]) for res in runs]
+    return ["", "Tasks where the row differs significantly from the individual experts (the paired 95% interval "
+            "of the test-score difference excludes 0):", "", *_table(["method", *names], rows)]  # fmt: skip
 
 
 def read_results(folder: str | Path) -> dict[str, Any]:

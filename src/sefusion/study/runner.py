@@ -9,7 +9,10 @@ The flow, for tasks t = 1..T of a scenario:
 3. fusion: the experts' bodies merged in memory by every method (heads are never fused: task t is served
    with its own expert's head); each candidate of the method's grid scored on validation, the selected
    one scored once on test;
-4. scores normalized by each task's individual expert on the same split; results.json, report.md, plots.
+4. scores normalized by each task's individual expert on the same split; results.json, report.md, plots;
+5. readings: from each evaluation's per-example test scores, every row's interval, normalized score and
+   gain kept with intervals, flags, and the paired differences the report compares (`rigor`); the
+   per-example scores go to scores.json, so each interval can be recomputed from what the study wrote.
 
 Every evaluation is appended to a record in the cache as soon as it is made, so a run that stops (a
 session that ends, Ctrl-C) resumes where it stopped; records are keyed by everything that determines them.
@@ -33,7 +36,7 @@ from typing import Any, cast
 from .._lazy import torch
 from ..models.config import PRECISIONS
 from ..registry import METHODS, MethodSpec
-from . import grids
+from . import grids, rigor, scores
 from .api import Candidate, CurvePoint, Evaluate, ModelsAPI, Row, TasksAPI
 from .scenarios import Scenario, StudyError
 
@@ -57,6 +60,7 @@ class StudyConfig:
     eval_precision: str | None = None  # None: the budget's (models.Budget.eval_precision)
     train_precision: str | None = None  # None: the budget's (models.Budget.train_precision)
     records: Path | None = None  # evaluation records to read and extend instead of the cache's own file
+    keep_names: bool = False  # search queries keep the function's own name (task option mask_name off)
 
 
 # ----------------------------------------------------------------------------------------- records
@@ -102,7 +106,8 @@ class EvalRecords:
         if study is not None and found is not None and found != study:
             raise StudyError(
                 f"{path}: evaluation records of another study (key {found}; this study's is {study}: "
-                "a different scenario, base, budget, seed, precision or expert data/config)"
+                "a different scenario, base, budget, seed, precision, expert data/config or task data (a split "
+                "changed), or records written before they kept per-example scores)"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         if study is not None and found is None and not self.done:
@@ -336,6 +341,8 @@ class Study:
                 f"unknown study method(s) {', '.join(unknown)}; available: {', '.join(grids.FUSION)}"
             )
         self.timings: dict[str, float] = {}
+        self.per_example: dict[str, dict[str, Any]] = {}  # row -> task -> per-example test scores
+        self.scores_document: dict[str, Any] | None = None  # scores.json, once run() has finished
 
     def _progress(self, msg: str) -> None:
         if not self.cfg.quiet:
@@ -358,6 +365,7 @@ class Study:
         rows = self._baseline_rows()
         rows += self._fusion_rows()
         rows.insert(2, self._multitask_row())
+        self._timed("intervals", partial(self._readings, rows))
         return self._results(rows, time.perf_counter() - t_start)
 
     # -------------------------------------------------------------- steps
@@ -382,12 +390,17 @@ class Study:
         cfg, sizes = self.cfg, self.budget.sizes
         self.data: dict[str, Any] = {}
         for t in self.tasks:
-            self.data[t] = self._timed(
-                "data",
-                partial(self.tasks_api.build_task, t, sizes=sizes, seed=cfg.seed, cache=self.cache, dirs=cfg.dirs),
-            )  # fmt: skip
+            self.data[t] = self._timed("data", partial(self.tasks_api.build_task, t, sizes=sizes, seed=cfg.seed,
+                                                       cache=self.cache, dirs=cfg.dirs, options=self._options(t)))  # fmt: skip
             counts = {s: len(v) for s, v in self.data[t].splits.items()}
             self._progress(f"  {t}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+
+    def _options(self, task: str) -> dict[str, Any] | None:
+        """The task's builder options the study sets: `--keep-names` turns name masking off in the tasks
+        that mask names (the option enters the task's cache key and so its data fingerprint)."""
+        if self.cfg.keep_names and "mask_name" in (getattr(self.specs[task], "defaults", None) or {}):
+            return {"mask_name": False}
+        return None
 
     def _train_experts(self) -> None:
         """The base fine-tuned on each task alone (cached, resumable)."""
@@ -404,6 +417,8 @@ class Study:
 
     def _open_records(self) -> None:
         """The evaluation records of this study (keyed by everything that determines its scores)."""
+        from ..tasks.base import data_fingerprint
+
         cfg = self.cfg
         expert_keys = {
             t: json.loads((self.experts[t] / "train.json").read_text()).get("key", "") for t in self.tasks
@@ -414,7 +429,10 @@ class Study:
             "budget": self.budget_name,
             "seed": cfg.seed,
             "precision": self.precision,
-            "v": 1,
+            # every split's content: a changed validation or test split (the experts' keys cover train
+            # only) must not reuse records scored on the old one
+            "data": {t: data_fingerprint(self.data[t]) for t in self.tasks},
+            "v": 2,  # records keep per-example scores
         }
         records_key = _fingerprint(key_parts)
         records_path = self.cache / "study" / f"{cfg.scenario.name}-{records_key}.jsonl"
@@ -522,6 +540,26 @@ class Study:
             "multitask", {"steps": "sum of the experts' steps"}, None, mt_test, self.ref_test, storage
         )
 
+    def _readings(self, rows: list[Row]) -> None:
+        """Each task's facts (fingerprint, test files, no-training baseline); each row's readings
+        (intervals, gain kept, flags); the paired differences; scores.json's content."""
+        from ..tasks.base import example_clusters
+
+        tests = {t: list(self.data[t].splits.get("test") or []) for t in self.tasks}
+        self.facts = rigor.task_facts(self.data, self.specs)
+        clusters = {t: example_clusters(tests[t]) for t in self.tasks}
+        usable = {  # per-example vectors that match their task's test split
+            r: {t: v for t, v in per.items() if len(v) == len(tests[t])}
+            for r, per in self.per_example.items()
+        }
+        chance = {t: getattr(self.data[t], "chance", None) or self.specs[t].chance for t in self.tasks}
+        self.comparisons = rigor.attach_readings(rows, usable, clusters, chance)
+        baseline = {t: f["baseline_scores"] for t, f in self.facts.items() if f.get("baseline_scores")}
+        self.scores_document = rigor.scores_file(
+            {t: {"clusters": clusters[t], "fingerprint": self.facts[t]["fingerprint"]} for t in self.tasks},
+            {**usable, **({rigor.BASELINE_ROW: baseline} if baseline else {})},
+        )
+
     def _results(self, rows: list[Row], wall: float) -> dict[str, Any]:
         """The results dict (results.json's schema)."""
         cfg, data, specs = self.cfg, self.data, self.specs
@@ -536,13 +574,16 @@ class Study:
             }
             for t in self.tasks
         }  # fmt: skip
-        sizes = {t: {"sizes": {s: len(v) for s, v in data[t].splits.items()}, "provenance": data[t].provenance}
+        sizes = {t: {"sizes": {s: len(v) for s, v in data[t].splits.items()}, "provenance": data[t].provenance,
+                     **{k: v for k, v in self.facts[t].items() if k != "baseline_scores"}}
                  for t in self.tasks}  # fmt: skip
         return {
             "scenario": cfg.scenario.name, "description": cfg.scenario.description, "base": str(self.base),
             "base_sha256": _weights_sha256(self.base), "budget": self.budget_name, "seed": cfg.seed,
+            "keep_names": cfg.keep_names,
             "tasks": self.tasks, "experts": experts, "data": sizes, "rows": rows, "masks": self.masks,
             "skipped": self.skipped, "pleas_budgets": self.curves,
+            "comparisons": self.comparisons, "uncertainty": rigor.about(),
             "statistics": {
                 "examples": self.stats_examples, "split": "train",
                 "methods": [x for x in self.methods if METHODS.get(x).data_use],
@@ -568,14 +609,14 @@ class Study:
         ) -> dict[str, Any]:
             key = EvalRecords.key(row, params, task, split)
             hit = self.records.get(key)
-            if hit is not None:
-                return hit
+            if hit is not None and ("per_example" in hit or split != "test"):
+                return hit  # a test record written before per-example scores were kept is scored again
             t0 = time.perf_counter()
             res = self.models.evaluate(
                 body, head, data[task], split, specs[task], base=base, max_length=max_length,
                 precision=precision or self.precision,
             )  # fmt: skip
-            res = {k: v for k, v in dict(res).items() if k in ("score", "per_kind", "n")}
+            res = _record_of(res)
             self.timings["evaluation"] = self.timings.get("evaluation", 0.0) + time.perf_counter() - t0
             self.records.put(key, res)
             return res
@@ -586,6 +627,9 @@ class Study:
         self, method: str, params: Mapping[str, Any], val: Any, test: Any, ref_test: Any, storage: int
     ) -> Row:
         test_scores = {t: r["score"] for t, r in test.items()}
+        kept = {t: scores.decode_scores(r["per_example"]) for t, r in test.items() if r.get("per_example")}
+        if kept:
+            self.per_example[method] = kept
         normalized = grids.normalize(test_scores, ref_test)
         return {
             "method": method,
@@ -705,6 +749,15 @@ class Study:
         return scores["validation"], scores["test"], storage_bytes(spec.name, body, cand)
 
 
+def _record_of(res: Mapping[str, Any]) -> dict[str, Any]:
+    """What the records keep of an evaluation: score, per-kind scores, n, and the per-example scores
+    (encoded; None when the models API gives none, so the record is not scored again for them)."""
+    out = {k: v for k, v in res.items() if k in ("score", "per_kind", "n")}
+    per = res.get("per_example")
+    out["per_example"] = scores.encode_scores(per) if per is not None else None
+    return out
+
+
 def _jsonable(obj: Any) -> Any:
     import dataclasses
 
@@ -730,9 +783,12 @@ def run_study(cfg: StudyConfig, **kwargs: Any) -> dict[str, Any]:
         from ..errors import OutputExistsError
 
         raise OutputExistsError(f"output folder {cfg.out} exists; pass --overwrite to replace it")
-    results = Study(cfg, **kwargs).run()
+    study = Study(cfg, **kwargs)
+    results = study.run()
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
         write_report(results, tmp)
+        if study.scores_document is not None:
+            (tmp / "scores.json").write_text(json.dumps(study.scores_document) + "\n")
     return results
 
 
