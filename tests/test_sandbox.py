@@ -354,11 +354,19 @@ def test_run_all_runs_one_program_per_core_at_once(monkeypatch: pytest.MonkeyPat
 
 
 def test_an_interrupt_stops_the_run_and_its_programs(uids: list[int]) -> None:
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C, one second in
-    start = time.monotonic()
+    sent: list[float] = []
+
+    def interrupt() -> None:  # Ctrl-C once both workers' programs run (a loaded machine starts them late)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (len(uids) < 2 or not processes_of(uids)):
+            time.sleep(0.05)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         run_all(["import time\ntime.sleep(60)\n"] * 6, limits=Limits(timeout_s=60), workers=2)
-    assert time.monotonic() - start < 10 and len(uids) == 2  # the four waiting never started
+    assert time.monotonic() - sent[0] < 10 and len(uids) == 2  # the four waiting never started
     assert_no_leftovers(uids)
 
 
