@@ -40,20 +40,23 @@ def refused(src, *words: str, validate_params: bool = False) -> str:
 @pytest.fixture
 def fake_methods(monkeypatch):
     """A fresh Registry holding stand-ins with the signatures of docs/methods.md (the real methods may not be
-    importable yet); `load_recipe` validates against it."""
+    importable yet) and the real methods' mergekit forms; `load_recipe` validates against it."""
+    forms = {spec.name: spec.mergekit for spec in registry.METHODS}  # before the registry is replaced
     reg = registry.Registry()
     monkeypatch.setattr(registry, "METHODS", reg)
     monkeypatch.setattr(registry, "_loaded", True)
     monkeypatch.setattr(recipe_mod, "METHODS", reg)
     register = registry.register
 
-    @register("linear", paper="https://arxiv.org/abs/2203.05482", needs_base=False)
+    @register("linear", paper="https://arxiv.org/abs/2203.05482", needs_base=False, mergekit=forms["linear"])
     def linear(base, experts, weights, *, normalize: bool = True): ...
 
-    @register("task_arithmetic", paper="https://arxiv.org/abs/2212.04089")
+    @register("task_arithmetic", paper="https://arxiv.org/abs/2212.04089", mergekit=forms["task_arithmetic"])
     def task_arithmetic(base, experts, weights, *, lambda_: float = 1.0): ...
 
-    @register("ties", paper="https://arxiv.org/abs/2306.01708", per_expert=["density"])
+    @register(
+        "ties", paper="https://arxiv.org/abs/2306.01708", per_expert=["density"], mergekit=forms["ties"]
+    )
     def ties(
         base,
         experts,
@@ -65,12 +68,22 @@ def fake_methods(monkeypatch):
         density_scope: Literal["tensor", "model"] = "tensor",
     ): ...
 
-    @register("dare_linear", paper="https://arxiv.org/abs/2311.03099", per_expert=["density"])
+    @register(
+        "dare_linear",
+        paper="https://arxiv.org/abs/2311.03099",
+        per_expert=["density"],
+        mergekit=forms["dare_linear"],
+    )
     def dare_linear(
         base, experts, weights, *, density: Density = 0.5, lambda_: float = 1.0, rescale: bool = True
     ): ...
 
-    @register("dare_ties", paper="https://arxiv.org/abs/2311.03099", per_expert=["density"])
+    @register(
+        "dare_ties",
+        paper="https://arxiv.org/abs/2311.03099",
+        per_expert=["density"],
+        mergekit=forms["dare_ties"],
+    )
     def dare_ties(
         base,
         experts,
@@ -628,3 +641,33 @@ def test_mergekit_recipe_without_models_besides_base():
 def test_model_entry_defaults():
     m = ModelEntry(path="x/expert")
     assert (m.name, m.weight, m.params, m.task_name) == (None, 1.0, {}, "expert")
+
+
+def test_mergekit_reader_reads_a_method_from_its_registration_alone(fake_methods):
+    """Adding a mergekit method is one registration: the reader names no method."""
+
+    def params(glob, entries, models, where, notes):
+        notes.append(f"halved from {glob.get('lambda', 1.0):g}")
+        return {"lambda": glob.get("lambda", 1.0) / 2}
+
+    form = registry.MergekitForm(
+        rank=9, params=params, parameters=("lambda", "weight"), per_model=("weight",)
+    )
+
+    @registry.register("half_sum", paper="https://example.org", mergekit=form)
+    def half_sum(base, experts, weights, *, lambda_: float = 1.0): ...
+
+    data = mk(
+        "half_sum", {"lambda": 0.8}, models=[{"model": "base"}, {"model": "a", "parameters": {"weight": 2}}]
+    )
+    r = from_mergekit(data)
+    # the base listed among the models is skipped (a task-vector form), the hook's params and note kept
+    assert [(m.path, m.weight) for m in r.models] == [("a", 2.0)]
+    assert r.params == {"lambda": 0.4} and "halved from 0.8" in r.notes
+    refused(mk("half_sum", {"density": 0.5}), "half_sum has no parameter 'density'", "lambda, weight")
+    refused(mk("slerp"), "sefusion reads: linear, task_arithmetic, ties, dare_linear, dare_ties, half_sum (")
+
+
+def test_mergekit_methods_are_listed_in_mergekit_order():
+    """The real methods register in file-name order (dare first); the refusal lists them by rank."""
+    refused(mk("slerp"), "sefusion reads: linear, task_arithmetic, ties, dare_linear, dare_ties (")

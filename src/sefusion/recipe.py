@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import RecipeError
-from .registry import METHODS, MethodSpec
+from .registry import METHODS, MergekitForm, MethodSpec
 
 __all__ = [
     "DType",
@@ -548,7 +548,6 @@ def load_recipe(
 # mergekit 0.1.5
 
 
-_MK_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 _MK_TOP_KEYS = (
     "merge_method",
     "base_model",
@@ -563,22 +562,6 @@ _MK_TOP_KEYS = (
     "slices",
     "modules",
 )
-_MK_GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
-# What each mergekit method reads: global `parameters` (tensor params may be given there too, as defaults
-# for every model) and per-model `parameters`.
-_MK_GLOBAL = {"linear": ("normalize", "weight")} | {
-    m: ("normalize", "rescale", "lambda", "int8_mask", "weight", "density") for m in _MK_GTA
-}
-_MK_PER_MODEL = {"linear": ("weight",)} | {m: ("weight", "density") for m in _MK_GTA}
-# mergekit's defaults (merge_methods/registry.py): normalize per method, rescale true for DARE only.
-_MK_NORMALIZE = {
-    "linear": True,
-    "task_arithmetic": False,
-    "ties": True,
-    "dare_linear": False,
-    "dare_ties": False,
-}
-_MK_RESCALE = {"task_arithmetic": False, "ties": False, "dare_linear": True, "dare_ties": True}
 _BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
 
 
@@ -660,25 +643,39 @@ def _mk_top_level(data: Mapping[str, Any], where: str) -> None:
         )
 
 
-def _mk_global(data: Mapping[str, Any], method: str, where: str) -> dict[str, Any]:
+def _mk_method(method: Any, where: str) -> tuple[MethodSpec, MergekitForm]:
+    """The method that declares a mergekit form under mergekit's `merge_method` (the names are the same)."""
+    forms = sorted(((s, s.mergekit) for s in METHODS if s.mergekit is not None), key=lambda sf: sf[1].rank)
+    for spec, form in forms:
+        if spec.name == method:
+            return spec, form
+    raise RecipeError(
+        f"{where}: mergekit merge_method {method!r} has no sefusion equivalent; the mergekit methods "
+        f"sefusion reads: {', '.join(s.name for s, _ in forms)} (sefusion's own methods need a sefusion "
+        "recipe: `method:`, `models:`)"
+    )
+
+
+def _mk_global(data: Mapping[str, Any], method: str, form: MergekitForm, where: str) -> dict[str, Any]:
     """Top-level `parameters`: the method's own, plus defaults for every model's weight and density."""
     raw = data.get("parameters") or {}
     if not isinstance(raw, Mapping):
         raise RecipeError(f"{where}: mergekit `parameters` must be a mapping, got {raw!r}")
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        if key not in _MK_GLOBAL[method]:
+        if key not in form.parameters:
             raise RecipeError(
                 f"{where}: mergekit's {method} has no parameter '{key}' (in `parameters`), so sefusion cannot "
-                f"honour it; {method} reads: {', '.join(_MK_GLOBAL[method])}"
+                f"honour it; {method} reads: {', '.join(form.parameters)}"
             )
         out[key] = _mk_scalar(value, key, "parameter", where)
     return out
 
 
 def _mk_models(
-    data: Mapping[str, Any], method: str, base: str | None, glob: dict[str, Any], where: str, notes: list[str]
-) -> list[dict[str, Any]]:
+    data: Mapping[str, Any], method: str, form: MergekitForm, base: str | None, glob: dict[str, Any],
+    where: str, notes: list[str],
+) -> list[dict[str, Any]]:  # fmt: skip
     """`models:` -> [{path, own (its own parameters), place}], with the base handled as mergekit does."""
     raw_models = data.get("models")
     if not isinstance(raw_models, list) or not raw_models:
@@ -699,24 +696,24 @@ def _mk_models(
             raise RecipeError(f"{where}: mergekit {place}.parameters must be a mapping, got {raw!r}")
         own: dict[str, Any] = {}
         for key, value in raw.items():
-            if key not in _MK_PER_MODEL[method]:
+            if key not in form.per_model:
                 raise RecipeError(
                     f"{where}: mergekit's {method} has no per-model parameter '{key}' (in {place}.parameters), "
-                    f"so sefusion cannot honour it; per-model parameters: {', '.join(_MK_PER_MODEL[method])}"
+                    f"so sefusion cannot honour it; per-model parameters: {', '.join(form.per_model)}"
                 )
             own[key] = _mk_scalar(value, key, f"{place}.parameters", where)
-        if method in _MK_GTA and _same_model(path, base):
+        if form.task_vectors and _same_model(path, base):
             # Task-vector methods skip the base when it is listed among the models, as mergekit does.
             if own:
                 notes.append(f"{place} is the base model; its parameters {own} are ignored, as in mergekit")
             continue
         entries.append({"path": path, "own": own, "place": place})
 
-    if method == "linear" and base is not None and not any(_same_model(e["path"], base) for e in entries):
+    if not form.task_vectors and base is not None and not any(_same_model(e["path"], base) for e in entries):
         # mergekit adds base_model to the averaged models, with the global weight (it fails without one).
         if "weight" not in glob:
             raise RecipeError(
-                f"{where}: mergekit's linear also averages base_model, which then needs a weight: list it "
+                f"{where}: mergekit's {method} also averages base_model, which then needs a weight: list it "
                 "under `models` with a weight, or remove `base_model`"
             )
         entries.append({"path": base, "own": {}, "place": "base_model"})
@@ -724,69 +721,6 @@ def _mk_models(
             f"base_model is averaged as one more model with weight {glob['weight']:g}, as in mergekit"
         )
     return entries
-
-
-def _mk_params(
-    method: str, glob: dict[str, Any], entries: list[dict[str, Any]], models: list[dict[str, Any]],
-    where: str, notes: list[str],
-) -> dict[str, Any]:  # fmt: skip
-    """The method's params with mergekit's defaults made explicit; may rescale `models`' weights."""
-    normalize = glob.get("normalize", _MK_NORMALIZE[method])
-    if method == "linear":
-        return {"normalize": normalize}
-    params: dict[str, Any] = {}
-    if method != "task_arithmetic":
-        params["density"] = glob.get("density", 1.0)
-        if "density" not in glob and any("density" not in e["own"] for e in entries):
-            notes.append(
-                "density defaults to 1.0 (no sparsification) as in mergekit; sefusion's default differs"
-            )
-    params["lambda"] = glob.get("lambda", 1.0)
-    if method in ("ties", "dare_ties"):
-        params["merge"] = "mean" if normalize else "sum"
-    elif normalize:
-        # mergekit divides the weighted sum of task vectors by the sum of the weights (left as is where that
-        # sum is ~0); dividing each weight by that sum is the same.
-        total = sum(m["weight"] for m in models)
-        if abs(total) >= 1e-8:
-            for m in models:
-                m["weight"] = m["weight"] / total
-            notes.append(f"normalize: true: each weight divided by the sum of the weights ({total:g})")
-    if glob.get("int8_mask"):
-        notes.append("int8_mask only saves memory in mergekit; ignored")
-
-    rescale = glob.get("rescale", _MK_RESCALE[method])
-    if method == "task_arithmetic":
-        ignored = [k for k in ("density", "rescale") if k in glob]
-        ignored += [f"{e['place']}.density" for e in entries if "density" in e["own"]]
-        if ignored:
-            notes.append(f"{', '.join(ignored)}: no effect in mergekit's task_arithmetic (no sparsification)")
-    elif method == "ties":
-        if rescale:
-            raise RecipeError(
-                f"{where}: mergekit's ties with `rescale: true` rescales each trimmed task vector to its "
-                "original L1 norm; sefusion's ties does not rescale: remove `rescale` or use dare_ties"
-            )
-        if params["density"] < 1 or any(e["own"].get("density", 1) < 1 for e in entries):
-            notes.append(
-                "ties keeps ceil(density*n) entries per tensor, ties broken by index, in float32; mergekit "
-                "keeps max(1, floor(density*n)) and elects signs in the output dtype: results differ slightly"
-            )
-    else:  # DARE
-        if method == "dare_linear":
-            params["rescale"] = rescale
-        elif not rescale:
-            raise RecipeError(
-                f"{where}: mergekit's dare_ties with `rescale: false` cannot be reproduced: sefusion's "
-                "dare_ties always divides the kept entries by density (DARE paper); use dare_linear with "
-                "`rescale: false`, or remove `rescale`"
-            )
-        if rescale:
-            notes.append(
-                "DARE rescale: sefusion divides the kept entries by density (as the DARE paper does); "
-                "mergekit rescales them to match the task vector's L1 norm"
-            )
-    return params
 
 
 def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
@@ -799,18 +733,13 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
     raises RecipeError with the reason; nothing is dropped silently.
     """
     method = data.get("merge_method")
-    if method not in _MK_METHODS:
-        raise RecipeError(
-            f"{where}: mergekit merge_method {method!r} has no sefusion equivalent; the mergekit methods "
-            f"sefusion reads: {', '.join(_MK_METHODS)} (sefusion's own methods need a sefusion recipe: "
-            "`method:`, `models:`)"
-        )
+    spec, form = _mk_method(method, where)
     _mk_top_level(data, where)
     notes: list[str] = []
-    glob = _mk_global(data, method, where)
+    glob = _mk_global(data, method, form, where)
     base = data.get("base_model")
     base = _mk_model_ref(base, "base_model", where) if base is not None else None
-    entries = _mk_models(data, method, base, glob, where, notes)
+    entries = _mk_models(data, method, form, base, glob, where, notes)
 
     # Per-model values win over the top-level ones, as in mergekit's ConfigReader.
     models: list[dict[str, Any]] = []
@@ -821,12 +750,14 @@ def from_mergekit(data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
             unweighted.append(e["place"])
             weight = 1.0
         entry: dict[str, Any] = {"path": e["path"], "weight": weight}
-        if "density" in e["own"] and method != "task_arithmetic":
-            entry["params"] = {"density": e["own"]["density"]}
+        # per-model parameters the sefusion method takes per expert (density) go to its models[].params
+        own = {k: v for k, v in e["own"].items() if k in spec.params and spec.params[k].per_expert}
+        if own:
+            entry["params"] = own
         models.append(entry)
     if unweighted:
         notes.append(f"{', '.join(unweighted)}: no weight (mergekit requires one); used 1.0")
-    params = _mk_params(method, glob, entries, models, where, notes)
+    params = form.params(glob, entries, models, where, notes)
 
     # mergekit's `dtype` is the dtype it computes in (and writes, unless `out_dtype` is given).
     dtype_key = "out_dtype" if data.get("out_dtype") is not None else "dtype"

@@ -20,8 +20,9 @@ Every other fact about a method is an argument of :func:`register` and lives in 
 its kind (``merge``: one model; ``bundle``: one artefact serving every task; ``whole_model``: a procedure
 over whole models that the tensor-by-tensor engine cannot run), the statistics it reads of each expert,
 whether it merges exactly two models, the hooks the engine calls (``bind_tasks`` before any tensor is
-read, ``prepass`` for a quantity over the whole model) and its study grid (:class:`StudyGrid`). The
-engine, the recipe checks and the study read these fields; none of them names a method.
+read, ``prepass`` for a quantity over the whole model), its study grid (:class:`StudyGrid`) and how
+mergekit writes it (:class:`MergekitForm`). The engine, the recipe checks, the mergekit reader and the
+study read these fields; none of them names a method.
 
 This module does not import torch, so ``sefusion methods`` and ``--help`` stay fast.
 """
@@ -132,6 +133,31 @@ BindTasks = Callable[[dict[str, Any], list[str]], None]
 Prepass = Callable[[Mapping[str, Any], Callable[[str], Iterator[tuple[str, Any]]], Sequence[str], int], Any]
 
 
+# params(glob, entries, models, where, notes) -> the sefusion params of a mergekit recipe: `glob` its
+# top-level parameters, `entries` the models kept ({path, own, place}), `models` the recipe's model
+# entries (their weights may be rescaled in place); notes collects what differs from mergekit.
+MergekitParams = Callable[
+    [dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], str, list[str]], dict[str, Any]
+]
+TASK_VECTOR_PARAMETERS = ("normalize", "rescale", "lambda", "int8_mask", "weight", "density")
+
+
+@dataclass(frozen=True)
+class MergekitForm:
+    """How mergekit 0.1.5 writes the method (same name): the top-level `parameters` and per-model
+    parameters it reads, whether it works on task vectors (a base listed among the models is skipped;
+    otherwise base_model is averaged as one more model), its normalize/rescale defaults, the translation
+    of its parameters (`params`) and `rank`, its place in the list of mergekit methods sefusion reads."""
+
+    rank: int
+    params: MergekitParams
+    parameters: tuple[str, ...] = TASK_VECTOR_PARAMETERS
+    per_model: tuple[str, ...] = ("weight", "density")
+    task_vectors: bool = True
+    normalize: bool = False
+    rescale: bool = False
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -151,6 +177,7 @@ class MethodSpec:
     study: StudyGrid | None = None  # its study grid (None: not a study row)
     whole_model: Callable[..., Any] | None = None  # the whole-model procedure (kind whole_model)
     study_fuse: str | None = None  # the models-API function the study runs it with (kind whole_model)
+    mergekit: MergekitForm | None = None  # how mergekit writes it (None: mergekit has no equivalent)
 
     @property
     def data_use(self) -> str | None:
@@ -323,6 +350,7 @@ def register(
     study: StudyGrid | None = None,
     whole_model: Callable[..., Any] | None = None,
     study_fuse: str | None = None,
+    mergekit: MergekitForm | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a method function under `name`; its keyword-only parameters become its config.
 
@@ -366,7 +394,7 @@ def register(
             raise TypeError(f"method '{name}': reading statistics needs a per-expert `examples` parameter")
         spec = MethodSpec(
             name, fn, paper, kind, needs_base, summary, params, check, stream, chunk_align, kinds,
-            pair_only, bind_tasks, prepass, study, whole_model, study_fuse,
+            pair_only, bind_tasks, prepass, study, whole_model, study_fuse, mergekit,
         )  # fmt: skip
         if kind == "whole_model":
             spec = replace(spec, fn=_refusal(spec))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
-from ..registry import StudyGrid, product, register
+from ..errors import RecipeError
+from ..registry import MergekitForm, StudyGrid, product, register
+from ._mergekit import dare_rescale_note, task_vector_params
 from ._ops import (
     DEFAULT_CTX,
     Density,
@@ -36,7 +38,45 @@ def _dare_all(taus: Tensor, density: float | list[float], rescale: bool, ctx: Te
     )
 
 
-@register("dare_linear", paper=_PAPER, per_expert=("density",), stream=True)
+def _linear_from_mergekit(
+    glob: dict[str, Any], entries: list[dict[str, Any]], models: list[dict[str, Any]], where: str,
+    notes: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """density (1.0 by default), lambda, normalized weights if asked, rescale (mergekit: true)."""
+    normalize = glob.get("normalize", _MERGEKIT_LINEAR.normalize)
+    params = task_vector_params(
+        glob, entries, models, notes, normalize=normalize, density=True, sign_election=False
+    )
+    params["rescale"] = rescale = glob.get("rescale", _MERGEKIT_LINEAR.rescale)
+    if rescale:
+        dare_rescale_note(notes)
+    return params
+
+
+def _ties_from_mergekit(
+    glob: dict[str, Any], entries: list[dict[str, Any]], models: list[dict[str, Any]], where: str,
+    notes: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """density (1.0 by default), lambda, merge mean/sum from normalize; `rescale: false` is refused."""
+    normalize = glob.get("normalize", _MERGEKIT_TIES.normalize)
+    params = task_vector_params(
+        glob, entries, models, notes, normalize=normalize, density=True, sign_election=True
+    )
+    if not glob.get("rescale", _MERGEKIT_TIES.rescale):
+        raise RecipeError(
+            f"{where}: mergekit's dare_ties with `rescale: false` cannot be reproduced: sefusion's "
+            "dare_ties always divides the kept entries by density (DARE paper); use dare_linear with "
+            "`rescale: false`, or remove `rescale`"
+        )
+    dare_rescale_note(notes)
+    return params
+
+
+_MERGEKIT_LINEAR = MergekitForm(rank=3, params=_linear_from_mergekit, rescale=True)
+_MERGEKIT_TIES = MergekitForm(rank=4, params=_ties_from_mergekit, rescale=True)
+
+
+@register("dare_linear", paper=_PAPER, per_expert=("density",), stream=True, mergekit=_MERGEKIT_LINEAR)
 def dare_linear(
     base: Tensor | None,
     experts: list[Tensor],
@@ -58,7 +98,7 @@ def dare_linear(
 
 # DARE's rescale keeps each expert's expected task vector, so the study keeps lambda at 1
 @register(
-    "dare_ties", paper=_PAPER, per_expert=("density",), stream=True,
+    "dare_ties", paper=_PAPER, per_expert=("density",), stream=True, mergekit=_MERGEKIT_TIES,
     study=StudyGrid(rank=40, full=product(density=(0.1, 0.3, 0.5), lambda_=(1.0,))),
 )  # fmt: skip
 def dare_ties(

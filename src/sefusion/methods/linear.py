@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
-from ..registry import StudyGrid, register
+from ..registry import MergekitForm, StudyGrid, register
 from ._ops import DEFAULT_CTX, TensorContext, check_experts
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 
+def _from_mergekit(
+    glob: dict[str, Any], entries: list[dict[str, Any]], models: list[dict[str, Any]], where: str,
+    notes: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """mergekit's linear divides by the sum of the weights unless `normalize: false`, as sefusion's does."""
+    return {"normalize": glob.get("normalize", _MERGEKIT.normalize)}
+
+
+# mergekit's linear averages base_model too (task_vectors false) and reads no density
+_MERGEKIT = MergekitForm(
+    rank=0, params=_from_mergekit, parameters=("normalize", "weight"), per_model=("weight",),
+    task_vectors=False, normalize=True,
+)  # fmt: skip
+
+
 @register(
     "linear", paper="https://arxiv.org/abs/2203.05482", needs_base=False, stream=True,
-    study=StudyGrid(rank=10, full=({},)),
+    study=StudyGrid(rank=10, full=({},)), mergekit=_MERGEKIT,
 )  # fmt: skip
 def linear(
     base: Tensor | None,

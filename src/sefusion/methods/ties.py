@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..registry import LAMBDA_FULL, LAMBDA_SMALL, StudyGrid, product, register
+from ..errors import RecipeError
+from ..registry import LAMBDA_FULL, LAMBDA_SMALL, MergekitForm, StudyGrid, product, register
+from ._mergekit import task_vector_params
 from ._ops import (
     DEFAULT_CTX,
     Density,
@@ -48,9 +50,34 @@ def _model_scope(
 _DENSITIES = (0.1, 0.2, 0.3)
 
 
+def _from_mergekit(
+    glob: dict[str, Any], entries: list[dict[str, Any]], models: list[dict[str, Any]], where: str,
+    notes: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """density (1.0 by default), lambda, merge mean/sum from normalize; mergekit's L1 rescale is refused."""
+    normalize = glob.get("normalize", _MERGEKIT.normalize)
+    params = task_vector_params(
+        glob, entries, models, notes, normalize=normalize, density=True, sign_election=True
+    )
+    if glob.get("rescale", _MERGEKIT.rescale):
+        raise RecipeError(
+            f"{where}: mergekit's ties with `rescale: true` rescales each trimmed task vector to its "
+            "original L1 norm; sefusion's ties does not rescale: remove `rescale` or use dare_ties"
+        )
+    if params["density"] < 1 or any(e["own"].get("density", 1) < 1 for e in entries):
+        notes.append(
+            "ties keeps ceil(density*n) entries per tensor, ties broken by index, in float32; mergekit "
+            "keeps max(1, floor(density*n)) and elects signs in the output dtype: results differ slightly"
+        )
+    return params
+
+
+_MERGEKIT = MergekitForm(rank=2, params=_from_mergekit, normalize=True)
+
+
 @register(
     "ties", paper="https://arxiv.org/abs/2306.01708", per_expert=("density",), stream=True,
-    prepass=_model_scope,
+    prepass=_model_scope, mergekit=_MERGEKIT,
     study=StudyGrid(
         rank=30, full=product(density=_DENSITIES, lambda_=LAMBDA_FULL),
         quick=product(density=_DENSITIES, lambda_=(0.4, 0.7, 1.0)),
