@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sefusion-installed
 
-.PHONY: setup demo test test-all lint format clean
+.PHONY: setup demo test test-all test-ray lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ""
+
+# the executor on a local two-node Ray cluster (about a minute; installs the optional ray extra)
+test-ray: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[ray]'
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ray
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
