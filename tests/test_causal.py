@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import zipfile
 from collections import Counter
@@ -233,6 +234,40 @@ def test_adapter_trained_on_another_base_is_refused(bases, tmp_path):
         check_adapter_base(out, bases["other"])
     with pytest.raises(CheckpointError, match="trained on another base"):
         causal.load_causal(out, base=bases["other"])
+
+
+def test_merge_refuses_an_adapter_trained_on_another_base(bases, tmp_path, capsys):
+    from sefusion.io import open_model
+    from sefusion.models import base_sha256
+
+    out = train_causal(
+        bases["llama"], pairs(4), CausalTrainConfig(**{**FAST, "steps": 1}), tmp_path / "ad", progress=False
+    )
+    bare = tmp_path / "bare"  # the same adapter without the run record (trained elsewhere)
+    shutil.copytree(out, bare)
+    (bare / META_FILE).unlink()
+
+    def merge(base: Path, expert: Path, name: str) -> int:
+        recipe = {"method": "task_arithmetic", "base": str(base), "models": [{"path": str(expert)}]}
+        (tmp_path / f"{name}.yaml").write_text(json.dumps(recipe))
+        return main(["merge", str(tmp_path / f"{name}.yaml"), str(tmp_path / f"merged-{name}"), "-q"])
+
+    assert merge(bases["llama"], out, "same") == 0
+    assert merge(bases["other"], bare, "bare") == 0  # no record: loads onto any base, as before
+    capsys.readouterr()
+    assert merge(bases["other"], out, "other") == 2
+    err = capsys.readouterr().err
+    want, have = base_sha256(bases["llama"]), base_sha256(bases["other"])
+    assert want != have and err.count("\n") == 1 and "Traceback" not in err
+    assert err == (
+        f"sefusion: error: adapter {out} was trained on another base (sha256 {want[:16]}...), not on "
+        f"{bases['other']} (sha256 {have[:16]}...)\n"
+    )
+    assert not (tmp_path / "merged-other").exists()
+    with open_model(bases["llama"]) as base:  # the engine's way in: the reader checks it too
+        open_model(out, base=base).close()
+    with open_model(bases["other"]) as base, pytest.raises(CheckpointError, match="trained on another base"):
+        open_model(out, base=base)
 
 
 def test_a_base_that_is_not_a_causal_lm_is_refused(tmp_path):

@@ -7,12 +7,12 @@ prompt + completion + test + `check(entry_point)`, the assembly HumanEval's own 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SefusionError
+from ..jsonl import JsonLinesError, json_lines
 
 PROBLEM_FIELDS = ("task_id", "prompt", "entry_point", "test")
 COMPLETION_FIELDS = ("task_id", "completion")
@@ -28,25 +28,23 @@ class Problem:
     test: str
 
 
+_WORDS = {
+    "read": "{path}: cannot read: {detail}",
+    "json": "{path}, line {line}: not JSON ({detail})",
+    "object": "{path}, line {line}: not a JSON object",
+}
+
+
 def _json_lines(path: Path, fields: Sequence[str]) -> Iterator[dict]:
     """Each non-blank line of `path` as a dict holding string `fields`; a bad line names file and line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SefusionError(f"{path}: cannot read: {exc}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SefusionError(f"{path}, line {number}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise SefusionError(f"{path}, line {number}: not a JSON object")
-        missing = [f for f in fields if not isinstance(record.get(f), str)]
-        if missing:
-            raise SefusionError(f"{path}, line {number}: no string field {', '.join(missing)}")
-        yield record
+        for number, record in json_lines(path):
+            missing = [f for f in fields if not isinstance(record.get(f), str)]
+            if missing:
+                raise SefusionError(f"{path}, line {number}: no string field {', '.join(missing)}")
+            yield record
+    except JsonLinesError as exc:
+        raise SefusionError(exc.worded(_WORDS)) from None
 
 
 def read_problems(path: Path) -> list[Problem]:

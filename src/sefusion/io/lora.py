@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from .reader import ADAPTER_CONFIG, BinReader, ModelReader, SafetensorsReader, find_aux_files
+from .reader import ADAPTER_CONFIG, BinReader, ModelReader, SafetensorsReader, find_aux_files, open_model
+from .util import weights_sha256
 
 _PEFT_PREFIX = "base_model.model."
 _LINEAR = ("lora_A", "lora_B")
@@ -32,6 +33,34 @@ _UNSUPPORTED = {
     "trainable_token_indices": "trainable_token_indices",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
 }
+
+# sefusion train's run record beside what it trained; `base_sha256` there is the base's weights_sha256
+TRAIN_RECORD = "sefusion-train.json"
+
+
+def check_adapter_base(adapter: str | Path, base: str | Path | ModelReader) -> None:
+    """Raise if `adapter` records a base whose weights (sha256) differ from `base`'s; an adapter trained
+    elsewhere records no base hash and passes."""
+    record = Path(adapter) / TRAIN_RECORD
+    if not record.is_file():
+        return
+    try:
+        want = json.loads(record.read_text(encoding="utf-8")).get("base_sha256")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read {record}: {exc}") from None
+    if not want:
+        return
+    where = base.path if isinstance(base, ModelReader) else base
+    if isinstance(base, ModelReader):
+        have = weights_sha256(base.weight_files())
+    else:
+        with open_model(base) as reader:
+            have = weights_sha256(reader.weight_files())
+    if want != have:
+        raise CheckpointError(
+            f"adapter {adapter} was trained on another base (sha256 {str(want)[:16]}...), not on {where} "
+            f"(sha256 {have[:16]}...)"
+        )
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,7 @@ class LoraReader(ModelReader):
         self.path = Path(path)
         self.base = base
         cfg = self._read_config(self.path / ADAPTER_CONFIG)
+        check_adapter_base(self.path, base)
         self._cfg = cfg
         st, pt = self.path / "adapter_model.safetensors", self.path / "adapter_model.bin"
         if st.is_file():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,3 +87,15 @@ def file_sha256(paths: str | Path | Iterable[str | Path], *, chunk: int = 2**22)
             while block := fh.read(chunk):
                 h.update(block)
     return h.hexdigest()
+
+
+_SHA_MEMO: dict[tuple[Any, ...], str] = {}
+
+
+def weights_sha256(files: Sequence[Path]) -> str:
+    """`file_sha256` of a model's weight files, memoized per process on their paths, sizes and mtimes."""
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    sha = _SHA_MEMO.get(stamp)
+    if sha is None:
+        sha = _SHA_MEMO[stamp] = file_sha256(files)
+    return sha

@@ -329,7 +329,7 @@ def _load_adapter(path: Path, base: str | Path | None, device: str, dtype: Any) 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .causal_train import check_adapter_base
+    from ..io import check_adapter_base
 
     if base is None:
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")

@@ -6,11 +6,11 @@ Parsing imports the standard library only, so `--help` stays fast; torch loads i
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import SefusionError
+from ..jsonl import JsonLinesError, json_lines
 
 
 def add_causal_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -63,24 +63,26 @@ def run_base(args: argparse.Namespace) -> int:
     return 0
 
 
+_PAIR_WORDS = {
+    "read": "{path}: cannot read: {detail}",
+    "json": "{path}:{line}: not JSON ({detail})",
+    "object": "{path}:{line}: no string field prompt, target",
+}
+
+
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     """(prompt, target) pairs of a JSONL file; a bad line is named by file and line number."""
     if not path.is_file():
         raise SefusionError(f"{path}: no such file")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SefusionError(f"{path}:{n}: not JSON ({exc.msg})") from None
-        missing = [
-            k for k in ("prompt", "target") if not isinstance(row, dict) or not isinstance(row.get(k), str)
-        ]
-        if missing:
-            raise SefusionError(f"{path}:{n}: no string field {', '.join(missing)}")
-        out.append((row["prompt"], row["target"]))
+    try:
+        for n, row in json_lines(path):
+            missing = [k for k in ("prompt", "target") if not isinstance(row.get(k), str)]
+            if missing:
+                raise SefusionError(f"{path}:{n}: no string field {', '.join(missing)}")
+            out.append((row["prompt"], row["target"]))
+    except JsonLinesError as exc:
+        raise SefusionError(exc.worded(_PAIR_WORDS)) from None
     if not out:
         raise SefusionError(f"{path}: no (prompt, target) lines")
     return out

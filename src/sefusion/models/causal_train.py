@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, OutputExistsError, SefusionError
+from ..errors import OutputExistsError, SefusionError
+from ..io.lora import TRAIN_RECORD, check_adapter_base
 
 log = logging.getLogger("sefusion")
 
@@ -44,7 +45,7 @@ __all__ = [
 
 Pair = tuple[str, str]
 MODES = ("lora", "qlora", "full")
-META_FILE = "sefusion-train.json"
+META_FILE = TRAIN_RECORD  # the run record beside the adapter (io checks its base_sha256)
 IGNORE = -100
 
 
@@ -520,22 +521,6 @@ def _save(model: Any, tok: Any, meta: Mapping[str, Any], out: Path, overwrite: b
     if out.exists() and overwrite:
         shutil.rmtree(out)
     tmp.rename(out)
-
-
-def check_adapter_base(adapter: str | Path, base: str | Path) -> None:
-    """Raise if `adapter` records a base whose weights (sha256) differ from `base`'s."""
-    from .train import base_sha256
-
-    meta_file = Path(adapter) / META_FILE
-    if not meta_file.is_file():
-        return  # an adapter trained elsewhere records no base hash: nothing to check
-    want = json.loads(meta_file.read_text()).get("base_sha256")
-    have = base_sha256(base)
-    if want and want != have:
-        raise CheckpointError(
-            f"adapter {adapter} was trained on another base (sha256 {want[:16]}...), not on {base} "
-            f"(sha256 {have[:16]}...)"
-        )
 
 
 def hardware_info(device: str = "cpu") -> dict[str, Any]:

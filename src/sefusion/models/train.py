@@ -67,20 +67,12 @@ class TrainingStopped(SefusionError):
 
 
 # --- keys ------------------------------------------------------------------------------------------
-_SHA_MEMO: dict[tuple[Any, ...], str] = {}
-
-
 def base_sha256(base: str | Path) -> str:
     """sha256 of the base's weight files (memoized per process on their paths, sizes and mtimes)."""
-    from ..io import file_sha256, open_model
+    from ..io import open_model, weights_sha256
 
     with open_model(base) as r:
-        files = r.weight_files()
-    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    sha = _SHA_MEMO.get(stamp)
-    if sha is None:
-        sha = _SHA_MEMO[stamp] = file_sha256(files)
-    return sha
+        return weights_sha256(r.weight_files())
 
 
 def task_fingerprint(data: TaskData) -> str:

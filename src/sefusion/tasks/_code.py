@@ -210,14 +210,21 @@ def _walk_scoped(node: ast.AST, inner: bool = False):
         yield from _walk_scoped(child, nested)
 
 
-def _analyze_python(code: str, params: tuple[str, ...], name: str) -> Analysis | None:
+def parse_def(code: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    """The function `code` starts with (a Python def), or None when it does not parse or is no def."""
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError):
         return None
     if not tree.body or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
         return None
-    fn = tree.body[0]
+    return tree.body[0]
+
+
+def _analyze_python(code: str, params: tuple[str, ...], name: str) -> Analysis | None:
+    fn = parse_def(code)
+    if fn is None:
+        return None
     off = _Offsets(code)
     a = Analysis("python", code, params, names=identifiers(code, "python"))
     a.is_method = bool(params) and params[0] in ("self", "cls")

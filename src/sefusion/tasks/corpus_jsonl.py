@@ -13,35 +13,29 @@ or commit stay in one split.
 from __future__ import annotations
 
 import ast
-import gzip
-import json
 import re
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..jsonl import JsonLinesError, json_lines
 from .corpus_extract import canonical_language, clean_block_doc, first_paragraph, params_of
 from .corpus_types import Corpus, CorpusError, Function
+
+_WORDS = {
+    "read": "cannot read {path}: {detail}",
+    "json": "{path}:{line}: not a JSON line ({detail})",
+    "object": "{path}:{line}: expected a JSON object, got {detail}",
+}
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) of every non-blank line of a JSONL file (.gz too); CorpusError names the line."""
-    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise CorpusError(f"{path}:{i}: not a JSON line ({exc.msg})") from None
-                if not isinstance(rec, dict):
-                    raise CorpusError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-                yield i, rec
-    except OSError as exc:
-        raise CorpusError(f"cannot read {path}: {exc}") from None
+        yield from json_lines(path)
+    except JsonLinesError as exc:
+        raise CorpusError(exc.worded(_WORDS)) from None
 
 
 def _strip_python_docstring(code: str) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import textmetrics
+from ._code import parse_def
 from ._mutate import BUG_KINDS, Vocabulary
 from .base import (
     GENERATIVE_TASKS,
@@ -294,14 +295,11 @@ def build_repair(ctx: BuildContext) -> Built:
 def split_function(code: str) -> tuple[str, str] | None:
     """(signature lines, body lines) of a Python def whose docstring was cut out; None if it does not
     parse. Comment lines between the signature and the first statement go with the body."""
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError):
-        return None
-    if not tree.body or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
+    fn = parse_def(code)
+    if fn is None:
         return None
     lines = code.split("\n")
-    end = tree.body[0].body[0].lineno - 1  # index of the first statement's line
+    end = fn.body[0].lineno - 1  # index of the first statement's line
     while end > 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
         end -= 1
     return "\n".join(lines[:end]), "\n".join(lines[end:])
