@@ -217,7 +217,7 @@ def test_model_path_generates_with_the_causal_module(tmp_path: Path, monkeypatch
     calls = {}
     fake = types.ModuleType("sefusion.models.causal")
     fake.resolve_base = lambda name: tmp_path / name
-    fake.load_causal = lambda path: (f"model:{path.name}", "tokenizer")
+    fake.load_causal = lambda path, dtype=None: (f"model:{Path(path).name}:{dtype}", "tokenizer")
 
     def generate(model, tokenizer, prompts, **kwargs):  # noqa: ANN001, ANN003
         calls.update(model=model, prompts=list(prompts), **kwargs)
@@ -230,7 +230,7 @@ def test_model_path_generates_with_the_causal_module(tmp_path: Path, monkeypatch
     assert (
         main(["eval", "tiny", "--problems", str(problems), "--out", str(out), "--max-new-tokens", "64"]) == 0
     )
-    assert calls["model"] == "model:tiny" and calls["prompts"] == [PROBLEM["prompt"]] * 2
+    assert calls["model"] == "model:tiny:torch.bfloat16" and calls["prompts"] == [PROBLEM["prompt"]] * 2
     assert calls["stop"] == STOP and calls["max_new_tokens"] == 64 and calls["chat"] is False
     assert "pass@1 0.5000" in capsys.readouterr().out
     lines = (out / "completions.jsonl").read_text().splitlines()

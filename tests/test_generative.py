@@ -375,10 +375,10 @@ def test_doctests_from_held_out_moves_validation_problems_to_test(tmp_path):
         )
     functions = from_tree("python", tmp_path).functions
     sizes = {"train": 100, "validation": 100, "test": 100}
-    plain = build_generative_from("generate-python", functions, sizes=sizes)
-    moved = build_generative_from(
-        "generate-python", functions, sizes=sizes, options={"doctests_from": "held-out"}
+    plain = build_generative_from(
+        "generate-python", functions, sizes=sizes, options={"doctests_from": "test"}
     )
+    moved = build_generative_from("generate-python", functions, sizes=sizes)  # held-out: the default
     n = plain.provenance["doctest_functions"]
     assert n["validation"] > 0 and n["test"] > 0 and moved.train == plain.train
     assert moved.provenance["doctest_functions"] == {

@@ -143,9 +143,21 @@ def _add_eval_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
     p.add_argument("--memory-mb", type=int, default=3072, help="address space per program (default 3072)")
     p.add_argument("--workers", type=int, default=None, help="programs at a time (default: one per core)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="generation length (default 512)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help="generation length (default 512; with --task, the task kind's: 48 for a summary, 384 for a body)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8, help="generation batch (default 8)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument(
+        "--task",
+        help="score MODEL on a generative task's split instead (summarize-python, generate-python, ...): "
+        "every metric with a 95%% interval; --out writes records.jsonl and summary.json",
+    )
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"), help="with --task")
+    p.add_argument("--limit", type=int, default=None, help="with --task: the split's first N examples only")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="weights while generating")
+    p.add_argument("--cache", type=Path, default=None, help="task cache (default $SEFUSION_CACHE)")
 
 
 def _keep_freed_memory() -> None:
@@ -404,6 +416,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .gen.problems import humaneval_problems, read_completions, read_problems
     from .sandbox import Limits
 
+    if args.task is not None:
+        return _eval_task(args)
     if (args.model is None) == (args.completions is None):
         raise SefusionError("give either MODEL or --completions FILE (one of them)")
     if args.timeout <= 0 or args.memory_mb <= 0 or (args.workers is not None and args.workers <= 0):
@@ -417,9 +431,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         completions = ev.generate_completions(
             args.model,
             problems,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens or 512,
             batch_size=args.batch_size,
             chat=args.chat,
+            precision=args.precision,
         )
     limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb)
     results, summary = ev.score(
@@ -430,6 +445,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.out is not None:
         ev.write_results(args.out, results, summary, completions, args.overwrite)
     print(ev.summary_text(summary))
+    return 0
+
+
+def _eval_task(args: argparse.Namespace) -> int:
+    from .gen.evaluate import check_out, write_folder
+    from .study.gen_eval import GenEvalConfig, evaluate_task, summary_line
+
+    if args.model is None or args.completions is not None or args.problems is not None:
+        raise SefusionError("--task scores a MODEL: give one, without --completions or --problems")
+    if args.out is not None:
+        check_out(args.out, args.overwrite)
+    cfg = GenEvalConfig(
+        split=args.split, limit=args.limit, batch_size=args.batch_size, chat=args.chat,
+        precision=args.precision, max_new_tokens=args.max_new_tokens,
+    )  # fmt: skip
+    records, summary = evaluate_task(args.model, args.task, cfg, cache=args.cache)
+    if args.out is not None:
+        write_folder(args.out, {"records.jsonl": records}, summary, args.overwrite)
+    print(summary_line(summary))
     return 0
 
 

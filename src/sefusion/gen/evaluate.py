@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -115,11 +115,16 @@ def generate_completions(
     max_new_tokens: int = 512,
     batch_size: int = 8,
     chat: bool = False,
+    precision: str = "bf16",
 ) -> list[tuple[str, str]]:
-    """Greedy completions of every problem's prompt by the causal LM `model` (a folder or a base's name)."""
-    from ..models.causal import generate, load_causal, resolve_base
+    """Greedy completions of every problem's prompt by the causal LM `model` (a folder or a base's name),
+    its weights in `precision` (bf16 or fp32)."""
+    import torch
 
-    lm, tokenizer = load_causal(resolve_base(model))
+    from ..models.causal import generate, load_causal
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    lm, tokenizer = load_causal(model, dtype=dtype)
     texts = generate(
         lm, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens, stop=STOP,
         batch_size=batch_size, chat=chat, desc="generating",
@@ -140,12 +145,21 @@ def write_results(
     overwrite: bool,
 ) -> None:
     """results.jsonl, completions.jsonl and summary.json, written to a sibling folder renamed into place."""
+    files = {
+        "results.jsonl": [asdict(r) for r in results],
+        "completions.jsonl": [{"task_id": t, "completion": c} for t, c in completions],
+    }
+    write_folder(out, files, summary, overwrite)
+
+
+def write_folder(out: Path, files: Mapping[str, Sequence[Any]], summary: dict, overwrite: bool) -> None:
+    """JSONL files (name -> records) and summary.json, written to a sibling folder renamed into place."""
     check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _jsonl(tmp / "results.jsonl", (asdict(r) for r in results))
-        _jsonl(tmp / "completions.jsonl", ({"task_id": t, "completion": c} for t, c in completions))
+        for name, records in files.items():
+            _jsonl(tmp / name, records)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists() or out.is_symlink():

@@ -26,13 +26,15 @@ def add_causal_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None
         help="fine-tune a causal LM on (prompt, target) JSONL: LoRA, QLoRA or full",
         description="Fine-tune BASE (a causal LM folder or an offline base name) on JSONL files of "
         '{"prompt": ..., "target": ...} lines; several --data files train one multi-task model on their '
-        "data mixed. Writes a PEFT adapter folder (lora, qlora) or a model folder (full) to OUT.",
+        "data mixed; --task NAME trains on a built generative task's train split. Writes a PEFT adapter folder (lora, qlora) or a model folder (full) to OUT.",
     )
     p.add_argument("base")
     p.add_argument("out", type=Path)
+    p.add_argument("--data", action="append", default=[], metavar="[TASK=]FILE", help="repeat for multi-task")
     p.add_argument(
-        "--data", action="append", required=True, metavar="[TASK=]FILE", help="repeat for multi-task"
-    )
+        "--task", action="append", default=[], metavar="NAME",
+        help="train on a generative task's train split (summarize-python, generate-python, ...); repeatable",
+    )  # fmt: skip
     p.add_argument("--mode", choices=("lora", "qlora", "full"), default="lora")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per task")
     p.add_argument("--batch", type=int, default=8)
@@ -88,14 +90,25 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def task_pairs(task: str, cache: Path | None = None) -> list[tuple[str, str]]:
+    """(prompt, target) pairs of a generative task's train split, built (or read back) from the cache."""
+    from ..tasks.generative import build_generative
+
+    return [(ex.prompt, ex.target) for ex in build_generative(task, cache=cache).train]
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .causal import resolve_base
     from .causal_train import CausalTrainConfig, train_causal
 
+    if not args.data and not args.task:
+        raise SefusionError("give the training data: --data FILE.jsonl or --task NAME (repeatable)")
     data: dict[str, list[tuple[str, str]]] = {}
     for item in args.data:
         task, _, file = item.rpartition("=")
         data[task or Path(file).stem] = read_pairs(Path(file))
+    for name in args.task:
+        data[name] = task_pairs(name, args.cache)
     cfg = CausalTrainConfig(
         mode=args.mode,
         steps=args.steps,
@@ -110,7 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
     base = resolve_base(args.base, args.cache)
     out = train_causal(
         base,
-        data if len(data) > 1 else next(iter(data.values())),
+        data if len(data) > 1 or args.task else next(iter(data.values())),
         cfg,
         args.out,
         device=args.device,
