@@ -328,7 +328,19 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", type=Path, default=None, help="base encoder folder (default all-MiniLM-L6-v2)")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default ~/.cache/sefusion)")
     p.add_argument("--methods", default=None, help="comma-separated fusion methods (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0,
+        help="training seed (of the first seed with --seeds): fine-tuning, DARE draws (default 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--seeds", type=int, default=1, metavar="N",
+        help="run the study with N training seeds (seed, seed+1, ...) on the same data split; the tables "
+        "show mean ± sd over seeds (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--data-seed", type=int, default=0,
+        help="seed of the tasks' train/validation/test split, whatever the training seed (default 0)",
+    )  # fmt: skip
     p.add_argument(
         "--eval-precision", choices=("fp32", "bf16"), default=None,
         help="precision of the scoring passes (default: the budget's; quick fp32, full bf16 autocast)",
@@ -366,7 +378,7 @@ def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else FUSION
     return StudyConfig(
         scenario=scenario, out=out, budget=args.budget, base=args.base, cache=args.cache, seed=args.seed,
-        methods=methods, overwrite=overwrite, quiet=args.quiet, dirs=dirs,
+        seeds=getattr(args, "seeds", 1), data_seed=getattr(args, "data_seed", 0), methods=methods, overwrite=overwrite, quiet=args.quiet, dirs=dirs,
         eval_precision=getattr(args, "eval_precision", None),
         train_precision=getattr(args, "train_precision", None), records=getattr(args, "records", None),
         keep_names=getattr(args, "keep_names", False),
