@@ -356,7 +356,8 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--records", type=Path, default=None, metavar="FILE",
         help="evaluation records to read and extend instead of the cache's (carries a study to another "
-        "machine or session; refused if the models trained there differ from the ones they scored)",
+        "machine or session; refused if the models trained there differ from the ones they scored; with "
+        "--seeds, seed S other than the first uses FILE-seedS.jsonl beside it)",
     )  # fmt: skip
     p.add_argument(
         "--keep-names", action="store_true",

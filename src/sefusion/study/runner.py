@@ -14,6 +14,9 @@ The flow, for tasks t = 1..T of a scenario:
    gain kept with intervals, flags, and the paired differences the report compares (`rigor`); the
    per-example scores go to scores.json, so each interval can be recomputed from what the study wrote.
 
+With `StudyConfig.seeds` > 1 the whole flow runs once per training seed on the same data split, and the
+results are combined (`seeds.py`).
+
 Every evaluation is appended to a record in the cache as soon as it is made, so a run that stops (a
 session that ends, Ctrl-C) resumes where it stopped; records are keyed by everything that determines them.
 The records are one small JSONL file: carried to another machine (`--records FILE`), they let a study
