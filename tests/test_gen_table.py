@@ -18,7 +18,8 @@ def task_folder(
 ) -> Path:
     folder = root / f"{model}.{task}"
     records = [
-        {"index": i, "file": f, "reply": "x", "bleu4": s} for i, (s, f) in enumerate(zip(scores, files))
+        {"index": i, "file": f, "reply": "x", "bleu4": s}
+        for i, (s, f) in enumerate(zip(scores, files, strict=True))
     ]
     records.append({"index": len(scores), "file": "z.py"})  # not generated: no score
     evaluate.write_folder(folder, {"records.jsonl": records}, {"model": f"/m/{model}", "task": task,
