@@ -115,6 +115,7 @@ def _header(results: Mapping[str, Any]) -> list[str]:
         + _precision_note(results),
         f"- wall time: {results.get('wall_s', 0):.0f} s (" + timings + ")",
         *_names_note(results),
+        *_first_seed_note(results),
         "- hyper-parameters of every fusion row were chosen on the validation split only, then scored once on test;",
         "  normalized score = test score / the task's individual expert's test score.",
         "",
@@ -127,6 +128,13 @@ def _seeds_note(results: Mapping[str, Any]) -> str:
     if not seeds:
         return f"seed {results['seed']}{split}"
     return f"{len(seeds)} training seeds {', '.join(map(str, seeds))}{split}"
+
+
+def _first_seed_note(results: Mapping[str, Any]) -> list[str]:
+    if not results.get("seeds"):
+        return []
+    return [f"- over seeds: the score tables, gain kept and paired differences; the first seed's ({results['seed']}): "
+            "selected hyper-parameters, masks, task-vector magnitudes and the PLeaS curve"]  # fmt: skip
 
 
 def _names_note(results: Mapping[str, Any]) -> list[str]:
