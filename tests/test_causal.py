@@ -330,6 +330,21 @@ def _plain(model, tok, prompt, n):
     return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize(
+    ("text", "stop", "want"),
+    [
+        ("\n\nThis does x.\n\nMore", ("\n\n",), "\n\nThis does x."),  # a reply opening with a blank line
+        ("    return 1\ndef g():", ("\ndef",), "    return 1"),
+        ("\ndef f():\n    pass\ndef g", ("\ndef",), "\ndef f():\n    pass"),
+        ("\n\n", ("\n\n",), "\n\n"),  # nothing but whitespace: not ended
+        ("a\nb\n\nc\ndef", ("\ndef", "\n\n"), "a\nb"),  # the earliest stop wins
+        ("no stop here", ("\n",), "no stop here"),
+    ],
+)
+def test_cut_at_stop_by_hand(text, stop, want):
+    assert causal.cut_at_stop(text, stop) == want
+
+
 @pytest.mark.parametrize("shape", ["llama", "gemma"])
 def test_generate_with_row_stops_equals_plain_greedy_cut_at_the_stop(bases, shape):
     model, tok = causal.load_causal(bases[shape])

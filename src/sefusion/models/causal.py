@@ -377,8 +377,10 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` up to (not including) the earliest occurrence of any stop string."""
-    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    """`text` up to (not including) the earliest stop string that starts after the text's leading
+    whitespace: a reply that opens with a blank line ("\n\nThis function ...") has not ended yet."""
+    start = len(text) - len(text.lstrip())
+    cuts = [i for i in (text.find(s, start) for s in stop) if i >= 0]
     return text[: min(cuts)] if cuts else text
 
 
@@ -430,8 +432,12 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def _stopped(tokenizer: Any, new: list[int], stop: Sequence[str], tail: int) -> bool:
-    """Whether the decoded tail of a row's new tokens holds a stop string (cheap: the last few tokens)."""
-    return bool(stop) and any(s in tokenizer.decode(new[-tail:], skip_special_tokens=True) for s in stop)
+    """Whether a row's new text holds a stop string after its leading whitespace. Cheap: the last few
+    tokens are decoded, the whole text only when they hold a stop string."""
+    if not stop or not any(s in tokenizer.decode(new[-tail:], skip_special_tokens=True) for s in stop):
+        return False
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return cut_at_stop(text, stop) != text
 
 
 def _generate_batch(
