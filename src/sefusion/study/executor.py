@@ -22,7 +22,8 @@ from __future__ import annotations
 import heapq
 import logging
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +57,8 @@ class Executor(Protocol):
     def run(
         self, pieces: Sequence[Piece], *, done: Done | None = None, on_done: OnDone | None = None
     ) -> dict[str, Any]: ...
+
+    def session(self) -> Any: ...  # a context manager over several run()s
 
 
 class Plan:
@@ -184,6 +187,10 @@ class LocalExecutor:
             progress.close()
         return plan.ordered()
 
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        yield
+
 
 def make_executor(ray: str | bool | None = None, *, quiet: bool = False) -> Executor:
     """`--ray [ADDRESS]` as an executor: None/False in process, True/"" a local Ray instance, else ADDRESS."""
@@ -212,6 +219,21 @@ class RayExecutor:
     quiet: bool = False
     desc: str = "pieces"
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed on to ray.init
+    _held: bool = field(default=False, init=False, repr=False)  # inside session(): keep a connection open
+    _owned: bool = field(default=False, init=False, repr=False)  # a connection this session made
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Several run()s on one connection: made by the first run that needs the cluster, closed at
+        the end (a connection this process had before is left open)."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+            if self._owned:
+                self._owned = False
+                _import_ray().shutdown()
 
     def run(
         self, pieces: Sequence[Piece], *, done: Done | None = None, on_done: OnDone | None = None
@@ -221,6 +243,8 @@ class RayExecutor:
         if plan.finished:  # everything is in the records: no cluster needed
             return plan.ordered()
         started = self._connect(ray)
+        if started and self._held:  # the session closes it
+            self._owned, started = True, False
         try:
             _check_resources(ray, plan)
             return self._drive(ray, plan, on_done)
