@@ -45,8 +45,9 @@ def test_the_pair_study_with_a_whole_model_method_writes_what_it_wrote_before(tm
     assert canonical(results, tmp_path / "report") == (FIXTURES / "study_pair_results.json").read_text()
 
 
-def record_keys(tmp_path: Path) -> list[str]:
-    lines = next((tmp_path / "models" / "cache" / "study").glob("toy-*.jsonl")).read_text().splitlines()
+def record_keys(models_root: Path) -> list[str]:
+    """The keys of the evaluations the study's records hold (FakeModels keeps its cache under its root)."""
+    lines = next((models_root / "cache" / "study").glob("toy-*.jsonl")).read_text().splitlines()
     return [json.loads(line)["key"] for line in lines if '"key"' in line]
 
 
@@ -66,11 +67,11 @@ def test_a_resumed_study_scores_only_what_the_records_lack(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_study(_config(tmp_path), models=models, tasks_api=FakeTasks())
     models.evaluate = real
-    recorded = len(record_keys(tmp_path))
+    recorded = len(record_keys(tmp_path / "models"))
     assert models.calls["evaluate"] == 40 and 40 - len(TASKS) < recorded <= 40
     results = run_study(_config(tmp_path), models=models, tasks_api=FakeTasks())
     assert canonical(results, tmp_path / "report") == (FIXTURES / "study_toy_results.json").read_text()
-    keys = record_keys(tmp_path)
+    keys = record_keys(tmp_path / "models")
     assert len(keys) == len(set(keys)) == 156  # nothing recorded twice
     assert models.calls["evaluate"] - 40 == len(keys) - recorded  # nothing recorded scored again
 

@@ -38,7 +38,7 @@ from ..models.config import PRECISIONS
 from ..registry import METHODS, MethodSpec
 from . import grids, pieces, rigor, scores
 from .api import Candidate, CurvePoint, Evaluate, ModelsAPI, Row, TasksAPI
-from .executor import Executor, LocalExecutor, Piece, make_executor
+from .executor import Executor, Piece, make_executor
 from .scenarios import Scenario, StudyError
 
 log = logging.getLogger("sefusion")
@@ -354,7 +354,7 @@ class Study:
             )
         self.executor = executor if executor is not None else make_executor(cfg.ray, quiet=cfg.quiet)
         # in process a piece computes as the study did before pieces; elsewhere with its own CPUs
-        self.threads = None if isinstance(self.executor, LocalExecutor) else max(1, int(cfg.piece_cpus))
+        self.threads = None if self.executor.in_process else max(1, int(cfg.piece_cpus))
         self.timings: dict[str, float] = {}
         self.per_example: dict[str, dict[str, Any]] = {}  # row -> task -> per-example test scores
         self.scores_document: dict[str, Any] | None = None  # scores.json, once run() has finished
