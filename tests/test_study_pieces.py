@@ -93,3 +93,21 @@ def test_without_ray_the_study_does_not_import_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_experts_statistics_folder_travels_as_its_path(tmp_path):
+    """The data-aware methods' input on a Ray worker: the store reopened there from the shared cache."""
+    import torch
+
+    from sefusion.stats import Statistics, StatsMeta, open_stats
+
+    fisher = {"w": torch.rand(3, 4)}
+    gram = {"w": torch.eye(4, dtype=torch.float64) * 2}
+    Statistics(StatsMeta(examples=8, task="t"), fisher=fisher, gram=gram).save(tmp_path / "stats")
+    with open_stats(tmp_path / "stats") as store:
+        again = pickle.loads(pickle.dumps(store))
+        try:
+            assert again.path == store.path and again.meta == store.meta
+            assert torch.equal(again.fisher("w"), fisher["w"]) and torch.equal(again.gram("w"), gram["w"])
+        finally:
+            again.close()
