@@ -92,6 +92,7 @@ def on_cluster(root: Path, args: argparse.Namespace, base: Path | None) -> tuple
         filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])
     )
     node = {"num_cpus": 1, "object_store_memory": args.store_mb * 2**20}
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")  # a loaded machine starts nodes slowly
     t0 = time.perf_counter()
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
