@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_eval_parser(sub, common)
+    _add_eval_table_parser(sub, common)
     from .tasks.corpus_cli import add_corpus_parser  # stdlib only: --help stays fast
 
     add_corpus_parser(sub, [common])
@@ -158,6 +159,21 @@ def _add_eval_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="with --task: the split's first N examples only")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="weights while generating")
     p.add_argument("--cache", type=Path, default=None, help="task cache (default $SEFUSION_CACHE)")
+
+
+def _add_eval_table_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "eval-table",
+        parents=[common],
+        help="one table of several `sefusion eval --out` folders, with intervals and paired differences",
+        description="Rows are models, columns each task's metrics (mean with its 95% bootstrap interval, "
+        "clustered by source file); with --baseline, each model's paired difference to that model on the "
+        "examples both scored, marked * when its interval excludes 0. Markdown on stdout or to --out.",
+    )
+    p.add_argument("folders", nargs="+", metavar="[LABEL=]FOLDER", help="results folders of `sefusion eval`")
+    p.add_argument("--baseline", help="the LABEL (default label: the model's folder name) to compare with")
+    p.add_argument("--out", type=Path, help="write the table to this file")
+    p.add_argument("--overwrite", action="store_true")
 
 
 def _keep_freed_memory() -> None:
@@ -480,6 +496,25 @@ def _eval_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_table(args: argparse.Namespace) -> int:
+    from .study.gen_table import markdown, read_eval
+
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise SefusionError(f"{args.out} exists; pass --overwrite to replace it")
+    runs = []
+    for item in args.folders:
+        label, sep, folder = item.rpartition("=")
+        runs.append(read_eval(Path(folder), label if sep else None))
+    text = markdown(runs, args.baseline)
+    if args.out is None:
+        print(text, end="")
+        return 0
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, args.out)  # a reader never sees half a table
+    return 0
+
+
 def _cmd_corpus(args: argparse.Namespace) -> int:
     from .tasks.corpus_cli import run_corpus
 
@@ -510,6 +545,7 @@ COMMANDS = {
     "base": _cmd_base,
     "train": _cmd_train,
     "eval": _cmd_eval,
+    "eval-table": _cmd_eval_table,
 }
 
 

@@ -332,15 +332,38 @@ def _load_adapter(path: Path, base: str | Path | None, device: str, dtype: Any) 
     from ..io import check_adapter_base
 
     if base is None:
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise CheckpointError(f"adapter {path} names no base folder that exists ({base}); pass the base")
+        base = _recorded_base(path)
     base = resolve_base(base)
     check_adapter_base(path, base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     # merged once: generation then runs at the base's speed
     model = PeftModel.from_pretrained(model, path).merge_and_unload().to(device).eval()
     return model, load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base)
+
+
+def offline_base_name(folder: Path) -> str | None:
+    """The offline base's name when `folder` is one `fetch_base` made, else None."""
+    try:
+        return json.loads((Path(folder) / "sefusion-base.json").read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError):
+        return None
+
+
+def _recorded_base(adapter: Path) -> str:
+    """The base an adapter names: its base folder where that exists, else the offline base its run record
+    names (an adapter committed or copied from another machine; `resolve_base` fetches it if needed)."""
+    from ..io.lora import TRAIN_RECORD
+
+    folder = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if folder and Path(folder).is_dir():
+        return str(folder)
+    try:
+        name = json.loads((adapter / TRAIN_RECORD).read_text(encoding="utf-8")).get("base_name")
+    except (OSError, ValueError):
+        name = None
+    if name in BASES:
+        return str(name)
+    raise CheckpointError(f"adapter {adapter} names no base folder that exists ({folder}); pass the base")
 
 
 def load_tokenizer(path: str | Path) -> Any:

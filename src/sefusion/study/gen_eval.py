@@ -103,14 +103,6 @@ def target_losses(
     return out
 
 
-def _summary(name: str, scores: Sequence[float], files: Sequence[str]) -> dict[str, Any]:
-    keep = [(s, f) for s, f in zip(scores, files, strict=True) if not math.isnan(s)]
-    if not keep:
-        return {"metric": name, "n": 0, "mean": math.nan}
-    iv = interval([s for s, _ in keep], [f for _, f in keep])
-    return {"metric": name, "n": len(keep), "mean": iv.estimate, "low": iv.low, "high": iv.high}
-
-
 def evaluate_task(
     model: str | Path,
     task: str,
@@ -119,39 +111,47 @@ def evaluate_task(
     cache: Path | None = None,
     runner: Runner | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(one record per scored example: file, reply, metric scores; the summary: metric means with
-    intervals, the task's provenance and the settings)."""
+    """(one record per example of the split: index, file, and the reply and metric scores where it was
+    generated, its target loss for generate-*; the summary: each metric's mean with its interval, the
+    task's provenance and the settings)."""
     spec, _ = get_generative(task)
     examples, provenance = task_examples(task, cfg, cache)
     generated = runnable_problems(examples, runner) if spec.kind == "generate" else list(range(len(examples)))
     lm, tok = _load(model, cfg.precision)
     outs = replies(lm, tok, spec.kind, [examples[i] for i in generated], cfg) if generated else []
     records: list[dict[str, Any]] = [
-        {"index": i, "file": examples[i].meta.get("file", "")} for i in generated
+        {"index": i, "file": ex.meta.get("file", "")} for i, ex in enumerate(examples)
     ]
-    for rec, out in zip(records, outs, strict=True):
-        rec["reply"] = out
-    for metric in KIND_METRICS[spec.kind]:
+    for i, out in zip(generated, outs, strict=True):
+        records[i]["reply"] = out
+    metrics = list(KIND_METRICS[spec.kind])
+    for metric in metrics:
         got = (
             per_example_scores(task, [examples[i] for i in generated], outs, metric, runner)
             if generated
             else []
         )
-        for rec, s in zip(records, got, strict=True):
-            rec[metric] = s
+        for i, score in zip(generated, got, strict=True):
+            records[i][metric] = score
+    if spec.kind == "generate" and cfg.target_loss:
+        metrics.append("target_loss")
+        for rec, loss in zip(records, target_losses(lm, tok, examples, cfg.chat), strict=True):
+            rec["target_loss"] = loss
     summary: dict[str, Any] = {
         "model": str(model), "task": task, "split": cfg.split, "examples": len(examples),
-        "metrics": {m: _summary(m, [r[m] for r in records], [r["file"] for r in records])
-                    for m in KIND_METRICS[spec.kind]},
+        "metrics": {m: metric_summary(m, records) for m in metrics},
         "settings": asdict(cfg) | {"options": dict(cfg.options)}, "task_provenance": provenance,
     }  # fmt: skip
-    if spec.kind == "generate" and cfg.target_loss:
-        losses = target_losses(lm, tok, examples, cfg.chat)
-        summary["metrics"]["target_loss"] = _summary(
-            "target_loss", losses, [e.meta.get("file", "") for e in examples]
-        )
-        summary["target_losses"] = losses
     return records, summary
+
+
+def metric_summary(metric: str, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The mean of `metric` over the records that carry a finite score, with its cluster interval."""
+    keep = [(r[metric], r["file"]) for r in records if not math.isnan(r.get(metric, math.nan))]
+    if not keep:
+        return {"metric": metric, "n": 0, "mean": math.nan}
+    iv = interval([s for s, _ in keep], [f for _, f in keep])
+    return {"metric": metric, "n": len(keep), "mean": iv.estimate, "low": iv.low, "high": iv.high}
 
 
 def summary_line(summary: Mapping[str, Any]) -> str:
