@@ -29,7 +29,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ""
 
-# the executor on a local two-node Ray cluster (about a minute; installs the optional ray extra)
+# the executor and a toy study on a local two-node Ray cluster (about 2 min here; installs the optional ray extra)
 test-ray: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[ray]'
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ray

@@ -334,7 +334,11 @@ def _supplement(data: dict, source: str) -> list[str]:
 
 
 def render(
-    data: dict, source: str = "", supplements: list[tuple[str, dict]] = (), notes: str = "", notes_source: str = ""
+    data: dict,
+    source: str = "",
+    supplements: list[tuple[str, dict]] = (),
+    notes: str = "",
+    notes_source: str = "",
 ) -> str:
     machine, versions, settings = data["machine"], data["versions"], data["settings"]
     out = [

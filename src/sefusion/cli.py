@@ -381,6 +381,18 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
         help="search queries keep the function's own name (masked by default: a query that names its "
         "function is a shortcut no model needs to learn)",
     )  # fmt: skip
+    p.add_argument(
+        "--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+        help="run the study's pieces (experts, candidates, test scoring) as tasks on a Ray cluster: alone a "
+        "local Ray instance, else a running cluster's HOST:PORT or auto (needs sefusion[ray]; the cache "
+        "must be a folder every node sees at the same path)",
+    )  # fmt: skip
+    p.add_argument(
+        "--piece-cpus", type=int, default=1, metavar="N", help="CPUs of each piece on Ray (default 1)"
+    )
+    p.add_argument(
+        "--piece-gpus", type=float, default=0, metavar="G", help="GPUs of each piece on Ray (default 0)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
@@ -399,7 +411,8 @@ def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite:
         seeds=getattr(args, "seeds", 1), data_seed=getattr(args, "data_seed", 0), methods=methods, overwrite=overwrite, quiet=args.quiet, dirs=dirs,
         eval_precision=getattr(args, "eval_precision", None),
         train_precision=getattr(args, "train_precision", None), records=getattr(args, "records", None),
-        keep_names=getattr(args, "keep_names", False),
+        keep_names=getattr(args, "keep_names", False), ray=getattr(args, "ray", None),
+        piece_cpus=getattr(args, "piece_cpus", 1), piece_gpus=getattr(args, "piece_gpus", 0),
     )  # fmt: skip
 
 
@@ -599,6 +612,8 @@ def _check_args(args: argparse.Namespace) -> None:
             args.shard_size = parse_size(args.shard_size)
         except ValueError as exc:
             raise SefusionError(f"--shard-size: {exc}") from None
+    if getattr(args, "piece_cpus", 1) < 1 or getattr(args, "piece_gpus", 0) < 0:
+        raise SefusionError("--piece-cpus takes 1 or more, --piece-gpus 0 or more")
 
 
 def main(argv: list[str] | None = None) -> int:

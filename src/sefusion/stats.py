@@ -324,6 +324,10 @@ class StatsStore(_StatsSource):
     def close(self) -> None:
         self._reader.close()
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Pickled as its folder, opened again where it is unpickled (a study's piece on a Ray worker)."""
+        return (StatsStore, (str(self.path),))
+
     def __enter__(self) -> StatsStore:
         return self
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import heapq
 import logging
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from ..errors import SefusionError
 
@@ -53,9 +54,13 @@ class Piece:
 
 
 class Executor(Protocol):
+    in_process: ClassVar[bool]  # pieces compute in the caller's process (else with their own resources)
+
     def run(
         self, pieces: Sequence[Piece], *, done: Done | None = None, on_done: OnDone | None = None
     ) -> dict[str, Any]: ...
+
+    def session(self) -> Any: ...  # a context manager over several run()s
 
 
 class Plan:
@@ -165,6 +170,7 @@ class LocalExecutor:
 
     quiet: bool = False
     desc: str = "pieces"
+    in_process: ClassVar[bool] = True  # pieces compute in the caller's process, with its threads
 
     def run(
         self, pieces: Sequence[Piece], *, done: Done | None = None, on_done: OnDone | None = None
@@ -183,6 +189,10 @@ class LocalExecutor:
         finally:
             progress.close()
         return plan.ordered()
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        yield
 
 
 def make_executor(ray: str | bool | None = None, *, quiet: bool = False) -> Executor:
@@ -212,6 +222,26 @@ class RayExecutor:
     quiet: bool = False
     desc: str = "pieces"
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed on to ray.init
+    in_process: ClassVar[bool] = False
+    _held: bool = field(default=False, init=False, repr=False)  # inside session(): keep a connection open
+    _owned: bool = field(default=False, init=False, repr=False)  # a connection this session made
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Several run()s on one connection: made by the first run that needs the cluster, closed at
+        the end (a connection this process had before is left open). A missing ray package or an
+        address nothing answers on is refused at once, before any work."""
+        ray = _import_ray()
+        if self.address is not None and not ray.is_initialized():
+            _reachable(self.address)
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+            if self._owned:
+                self._owned = False
+                _import_ray().shutdown()
 
     def run(
         self, pieces: Sequence[Piece], *, done: Done | None = None, on_done: OnDone | None = None
@@ -221,6 +251,8 @@ class RayExecutor:
         if plan.finished:  # everything is in the records: no cluster needed
             return plan.ordered()
         started = self._connect(ray)
+        if started and self._held:  # the session closes it
+            self._owned, started = True, False
         try:
             _check_resources(ray, plan)
             return self._drive(ray, plan, on_done)

@@ -39,13 +39,15 @@ from typing import Any, cast
 from .._lazy import torch
 from ..models.config import PRECISIONS
 from ..registry import METHODS, MethodSpec
-from . import grids, rigor, scores, seeds
+from . import grids, pieces, rigor, scores, seeds
 from .api import Candidate, CurvePoint, Evaluate, ModelsAPI, Row, TasksAPI
+from .executor import Executor, Piece, make_executor
 from .scenarios import Scenario, StudyError
 
 log = logging.getLogger("sefusion")
 
 HEAD_PREFIX = "head."
+INPUTS = "inputs"  # the piece the candidates' pieces take: the study's Inputs, given by the driver
 
 
 @dataclass
@@ -68,6 +70,11 @@ class StudyConfig:
     train_precision: str | None = None  # None: the budget's (models.Budget.train_precision)
     records: Path | None = None  # evaluation records to read and extend instead of the cache's own file
     keep_names: bool = False  # search queries keep the function's own name (task option mask_name off)
+    # the pieces (experts, candidates, chosen candidates' test scoring) on a Ray cluster: None in process,
+    # True a local Ray instance, "HOST:PORT" or "auto" a running cluster (sefusion.study.executor)
+    ray: str | bool | None = None
+    piece_cpus: int = 1  # CPUs (and torch threads) of each piece on Ray
+    piece_gpus: float = 0  # GPUs of each piece on Ray (pieces that use CUDA)
 
 
 # ----------------------------------------------------------------------------------------- records
@@ -328,7 +335,12 @@ class Study:
     setup, data, experts, records, states, baseline rows, fusion rows, multitask row, results."""
 
     def __init__(
-        self, cfg: StudyConfig, *, models: ModelsAPI | None = None, tasks_api: TasksAPI | None = None
+        self,
+        cfg: StudyConfig,
+        *,
+        models: ModelsAPI | None = None,
+        tasks_api: TasksAPI | None = None,
+        executor: Executor | None = None,
     ) -> None:
         if models is None:
             from .. import models as default_models
@@ -347,6 +359,9 @@ class Study:
             raise StudyError(
                 f"unknown study method(s) {', '.join(unknown)}; available: {', '.join(grids.FUSION)}"
             )
+        self.executor = executor if executor is not None else make_executor(cfg.ray, quiet=cfg.quiet)
+        # in process a piece computes as the study did before pieces; elsewhere with its own CPUs
+        self.threads = None if self.executor.in_process else max(1, int(cfg.piece_cpus))
         self.timings: dict[str, float] = {}
         self.per_example: dict[str, dict[str, Any]] = {}  # row -> task -> per-example test scores
         self.scores_document: dict[str, Any] | None = None  # scores.json, once run() has finished
@@ -363,6 +378,10 @@ class Study:
             self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t0
 
     def run(self) -> dict[str, Any]:
+        with self.executor.session():
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         self._setup()
         self._build_data()
@@ -416,11 +435,24 @@ class Study:
         if train_precision not in PRECISIONS:
             raise StudyError(f"train_precision must be fp32 or bf16, got '{train_precision}'")
         self.train_cfg = self.budget.train(seed=cfg.seed, precision=train_precision)
-        self.experts: dict[str, Path] = {}
-        for t in self.tasks:
-            self._progress(f"expert {t}")
-            self.experts[t] = self._timed("experts", partial(self.models.finetune,
-                self.base, [self.data[t]], [self.specs[t]], self.train_cfg, self.cache, quiet=cfg.quiet))  # fmt: skip
+        self._progress(f"experts ({len(self.tasks)} tasks)")
+        quiet, models = cfg.quiet or self.threads is not None, pieces.portable(self.models)
+        todo = [
+            self._piece(f"expert/{t}", pieces.train_expert, models, self.base, self.data[t], self.specs[t],
+                        self.train_cfg, self.cache, quiet, self.threads)
+            for t in self.tasks
+        ]  # fmt: skip
+        done = self._timed("experts", partial(self._execute, "experts", todo))
+        self.experts: dict[str, Path] = {t: done[f"expert/{t}"] for t in self.tasks}
+
+    def _piece(self, key: str, fn: Callable[..., Any], *args: Any, deps: tuple[str, ...] = ()) -> Piece:
+        return Piece(key, fn, args, deps, num_cpus=self.cfg.piece_cpus, num_gpus=self.cfg.piece_gpus)
+
+    def _execute(self, what: str, todo: Sequence[Piece], **kwargs: Any) -> dict[str, Any]:
+        """The pieces' results, by key, from the executor (its progress bar named `what`)."""
+        if hasattr(self.executor, "desc"):
+            self.executor.desc = what
+        return self.executor.run(todo, **kwargs)
 
     def _open_records(self) -> None:
         """The evaluation records of this study (keyed by everything that determines its scores)."""
@@ -501,9 +533,13 @@ class Study:
         self.methods = methods
         self.stats_examples = grids.stats_examples(self.budget_name)
         self._open_statistics(methods)
-        self.expert_list = [self.bodies[t] for t in self.tasks]
-        self.pair_inputs = (self.base, [self.data[t] for t in self.tasks], self.train_cfg.max_length)
-        rows = [self._timed(x, partial(self._fusion_row, x)) for x in methods]
+        self.inputs = pieces.Inputs(
+            models=pieces.portable(self.models), base=self.base, tasks=tuple(self.tasks), data=self.data,
+            specs=self.specs, base_body=self.base_body, bodies=self.bodies, heads=self.heads, stats=self.stats,
+            seed=self.cfg.seed, max_length=self.train_cfg.max_length, precision=self.precision,
+            threads=self.threads,
+        )  # fmt: skip
+        rows = self._method_rows(methods)
         self.curves: list[CurvePoint] = []
         for spec in (METHODS.get(x) for x in methods):
             if spec.study is not None and spec.study.curve is not None:
@@ -623,7 +659,7 @@ class Study:
                 body, head, data[task], split, specs[task], base=base, max_length=max_length,
                 precision=precision or self.precision,
             )  # fmt: skip
-            res = _record_of(res)
+            res = pieces.record_of(res)
             self.timings["evaluation"] = self.timings.get("evaluation", 0.0) + time.perf_counter() - t0
             self.records.put(key, res)
             return res
@@ -652,66 +688,100 @@ class Study:
 
     def _candidate(self, spec: MethodSpec, params: Mapping[str, Any]) -> Candidate:
         """(bodies, heads, mask stats) of one candidate of `spec`."""
-        tasks, experts, heads = self.tasks, self.expert_list, self.heads
-        if spec.kind == "whole_model":
-            base, datas, max_length = self.pair_inputs
-            run = getattr(self.models, str(spec.study_fuse))
-            options = {k: v for k, v in params.items() if k in spec.params}
-            body, new_heads = run(base, experts, [heads[t] for t in tasks], datas, seed=self.cfg.seed,
-                                  max_length=max_length, **options)  # fmt: skip
-            return {t: body for t in tasks}, dict(zip(tasks, new_heads, strict=True)), {}
-        bodies, stats = fuse(
-            spec.name, params, self.base_body, experts, tasks, self.cfg.seed, stats=self.stats
-        )
-        return bodies, heads, stats
+        return pieces.candidate(self.inputs, spec.name, params)
 
-    def _validate(self, spec: MethodSpec, candidates: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
-        """Every candidate's validation score per task (from the records where they hold it)."""
-        tasks, it = self.tasks, candidates
-        self._progress(f"{spec.name}: {len(candidates)} candidates on validation")
-        if not self.cfg.quiet:
-            from tqdm.auto import tqdm
+    def _method_rows(self, methods: Sequence[str]) -> list[Row]:
+        """Every candidate of every method merged and scored on validation (pieces, interleaved), each
+        method's candidate chosen on validation, then each chosen one merged and scored on test (pieces)."""
+        grid = {m: self._grid(m) for m in methods}
+        self._progress(f"{sum(map(len, grid.values()))} candidates of {len(methods)} methods on validation")
+        jobs = {f"cand/{m}/{i}": (m, c) for m in methods for i, c in enumerate(grid[m])}
+        val = self._score_pieces("candidates", pieces.score_validation, "validation", jobs, reuse=True)
+        val_scores = {
+            m: [
+                {t: r["score"] for t, r in val[f"cand/{m}/{i}"]["records"].items()}
+                for i in range(len(grid[m]))
+            ]
+            for m in methods
+        }
+        chosen = {m: self._choose(m, grid[m], val_scores[m]) for m in methods}
+        self._progress(f"the {len(methods)} chosen candidates on test")
+        jobs = {f"test/{m}": (m, chosen[m][0]) for m in methods}
+        test = self._score_pieces("test", pieces.score_test, "test", jobs, reuse=False)
+        rows = []
+        for m in methods:
+            (params, val_m), res = chosen[m], test[f"test/{m}"]
+            if res["masks"]:
+                self.masks[m] = res["masks"]
+            row = self._row(m, params, val_m, res["records"], self.ref_test, res["storage"])
+            row["grid"] = [
+                {"params": c, "validation": v} for c, v in zip(grid[m], val_scores[m], strict=True)
+            ]
+            rows.append(row)
+        return rows
 
-            it = tqdm(candidates, desc=spec.name, unit="cand", leave=False)
-        val_scores: list[dict[str, float]] = []
-        for params in it:
-            keys = [EvalRecords.key(spec.name, params, t, "validation") for t in tasks]
-            hits = [self.records.get(k) for k in keys]
-            if all(h is not None for h in hits):
-                val_scores.append({t: h["score"] for t, h in zip(tasks, hits, strict=True)})  # type: ignore[index]
-                continue
-            bodies, cand_heads, _ = self._candidate(spec, params)
-            val_scores.append({
-                t: self.evaluate(spec.name, params, t, "validation", bodies[t], cand_heads[t])["score"] for t in tasks
-            })  # fmt: skip
-        return val_scores
-
-    def _fusion_row(self, method: str) -> Row:
-        """A method's row: its grid scored on validation, the selected candidate scored on test."""
-        spec, tasks = METHODS.get(method), self.tasks
-        study = spec.study
-        assert study is not None  # Study() admits grids.FUSION only
-        candidates = study.candidates(self.budget_name)
+    def _grid(self, method: str) -> list[dict[str, Any]]:
+        spec = METHODS.get(method)
+        assert spec.study is not None  # Study() admits grids.FUSION only
+        candidates = spec.study.candidates(self.budget_name)
         if spec.data_use:  # the data budget is part of the candidate (and of its records)
             candidates = [{**c, "examples": self.stats_examples} for c in candidates]
-        val_scores = self._validate(spec, candidates)
+        return candidates
+
+    def _choose(
+        self, method: str, candidates: Sequence[dict[str, Any]], val_scores: Sequence[dict[str, float]]
+    ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+        """(params, validation scores per task) of the candidate selected on validation."""
+        study, tasks = METHODS.get(method).study, self.tasks
+        assert study is not None
         if study.per_task:
             values = [c[study.per_task] for c in candidates]
             chosen = grids.select_per_task(values, val_scores, tasks)
-            params: dict[str, Any] = {study.per_task: chosen}
             val = {t: {"score": val_scores[values.index(chosen[t])][t]} for t in tasks}
-        else:
-            i = grids.select(candidates, val_scores, self.ref_val)
-            params = dict(candidates[i])
-            val = {t: {"score": val_scores[i][t]} for t in tasks}
-        bodies, cand_heads, stats = self._candidate(spec, params)
-        if stats:
-            self.masks[method] = stats
-        test = {t: self.evaluate(method, params, t, "test", bodies[t], cand_heads[t]) for t in tasks}
-        storage = storage_bytes(method, bodies[tasks[0]], cand_heads)
-        row = self._row(method, params, val, test, self.ref_test, storage)
-        row["grid"] = [{"params": c, "validation": s} for c, s in zip(candidates, val_scores, strict=True)]
-        return row
+            return {study.per_task: chosen}, val
+        i = grids.select(candidates, val_scores, self.ref_val)
+        return dict(candidates[i]), {t: {"score": val_scores[i][t]} for t in tasks}
+
+    def _known(self, method: str, params: Mapping[str, Any], split: str) -> dict[str, Any]:
+        """The records this study holds of (method, params) on `split`, by task (a test record written
+        before per-example scores were kept is scored again)."""
+        hits = {t: self.records.get(EvalRecords.key(method, params, t, split)) for t in self.tasks}
+        return {t: h for t, h in hits.items() if h is not None and ("per_example" in h or split != "test")}
+
+    def _score_pieces(
+        self,
+        what: str,
+        fn: Callable[..., Any],
+        split: str,
+        jobs: Mapping[str, tuple[str, Any]],
+        *,
+        reuse: bool,
+    ) -> dict[str, dict[str, Any]]:
+        """Each job's piece result, its "records" completed from the study's records (task order). The
+        pieces score what the records lack; this process records what they return. `reuse`: a job whose
+        records are complete is not run (a test piece always runs: its row needs the merged model)."""
+        known = {k: self._known(m, p, split) for k, (m, p) in jobs.items()}
+        todo = [self._piece(k, fn, m, p, tuple(known[k]), deps=(INPUTS,)) for k, (m, p) in jobs.items()]
+
+        def done(key: str) -> Any:
+            if key == INPUTS:  # given, and on Ray put once into the object store for every piece
+                return self.inputs
+            return {"records": {}} if reuse and len(known[key]) == len(self.tasks) else None
+
+        def on_done(key: str, result: dict[str, Any]) -> None:
+            method, params = jobs[key]
+            for t, rec in result["records"].items():
+                self.records.put(EvalRecords.key(method, params, t, split), rec)
+            self.timings[method] = self.timings.get(method, 0.0) + result["seconds"]
+            if result["records"]:
+                self.timings["evaluation"] = self.timings.get("evaluation", 0.0) + result["eval_s"]
+
+        given = Piece(INPUTS, pieces.given, (INPUTS,))
+        out = self._execute(what, [given, *todo], done=done, on_done=on_done)
+        return {
+            k: {**out[k], "records": {t: known[k].get(t) or out[k]["records"][t] for t in self.tasks}}
+            for k in jobs
+        }
 
     def _curve(self, spec: MethodSpec, row: Row) -> list[CurvePoint]:
         """A size/score trade-off beside a row: its own value of the curve's parameter, then each of the
@@ -754,15 +824,6 @@ class Study:
             for split in ("validation", "test")
         }  # fmt: skip
         return scores["validation"], scores["test"], storage_bytes(spec.name, body, cand)
-
-
-def _record_of(res: Mapping[str, Any]) -> dict[str, Any]:
-    """What the records keep of an evaluation: score, per-kind scores, n, and the per-example scores
-    (encoded; None when the models API gives none, so the record is not scored again for them)."""
-    out = {k: v for k, v in res.items() if k in ("score", "per_kind", "n")}
-    per = res.get("per_example")
-    out["per_example"] = scores.encode_scores(per) if per is not None else None
-    return out
 
 
 def _jsonable(obj: Any) -> Any:
