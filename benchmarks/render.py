@@ -531,7 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument(
         "--causal", type=Path, default=REPO / "benchmarks" / "CAUSAL.md",
-        help="markdown appended last: causal LM fine-tuning and generation (default benchmarks/CAUSAL.md)",
+        help="markdown appended: causal LM fine-tuning and generation (default benchmarks/CAUSAL.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ray", type=Path, default=REPO / "benchmarks" / "RAY.md",
+        help="markdown appended last: the study in process and on Ray (default benchmarks/RAY.md)",
     )  # fmt: skip
     a = p.parse_args(argv)
     path = (a.results or newest_result()).resolve()
@@ -545,8 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     sups = [(rel(s), json.loads(s.read_text())) for s in a.supplement]
     notes = a.notes.read_text() if a.notes.is_file() else ""
     text = render(json.loads(path.read_text()), rel(path), sups, notes, rel(a.notes))
-    if a.causal.is_file():  # the causal-LM measurements: their own scripts, kept as written
-        text = text.rstrip("\n") + "\n\n" + a.causal.read_text().strip() + "\n"
+    for extra in (a.causal, a.ray):  # measurements of their own scripts, kept as written
+        if extra.is_file():
+            text = text.rstrip("\n") + "\n\n" + extra.read_text().strip() + "\n"
     a.output.write_text(text)
     print(f"wrote {a.output}")
     return 0
