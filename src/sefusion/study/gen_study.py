@@ -64,6 +64,7 @@ class GenStudyConfig:
     seed: int = 0
     methods: Sequence[str] | None = None  # None: every data-free fusion method of the registry
     humaneval_limit: int | None = -1  # -1: the budget's
+    tasks: Sequence[str] | None = None  # None: the scenario's tasks at this budget
     records: Path | None = None  # evaluation records to read and extend instead of <out>/records.jsonl
     overwrite: bool = False  # replace an <out> that holds another study
     quiet: bool = False
@@ -123,6 +124,12 @@ class GenStudy:
             budget = replace(budget, humaneval_limit=cfg.humaneval_limit)
         self.budget = budget
         self.scenario: GenScenario = gen_scenario(cfg.scenario, budget)
+        if cfg.tasks is not None:
+            if len(set(cfg.tasks)) < 2:
+                raise StudyError(
+                    f"a generative study needs at least two distinct tasks, got {list(cfg.tasks)}"
+                )
+            self.scenario = replace(self.scenario, tasks=tuple(cfg.tasks))
         self.tasks = list(self.scenario.tasks)
         self.builder = builder or default_builder
         self.runner = runner  # the sandbox's run_all (None: the real one); tests pass a stand-in
@@ -193,7 +200,7 @@ class GenStudy:
         """`<out>` holds this scenario's pieces: resumed when its manifest names this scenario, refused
         (or, with overwrite, replaced) when it holds anything else."""
         out, manifest = self.out, self.out / MANIFEST
-        want = {"scenario": self.scenario.name, "budget": self.budget.name}
+        want = {"scenario": self.scenario.name, "budget": self.budget.name, "tasks": self.tasks}
         if manifest.is_file():
             have = json.loads(manifest.read_text())
             if {k: have.get(k) for k in want} == want:
@@ -201,8 +208,8 @@ class GenStudy:
         if out.exists() and any(out.iterdir()):
             if not self.cfg.overwrite:
                 raise StudyError(
-                    f"output folder {out} exists and holds no {self.scenario.name} {self.budget.name} study "
-                    "to resume; pass --overwrite to replace it"
+                    f"output folder {out} exists and holds no {self.scenario.name} {self.budget.name} study of "
+                    f"these tasks to resume; pass --overwrite to replace it"
                 )
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -426,7 +433,7 @@ class GenStudy:
         test = {t: self.evaluate("individual", {}, t, "test", self._expert(t)) for t in self.tasks}
         self.ref_val = {t: r["score"] for t, r in val.items()}
         self._ind_test = dict(test)
-        he = self._humaneval_of("individual", {"served_by": self._he_task()}, self._expert(self._he_task()))
+        he = self._humaneval_of("individual", {}, self._expert(self._he_task()))
         return self._row("individual", {}, val, test, self.storage("individual"), he)
 
     def _bodies(self, method: str, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
