@@ -100,8 +100,10 @@ def test_every_row_and_the_report(study):
             assert row["grid"] and row["selected_on"].startswith("validation")
     for name in ("results.json", "report.md", "scores.json", "records.jsonl", "gen-study.json"):
         assert (cfg.out / name).is_file()
-    for t in (*TASKS, "multitask_lora", "_cat", "_linear"):
+    for t in (*TASKS, "multitask_lora"):
         assert (cfg.out / "adapters" / t / "adapter_model.safetensors").is_file()
+        assert not (cfg.out / "adapters" / t / "tokenizer.json").exists()
+    assert sorted(p.name for p in (cfg.out / "adapters").iterdir()) == sorted([*TASKS, "multitask_lora"])
     report = (cfg.out / "report.md").read_text()
     assert "## HumanEval pass@1" in report and "## Serving every task" in report and "lora_cat" in report
     assert json.loads((cfg.out / "results.json").read_text())["scenario"] == "gen-tasks"

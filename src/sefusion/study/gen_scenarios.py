@@ -54,12 +54,15 @@ class GenBudget:
 
 
 BUDGETS = {
-    # two tasks, 6 LoRA steps of 4 each, 8 validation and 12 test examples, 6 HumanEval problems
+    # two tasks; 6 LoRA steps of 4 a task (multitask: 12), 2 full fine-tuning steps a task; 6 validation
+    # and 8 test examples a task; the registry's quick grids (42 candidates with lora_linear); HumanEval:
+    # the first 6 problems, 256 new tokens
     "quick": GenBudget(
-        "quick", steps=6, batch=4, micro_batch=2, max_len=256, val_limit=8, test_limit=12,
-        humaneval_limit=6, humaneval_tokens=256, full_steps=2, eval_batch=6,
+        "quick", steps=6, batch=4, micro_batch=2, max_len=256, val_limit=6, test_limit=8,
+        humaneval_limit=6, humaneval_tokens=256, full_steps=2, eval_batch=8,
     ),
-    # every task; 100 LoRA steps of 8 a task (multitask: 100 x T), full fine-tune 25 steps a task
+    # every task; 100 LoRA steps of 8 a task (multitask: 100 x T), 25 full fine-tuning steps a task;
+    # 24 validation and 48 test examples a task; the registry's full grids; all 164 HumanEval problems
     "full": GenBudget(
         "full", steps=100, batch=8, micro_batch=4, max_len=512, grid="full", val_limit=24, test_limit=48,
         humaneval_limit=None, humaneval_tokens=512, full_steps=25,

@@ -51,6 +51,10 @@ NOT_CAUSAL_YET = (
     "its statistics (sefusion.models.statistics) are computed for the encoder study's classification and "
     "retrieval models; they do not yet extend to causal LMs' LoRA experts"
 )
+TOKENIZER_FILES = {
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "tokenizer.model",
+}  # fmt: skip
 QUALITY_KINDS = ("generate", "repair")  # kinds whose replies are code: parse rate, ruff findings
 
 
@@ -192,6 +196,10 @@ class GenStudy:
         check_causal_folder(self.base)
         self.base_sha = base_sha256(self.base)
         self.out = Path(cfg.out)
+        # what is rebuilt rather than committed: checkpoints, LoRA merges, the full fine-tune
+        self._work = (
+            self.cache / "gen-study" / f"{self.scenario.name}-{self.budget.name}-{self.base_sha[:12]}"
+        )
         self._claim_out()
         self._progress(f"gen study '{self.scenario.name}': {len(self.tasks)} tasks, budget {self.budget.name}, "
                        f"base {self.base}")  # fmt: skip
@@ -271,8 +279,12 @@ class GenStudy:
         self._progress(f"training {folder.name} ({config.mode}, {config.steps} steps a task)")
         self.trained.append(folder.name)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        ckpt = self.cache / "gen-study" / f"{self.scenario.name}-{folder.name}-{self.base_sha[:12]}.ckpt"
-        return train_causal(self.base, data, config, folder, cache=ckpt, progress=not self.cfg.quiet)
+        ckpt = self._work / f"{folder.name}.ckpt"
+        train_causal(self.base, data, config, folder, cache=ckpt, progress=not self.cfg.quiet)
+        for f in folder.iterdir() if config.mode != "full" else ():
+            if f.name in TOKENIZER_FILES:  # the study reads the base's: no copy per adapter to commit
+                f.unlink()
+        return folder
 
     def _open_records(self) -> None:
         key = _sha({
@@ -436,13 +448,20 @@ class GenStudy:
         he = self._humaneval_of("individual", {}, self._expert(self._he_task()))
         return self._row("individual", {}, val, test, self.storage("individual"), he)
 
-    def _bodies(self, method: str, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        """{task: the body serving it} of one candidate (one shared body for merge methods)."""
-        from .runner import fuse
+    def _bodies(self, method: str, params: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+        """{task: the body serving it} of one candidate: one shared body for merge methods; a bundle's
+        bodies are rebuilt from its vector and masks one task at a time (T dense bodies at once would
+        not fit beside the experts on a 0.5B base)."""
+        from ..engine import merge_tensors
 
+        spec = METHODS.get(method)
         experts = [self.experts[t] for t in self.tasks]
-        bodies, _ = fuse(method, params, self.base_body, experts, self.tasks, self.cfg.seed)
-        return bodies
+        merged = merge_tensors(method, self.base_body if spec.needs_base else None, experts,
+                               task_names=list(self.tasks), seed=self.cfg.seed, **params)  # fmt: skip
+        if spec.kind != "bundle":
+            body = {**self.base_body, **merged}
+            return {t: body for t in self.tasks}
+        return BundleBodies(self.base_body, merged, self.tasks)
 
     def _fusion_row(self, method: str) -> dict[str, Any]:
         """A method's grid on validation (target loss), the chosen candidate once on test."""
@@ -478,7 +497,7 @@ class GenStudy:
         """The experts' factors combined by PEFT (`cat` or `linear`, weights 1), cached beside them."""
         from .gen_lora import combine
 
-        folder = self.out / "adapters" / f"_{combination}"
+        folder = self._work / f"_{combination}"  # rebuilt from the experts when missing: not committed
         sha = _sha([adapter_sha256(self.adapters[t]) for t in self.tasks])
         stamp = folder / "inputs.sha"
         if not (stamp.is_file() and stamp.read_text().strip() == sha):
@@ -550,12 +569,7 @@ class GenStudy:
         from ..models.train import base_sha256
 
         steps = self.budget.full_steps
-        folder = (
-            self.cache
-            / "gen-study"
-            / f"{self.scenario.name}-{self.budget.name}-{self.base_sha[:12]}"
-            / "multitask_full"
-        )
+        folder = self._work / "multitask_full"  # a whole model: kept in the cache, not in <out>
         folder = self._timed(
             "multitask_full", lambda: self._train(folder, mixed, self.train_config("full", steps))
         )
@@ -664,6 +678,33 @@ class GenStudy:
             "evaluations_this_run": self.scored,
             "timings_s": {k: round(v, 1) for k, v in self.timings.items()}, "wall_s": round(wall, 1),
         }  # fmt: skip
+
+
+class BundleBodies(Mapping[str, Mapping[str, Any]]):
+    """Task t's body of a bundle (base + its mask of the merged vector, scaled), built when asked; the
+    last one is kept, so the validation and test passes of one task build it once."""
+
+    def __init__(self, base: Mapping[str, Any], merged: Mapping[str, Any], tasks: Sequence[str]) -> None:
+        self.base, self.merged, self.tasks = base, merged, list(tasks)
+        self._last: tuple[str, dict[str, Any]] | None = None
+
+    def __getitem__(self, task: str) -> Mapping[str, Any]:
+        from ..bundle import rebuild
+
+        if self._last is None or self._last[0] != task:
+            i = self.tasks.index(task)
+            body = dict(self.base)
+            for k, bt in self.merged.items():
+                scale = float(bt.scales[i]) if bt.scales is not None else None
+                body[k] = rebuild(self.base[k], bt.vector, bt.masks[i], scale)
+            self._last = (task, body)
+        return self._last[1]
+
+    def __iter__(self) -> Any:
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
 
 
 def _finite(x: Any) -> bool:
