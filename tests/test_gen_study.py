@@ -53,7 +53,7 @@ def synthetic(task: str, test_offset: int = 0) -> GenSplits:
     return GenSplits(task, **splits, provenance={"task": task}, fingerprint=f"{task}-{test_offset}")
 
 
-def builder(task, budget, seed, cache):
+def builder(task, budget, seed, cache, dirs):
     return synthetic(task)
 
 

@@ -380,8 +380,9 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
-def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite: bool) -> Any:
-    from .study import FUSION, StudyConfig, StudyError
+def _dirs(args: argparse.Namespace) -> dict[str, Path]:
+    """--dir LANG=PATH options as {lang: path}."""
+    from .study import StudyError
 
     dirs = {}
     for item in args.dirs:
@@ -389,6 +390,13 @@ def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite:
         if not sep or not lang or not path:
             raise StudyError(f"--dir takes LANG=PATH, got '{item}'")
         dirs[lang] = Path(path)
+    return dirs
+
+
+def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite: bool) -> Any:
+    from .study import FUSION, StudyConfig
+
+    dirs = _dirs(args)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else FUSION
     return StudyConfig(
         scenario=scenario, out=out, budget=args.budget, base=args.base, cache=args.cache, seed=args.seed,
@@ -428,8 +436,9 @@ def _gen_study(args: argparse.Namespace) -> int:
     budget = get_gen_budget(args.budget)
     precisions = {"eval_precision": args.eval_precision, "train_precision": args.train_precision}
     budget = replace(budget, **{k: v for k, v in precisions.items() if v})
+    dirs = _dirs(args)
     cfg = GenStudyConfig(
-        args.scenario, args.out, budget=budget, base=str(args.base or DEFAULT_BASE), cache=args.cache,
+        args.scenario, args.out, budget=budget, dirs=dirs, base=str(args.base or DEFAULT_BASE), cache=args.cache,
         seed=args.seed, methods=methods, records=args.records, overwrite=args.overwrite, quiet=args.quiet,
         humaneval_limit=-1 if args.humaneval_limit is None else args.humaneval_limit,
     )  # fmt: skip

@@ -32,12 +32,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..registry import LAMBDA_FULL, LAMBDA_QUICK, METHODS
 from . import grids, rigor, scores
+from .api import Row
 from .gen_scenarios import GenBudget, GenScenario, gen_scenario, get_gen_budget
 from .runner import EvalRecords
 from .scenarios import StudyError
@@ -69,18 +71,19 @@ class GenStudyConfig:
     methods: Sequence[str] | None = None  # None: every data-free fusion method of the registry
     humaneval_limit: int | None = -1  # -1: the budget's
     tasks: Sequence[str] | None = None  # None: the scenario's tasks at this budget
+    dirs: Mapping[str, Path] = field(default_factory=dict)  # a source tree or JSONL data set per language
     records: Path | None = None  # evaluation records to read and extend instead of <out>/records.jsonl
     overwrite: bool = False  # replace an <out> that holds another study
     quiet: bool = False
 
 
-Builder = Callable[[str, GenBudget, int, Path], Any]  # (task, budget, seed, cache) -> GenSplits
+Builder = Callable[..., Any]  # (task, budget, seed, cache, dirs) -> GenSplits
 
 
-def default_builder(task: str, budget: GenBudget, seed: int, cache: Path) -> Any:
+def default_builder(task: str, budget: GenBudget, seed: int, cache: Path, dirs: Mapping[str, Path]) -> Any:
     from ..tasks.generative import build_generative
 
-    return build_generative(task, sizes=budget.sizes or None, seed=seed, cache=cache / "tasks")
+    return build_generative(task, sizes=budget.sizes or None, seed=seed, cache=cache, dirs=dirs)
 
 
 def data_free_methods() -> tuple[list[str], dict[str, str]]:
@@ -177,8 +180,8 @@ class GenStudy:
         self._load()
         individual = self._individual_row()  # first: the normalizer of every row, pretrained included
         rows = [self._pretrained_row(), individual]
-        rows += [self._timed(m, lambda m=m: self._fusion_row(m)) for m in self.methods]
-        rows += [self._timed(r, lambda r=r: self._lora_row(r)) for r in self.lora_rows]
+        rows += [self._timed(m, partial(self._fusion_row, m)) for m in self.methods]
+        rows += [self._timed(r, partial(self._lora_row, r)) for r in self.lora_rows]
         rows += self._multitask_rows()
         results = self._results(rows, time.perf_counter() - t0)
         write_gen_report(results, self.scores_document, self.out)
@@ -225,7 +228,7 @@ class GenStudy:
 
     def _build_data(self) -> None:
         b = self.budget
-        self.data = {t: self._timed("data", lambda t=t: self.builder(t, b, self.cfg.seed, self.cache))
+        self.data = {t: self._timed("data", partial(self.builder, t, b, self.cfg.seed, self.cache, self.cfg.dirs))
                      for t in self.tasks}  # fmt: skip
         self.val = {t: self.data[t].validation[: b.val_limit] for t in self.tasks}
         self.test = {t: self.data[t].test[: b.test_limit] for t in self.tasks}
@@ -254,7 +257,7 @@ class GenStudy:
         self.adapters = {t: self.out / "adapters" / t for t in self.tasks}
         for t in self.tasks:
             self._timed(
-                "experts", lambda t=t: self._train(self.adapters[t], self._pairs(t), self.train_config())
+                "experts", partial(self._train, self.adapters[t], self._pairs(t), self.train_config())
             )
 
     def _train(self, folder: Path, data: Any, config: Any) -> Path:
@@ -405,9 +408,8 @@ class GenStudy:
         problems = problems[: self.budget.humaneval_limit] if self.budget.humaneval_limit else problems
         texts = generate(lm, tok, [p.prompt for p in problems], max_new_tokens=self.budget.humaneval_tokens,
                          stop=STOP, batch_size=self.budget.eval_batch)  # fmt: skip
-        kwargs = {"workers": None, "progress": False}
         results, summary = score(
-            problems, [(p.task_id, t) for p, t in zip(problems, texts, strict=True)], **kwargs
+            problems, [(p.task_id, t) for p, t in zip(problems, texts, strict=True)], progress=False
         )
         passed = [float(r.passed) for r in results]
         return {"score": summary["pass@1"], "n": len(passed), "per_example": scores.encode_scores(passed),
@@ -491,7 +493,7 @@ class GenStudy:
         bodies = self._bodies(method, params)
         tag = (method, json.dumps(params, sort_keys=True, default=str))
         return {t: self.evaluate(method, params, t, "validation",
-                                 lambda t=t: self._set(bodies[t], (*tag, t)))["score"] for t in self.tasks}  # fmt: skip
+                                 partial(self._set, bodies[t], (*tag, t)))["score"] for t in self.tasks}  # fmt: skip
 
     def _lora_adapter(self, combination: str) -> Path:
         """The experts' factors combined by PEFT (`cat` or `linear`, weights 1), cached beside them."""
@@ -639,7 +641,8 @@ class GenStudy:
 
         clusters = {t: [r["file"] for r in self._ind_test[t]["examples"] if _finite(r.get(self._ind_test[t]["metric"]))]
                     for t in self.tasks}  # fmt: skip
-        comparisons = rigor.attach_readings(rows, self.per_example, clusters, {t: None for t in self.tasks})
+        chance: dict[str, float | None] = {t: None for t in self.tasks}
+        comparisons = rigor.attach_readings(cast(list[Row], rows), self.per_example, clusters, chance)
         for row in rows:
             he = self.he_scores.get(row["method"])
             if he is not None and len(he[0]):
@@ -707,6 +710,10 @@ class BundleBodies(Mapping[str, Mapping[str, Any]]):
         return len(self.tasks)
 
 
+def _loss_key(val: Sequence[Mapping[str, float]], task: str, i: int) -> tuple[float, int]:
+    return (val[i][task], i)
+
+
 def _finite(x: Any) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
 
@@ -727,7 +734,7 @@ def select_by_loss(
     equals). A per-task parameter (TALL-Masks' lambda_t): each task takes its own lowest loss."""
     tasks = list(ref)
     if per_task:
-        idx = {t: min(range(len(val)), key=lambda i, t=t: (val[i][t], i)) for t in tasks}
+        idx = {t: min(range(len(val)), key=partial(_loss_key, val, t)) for t in tasks}
         return {per_task: {t: candidates[i][per_task] for t, i in idx.items()}}, {
             t: val[i][t] for t, i in idx.items()
         }
