@@ -22,27 +22,31 @@ from sefusion.study.gen_scenarios import GEN_SCENARIOS, GenBudget
 from sefusion.study.gen_study import GenStudy, GenStudyConfig, data_free_methods, select_by_loss
 from sefusion.study.runner import EvalRecords
 from sefusion.tasks.generative import GenExample, GenSplits
+from test_generative import problems  # noqa: F401 - a fixture
 from tiny_causal import make_causal, pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
-TASKS = ("summarize-python", "complete-python")
+TASKS = ("summarize-python", "generate-python")
 TINY = GenBudget(
     "tiny", steps=2, batch=2, micro_batch=1, max_len=64, grid="tiny", val_limit=3, test_limit=4,
     humaneval_limit=2, humaneval_tokens=4, max_new_tokens=4, full_steps=1, train_precision="fp32",
     eval_precision="fp32", eval_batch=4,
 )  # fmt: skip
+PROBLEMS: list[GenExample] = []  # generate-python's examples (test_generative's module), set by `study`
 
 
 def synthetic(task: str, test_offset: int = 0) -> GenSplits:
-    """A tiny task from reversed words: 24 train, 6 validation, 6 test examples over 3 files a split."""
-    k = TASKS.index(task)
-    made = pairs(36 + test_offset, seed=k)
+    """summarize: reversed words (24 train, 6 validation, 6 test examples over 3 files a split);
+    generate: doctest problems (runnable, failing their own doctest, without doctests), executed."""
+    if task == "generate-python":
+        k = test_offset % len(PROBLEMS)
+        test = PROBLEMS[k:] + PROBLEMS[:k]
+        return GenSplits(task, PROBLEMS * 4, PROBLEMS[:3], test, {"task": task}, f"{task}-{test_offset}")
+    made = pairs(36 + test_offset, seed=0)
 
     def ex(i: int, p: str, t: str) -> GenExample:
-        return GenExample(
-            f"{p} {task[:3]}", t if k == 0 else t[:2], {"file": f"f{i % 3}.py", "language": "python"}
-        )
+        return GenExample(f"{p} sum", t, {"file": f"f{i % 3}.py", "language": "python"})
 
     train, val = made[:24], made[24:30]
     test = made[30 + test_offset : 36 + test_offset]
@@ -67,7 +71,8 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def study(tiny, tmp_path_factory):
+def study(tiny, problems, tmp_path_factory):  # noqa: F811
+    PROBLEMS[:] = [problems[k] for k in ("area", "wrong", "plain", "double", "twice")]
     root = tmp_path_factory.mktemp("gen")
     cfg = config(tiny, root / "out", root / "cache")
     results = GenStudy(cfg, builder=builder).run()
@@ -93,8 +98,15 @@ def test_every_row_and_the_report(study):
     assert [r["method"] for r in results["rows"]] == want
     assert set(skipped) == {"fisher", "regmean", "pleas"} and set(skipped) <= set(results["skipped"])
     assert "do not yet extend to causal LMs" in results["skipped"]["fisher"]
+    # generate-python: of the first 4 test problems, `wrong` fails its own doctest and `plain` has none
+    assert results["experts"]["generate-python"]["n_test"] == 2
     for row in results["rows"]:
         assert set(row["test"]) == set(TASKS) and row["humaneval"]["n"] == 2
+        assert row["quality"]["generate-python"]["functions"] == 2 and row["test"]["generate-python"] in (
+            0,
+            0.5,
+            1,
+        )
         assert "interval" in row["humaneval"] and set(row["readings"]) == set(TASKS)
         if row["method"] in methods or row["method"] in ("lora_cat", "lora_linear"):
             assert row["grid"] and row["selected_on"].startswith("validation")
@@ -175,7 +187,7 @@ def test_selection_reads_validation_only(study, tiny, tmp_path):
         tiny, tmp_path / "out", cfg.cache, methods=["task_arithmetic", "tall_masks", "lora_linear"]
     )
     moved = GenStudy(other, builder=lambda t, *a: synthetic(t, test_offset=6)).run()
-    assert moved["trained_this_run"] == ["summarize-python", "complete-python", "multitask_lora"]
+    assert moved["trained_this_run"] == [*TASKS, "multitask_lora"]
     for method in ("task_arithmetic", "tall_masks", "lora_linear"):
         a, b = _row(results, method), _row(moved, method)
         assert a["params"] == b["params"] and a["grid"] == b["grid"]

@@ -641,15 +641,18 @@ class GenStudy:
 
         clusters = {t: [r["file"] for r in self._ind_test[t]["examples"] if _finite(r.get(self._ind_test[t]["metric"]))]
                     for t in self.tasks}  # fmt: skip
-        chance: dict[str, float | None] = {t: None for t in self.tasks}
-        comparisons = rigor.attach_readings(cast(list[Row], rows), self.per_example, clusters, chance)
+        # a task with no scorable test example (generate-* without a runnable doctest problem) has none
+        usable = {r: {t: v for t, v in per.items() if len(v)} for r, per in self.per_example.items()}
+        clusters = {t: c for t, c in clusters.items() if c}
+        chance: dict[str, float | None] = {t: None for t in clusters}
+        comparisons = rigor.attach_readings(cast(list[Row], rows), usable, clusters, chance)
         for row in rows:
             he = self.he_scores.get(row["method"])
             if he is not None and len(he[0]):
                 row["humaneval"]["interval"] = interval(he[0], he[1]).as_dict()
         self.scores_document = rigor.scores_file(
-            {t: {"clusters": clusters[t], "fingerprint": self.data[t].fingerprint} for t in self.tasks},
-            self.per_example,
+            {t: {"clusters": clusters[t], "fingerprint": self.data[t].fingerprint} for t in clusters},
+            usable,
         )
         return comparisons
 
