@@ -5,6 +5,7 @@ The flow, for tasks t = 1..T:
 1. data: each task built (cached) and split by source file; validation and test cut to the budget;
 2. experts: one LoRA adapter per task (`<out>/adapters/<task>`), resumable; an adapter already there is
    reused when its run record names this base (sha256), data and configuration, refused otherwise;
+   then the multi-task models, all trained before the rows hold the base and the experts in memory;
 3. rows, each scored on test once: `pretrained`, `individual` (the normalizer), every data-free fusion
    method applied to the experts' dense updates ΔW_t = scale·B_t·A_t (each candidate of the method's grid
    scored on VALIDATION by the mean target loss, teacher-forced, relative to each task's expert; the
@@ -254,11 +255,23 @@ class GenStudy:
         return [(ex.prompt, ex.target) for ex in self.data[task].train]
 
     def _train_experts(self) -> None:
+        """Every trained piece, before the rows load the base and the experts' updates: the experts, then
+        multitask_lora (their data mixed, their total steps) and multitask_full where budgeted."""
         self.adapters = {t: self.out / "adapters" / t for t in self.tasks}
         for t in self.tasks:
             self._timed(
                 "experts", partial(self._train, self.adapters[t], self._pairs(t), self.train_config())
             )
+        mixed = {t: self._pairs(t) for t in self.tasks}
+        mt = self.out / "adapters" / "multitask_lora"
+        self.mt_lora = self._timed("multitask", partial(self._train, mt, mixed, self.train_config()))
+        self.mt_full: Path | None = None
+        if self.scenario.full_row and self.budget.full_steps:
+            cfg = self.train_config("full", self.budget.full_steps)
+            full = self._work / "multitask_full"  # a whole model: kept in the cache, not in <out>
+            self.mt_full = self._timed("multitask_full", partial(self._train, full, mixed, cfg))
+        else:
+            self.skipped["multitask_full"] = "not in this scenario's budget"
 
     def _train(self, folder: Path, data: Any, config: Any) -> Path:
         """`folder` trained by train_causal, or reused when its record matches this base, data and config."""
@@ -540,19 +553,13 @@ class GenStudy:
         """multitask_lora (the experts' data mixed, their total steps); multitask_full where budgeted."""
         from .gen_lora import adapter_bytes, dense_updates
 
-        mixed = {t: self._pairs(t) for t in self.tasks}
-        folder = self._timed(
-            "multitask",
-            lambda: self._train(self.out / "adapters" / "multitask_lora", mixed, self.train_config()),
-        )
+        folder = self.mt_lora
         self.records.check_model("multitask_lora", adapter_sha256(folder))
         body = self.with_delta(dense_updates(folder, self.base))
         model = lambda: self._set(body, "multitask_lora")  # noqa: E731
         rows = [self._plain_row("multitask_lora", model, self.base_bytes + adapter_bytes(folder))]
-        if self.scenario.full_row and self.budget.full_steps:
-            rows.append(self._full_row(mixed))
-        else:
-            self.skipped["multitask_full"] = "not in this scenario's budget"
+        if self.mt_full is not None:
+            rows.append(self._full_row(self.mt_full))
         return rows
 
     def _plain_row(
@@ -563,18 +570,14 @@ class GenStudy:
         test = {t: self.evaluate(row, params, t, "test", model) for t in self.tasks}
         return self._row(row, params, val, test, storage, self._humaneval_of(row, params, model))
 
-    def _full_row(self, mixed: Mapping[str, Any]) -> dict[str, Any]:
-        """Every weight fine-tuned on the mixed data (`full_steps` a task); kept in the cache, not <out>."""
+    def _full_row(self, folder: Path) -> dict[str, Any]:
+        """Every weight fine-tuned on the mixed data (`full_steps` a task), loaded when first scored."""
         import torch
 
         from ..models.causal import load_causal
         from ..models.train import base_sha256
 
         steps = self.budget.full_steps
-        folder = self._work / "multitask_full"  # a whole model: kept in the cache, not in <out>
-        folder = self._timed(
-            "multitask_full", lambda: self._train(folder, mixed, self.train_config("full", steps))
-        )
         self.records.check_model("multitask_full", base_sha256(folder))
         held: dict[str, Any] = {}
 
