@@ -236,6 +236,26 @@ def test_adapter_trained_on_another_base_is_refused(bases, tmp_path):
         causal.load_causal(out, base=bases["other"])
 
 
+def test_a_moved_adapter_finds_its_offline_base_by_name(tmp_path, monkeypatch):
+    import shutil
+
+    base = make_causal(tmp_path / "b")
+    (base / "sefusion-base.json").write_text(json.dumps({"base": "gemma-3-270m"}))  # as fetch_base writes
+    out = train_causal(
+        base, pairs(4), CausalTrainConfig(**{**FAST, "steps": 1}), tmp_path / "ad", progress=False
+    )
+    assert json.loads((out / META_FILE).read_text())["base_name"] == "gemma-3-270m"
+    moved = tmp_path / "elsewhere"
+    shutil.move(base, moved)  # the adapter's own base path no longer exists (a fresh clone)
+    asked = []
+    monkeypatch.setattr(causal, "resolve_base", lambda name, *a, **k: asked.append(name) or moved)
+    causal.load_causal(out)
+    assert asked[0] == "gemma-3-270m"
+    (out / META_FILE).write_text(json.dumps({"base_name": None}))
+    with pytest.raises(CheckpointError, match="names no base folder that exists"):
+        causal.load_causal(out)
+
+
 def test_merge_refuses_an_adapter_trained_on_another_base(bases, tmp_path, capsys):
     from sefusion.io import open_model
     from sefusion.models import base_sha256
@@ -308,6 +328,21 @@ def _plain(model, tok, prompt, n):
     ids = tok(prompt, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "want"),
+    [
+        ("\n\nThis does x.\n\nMore", ("\n\n",), "\n\nThis does x."),  # a reply opening with a blank line
+        ("    return 1\ndef g():", ("\ndef",), "    return 1"),
+        ("\ndef f():\n    pass\ndef g", ("\ndef",), "\ndef f():\n    pass"),
+        ("\n\n", ("\n\n",), "\n\n"),  # nothing but whitespace: not ended
+        ("a\nb\n\nc\ndef", ("\ndef", "\n\n"), "a\nb"),  # the earliest stop wins
+        ("no stop here", ("\n",), "no stop here"),
+    ],
+)
+def test_cut_at_stop_by_hand(text, stop, want):
+    assert causal.cut_at_stop(text, stop) == want
 
 
 @pytest.mark.parametrize("shape", ["llama", "gemma"])

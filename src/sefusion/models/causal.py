@@ -332,15 +332,38 @@ def _load_adapter(path: Path, base: str | Path | None, device: str, dtype: Any) 
     from ..io import check_adapter_base
 
     if base is None:
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise CheckpointError(f"adapter {path} names no base folder that exists ({base}); pass the base")
+        base = _recorded_base(path)
     base = resolve_base(base)
     check_adapter_base(path, base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     # merged once: generation then runs at the base's speed
     model = PeftModel.from_pretrained(model, path).merge_and_unload().to(device).eval()
     return model, load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base)
+
+
+def offline_base_name(folder: Path) -> str | None:
+    """The offline base's name when `folder` is one `fetch_base` made, else None."""
+    try:
+        return json.loads((Path(folder) / "sefusion-base.json").read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError):
+        return None
+
+
+def _recorded_base(adapter: Path) -> str:
+    """The base an adapter names: its base folder where that exists, else the offline base its run record
+    names (an adapter committed or copied from another machine; `resolve_base` fetches it if needed)."""
+    from ..io.lora import TRAIN_RECORD
+
+    folder = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if folder and Path(folder).is_dir():
+        return str(folder)
+    try:
+        name = json.loads((adapter / TRAIN_RECORD).read_text(encoding="utf-8")).get("base_name")
+    except (OSError, ValueError):
+        name = None
+    if name in BASES:
+        return str(name)
+    raise CheckpointError(f"adapter {adapter} names no base folder that exists ({folder}); pass the base")
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -354,8 +377,10 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` up to (not including) the earliest occurrence of any stop string."""
-    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    """`text` up to (not including) the earliest stop string that starts after the text's leading
+    whitespace: a reply that opens with a blank line ("\n\nThis function ...") has not ended yet."""
+    start = len(text) - len(text.lstrip())
+    cuts = [i for i in (text.find(s, start) for s in stop) if i >= 0]
     return text[: min(cuts)] if cuts else text
 
 
@@ -407,8 +432,12 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def _stopped(tokenizer: Any, new: list[int], stop: Sequence[str], tail: int) -> bool:
-    """Whether the decoded tail of a row's new tokens holds a stop string (cheap: the last few tokens)."""
-    return bool(stop) and any(s in tokenizer.decode(new[-tail:], skip_special_tokens=True) for s in stop)
+    """Whether a row's new text holds a stop string after its leading whitespace. Cheap: the last few
+    tokens are decoded, the whole text only when they hold a stop string."""
+    if not stop or not any(s in tokenizer.decode(new[-tail:], skip_special_tokens=True) for s in stop):
+        return False
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return cut_at_stop(text, stop) != text
 
 
 def _generate_batch(

@@ -357,7 +357,7 @@ def train_causal(
     """
     import torch
 
-    from .causal import check_causal_folder, load_tokenizer, pick_device
+    from .causal import check_causal_folder, load_tokenizer, offline_base_name, pick_device
     from .encoder import configure_threads
     from .train import base_sha256
 
@@ -405,6 +405,7 @@ def train_causal(
     meta = {
         **run,
         "base": str(base),
+        "base_name": offline_base_name(base),
         "mode": config.mode,
         "steps": len(schedule),
         "losses": losses,
