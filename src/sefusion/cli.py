@@ -375,7 +375,7 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--humaneval-limit", type=int, default=None, metavar="N",
-        help="gen-tasks: score HumanEval on its first N problems (default: the budget's; quick 6, full 164)",
+        help="gen-tasks: score HumanEval on its first N problems (default: the budget's; quick 4, full 164)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 

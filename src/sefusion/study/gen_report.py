@@ -102,6 +102,7 @@ def render_gen_markdown(results: Mapping[str, Any]) -> str:
         f"Base `{results['base']}` (sha256 {results['base_sha256'][:16]}...), budget **{results['budget']}**: "
         f"{b['steps']} LoRA steps of {b['batch']} a task (r={b['r']}, alpha={b['alpha']}, max_len {b['max_len']}), "
         f"validation {b['val_limit']} / test {b['test_limit']} examples a task, grids `{b['grid']}`, "
+        f"multitask_full {b['full_steps'] or 0} steps a task, HumanEval {b['humaneval_limit'] or 'all'} problems, "
         f"eval {results['eval_precision']}. Wall time {results['wall_s']:.0f} s "
         f"(trained this run: {', '.join(results['trained_this_run']) or 'nothing'}; "
         f"{results['evaluations_this_run']} evaluations computed, the rest read from records.jsonl).", "",

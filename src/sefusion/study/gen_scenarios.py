@@ -10,7 +10,8 @@ grids (the registry's `quick` or `full` candidates), HumanEval problems, and whe
 row runs. `quick` takes two tasks of each scenario: the whole scenario on the default base within about
 20 minutes on 2 cores (an estimate from the measured ~14 s per LoRA step at batch 8 x 256 tokens,
 scaled to batch 4; the report states the wall time measured). `full` is sized for about 8 hours a
-scenario on 2 cores, and every piece is resumable.
+scenario on 2 cores (estimated from the same step time and ~40 generated tokens/s at batch 8: gen-tasks
+~8 h of which HumanEval ~2.3 h, gen-languages and gen-cross ~6 h), and every piece is resumable.
 """
 
 from __future__ import annotations
@@ -56,16 +57,16 @@ class GenBudget:
 BUDGETS = {
     # two tasks; 6 LoRA steps of 4 a task (multitask: 12), 2 full fine-tuning steps a task; 6 validation
     # and 8 test examples a task; the registry's quick grids (42 candidates with lora_linear); HumanEval:
-    # the first 6 problems, 256 new tokens
+    # the first 4 problems, 256 new tokens
     "quick": GenBudget(
         "quick", steps=6, batch=4, micro_batch=2, max_len=256, val_limit=6, test_limit=8,
-        humaneval_limit=6, humaneval_tokens=256, full_steps=2, eval_batch=8,
+        humaneval_limit=4, humaneval_tokens=256, full_steps=2, eval_batch=8,
     ),
-    # every task; 100 LoRA steps of 8 a task (multitask: 100 x T), 25 full fine-tuning steps a task;
-    # 24 validation and 48 test examples a task; the registry's full grids; all 164 HumanEval problems
+    # every task; 80 LoRA steps of 8 a task (multitask: 80 x T), 15 full fine-tuning steps a task;
+    # 24 validation and 40 test examples a task; the registry's full grids; all 164 HumanEval problems
     "full": GenBudget(
-        "full", steps=100, batch=8, micro_batch=4, max_len=512, grid="full", val_limit=24, test_limit=48,
-        humaneval_limit=None, humaneval_tokens=512, full_steps=25,
+        "full", steps=80, batch=8, micro_batch=4, max_len=512, grid="full", val_limit=24, test_limit=40,
+        humaneval_limit=None, humaneval_tokens=512, full_steps=15,
     ),
 }  # fmt: skip
 
