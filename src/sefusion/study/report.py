@@ -49,18 +49,42 @@ def table_text(results: Mapping[str, Any]) -> str:
     head = f"{'method':<16}" + "".join(f"{t:>{w + 1}}" for t in tasks) + f"{'avg norm.':>11}{'serve MB':>10}"
     lines = [head, "-" * len(head)]
     for r in results["rows"]:
-        cells = "".join(f"{_fmt(r['test'][t]):>{w - 6}} ({_fmt(r['normalized'][t], 2)})" for t in tasks)
-        lines.append(
-            f"{r['method']:<16}{cells}{_fmt(r['avg_normalized']):>11}{r['storage_bytes'] / 1e6:>10.1f}"
-        )
-    lines.append("cells: test score (normalized by the task's own expert)")
+        test, norm = _point(r, "test"), _point(r, "normalized")
+        cells = "".join(f"{_fmt(test[t]):>{w - 6}} ({_fmt(norm[t], 2)})" for t in tasks)
+        avg = _point(r, "avg_normalized")
+        lines.append(f"{r['method']:<16}{cells}{_fmt(avg):>11}{r['storage_bytes'] / 1e6:>10.1f}")
+    over = f", mean over {len(results['seeds'])} training seeds" if results.get("seeds") else ""
+    lines.append(f"cells: test score (normalized by the task's own expert){over}")
     return "\n".join(lines)
+
+
+def _point(row: Mapping[str, Any], part: str) -> Any:
+    """A row's test / normalized scores (per task) or avg_normalized: the mean over seeds when it has
+    several seeds (where a seed leaves a value undefined: the first seed's), else its own."""
+    over = (row.get("over_seeds") or {}).get(part)
+    if over is None:
+        return row[part]
+    if "mean" in over:
+        return over["mean"]
+    return {t: (s["mean"] if s else row[part][t]) for t, s in over.items()}
+
+
+def _seeded(row: Mapping[str, Any], part: str, task: str | None = None) -> Any:
+    """'mean ± sd' over seeds of a row's `part` (of one task), or None for a one-seed study."""
+    from .uncertainty import format_over_seeds
+
+    over = row.get("over_seeds")
+    if not over:
+        return None
+    s = over.get(part) if task is None else (over.get(part) or {}).get(task)
+    return "–" if s is None else format_over_seeds(s)
 
 
 def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     """report.md: one section after another, each read from the results."""
     L = _header(results) + _tasks_section(results) + _test_data_section(results) + _scores_section(results)
     L += _gain_section(results) + _comparisons_section(results) + _data_aware_section(results)
+    L += _per_seed_section(results)
     L += _masks_section(results) + _magnitudes_section(results) + _provenance_section(results)
     if plots:
         L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -87,14 +111,30 @@ def _header(results: Mapping[str, Any]) -> list[str]:
         f"{results.get('description', '')}",
         "",
         f"- base: `{results['base']}` (sha256 {results.get('base_sha256', '')[:16]}…)",
-        f"- budget: `{results['budget']}`, seed {results['seed']}, sefusion {__version__}; "
+        f"- budget: `{results['budget']}`, {_seeds_note(results)}, sefusion {__version__}; "
         + _precision_note(results),
         f"- wall time: {results.get('wall_s', 0):.0f} s (" + timings + ")",
         *_names_note(results),
+        *_first_seed_note(results),
         "- hyper-parameters of every fusion row were chosen on the validation split only, then scored once on test;",
         "  normalized score = test score / the task's individual expert's test score.",
         "",
     ]
+
+
+def _seeds_note(results: Mapping[str, Any]) -> str:
+    seeds, data_seed = results.get("seeds"), results.get("data_seed")
+    split = "" if data_seed is None else f" (data split seed {data_seed})"
+    if not seeds:
+        return f"seed {results['seed']}{split}"
+    return f"{len(seeds)} training seeds {', '.join(map(str, seeds))}{split}"
+
+
+def _first_seed_note(results: Mapping[str, Any]) -> list[str]:
+    if not results.get("seeds"):
+        return []
+    return [f"- over seeds: the score tables, gain kept and paired differences; the first seed's ({results['seed']}): "
+            "selected hyper-parameters, masks, task-vector magnitudes and the PLeaS curve"]  # fmt: skip
 
 
 def _names_note(results: Mapping[str, Any]) -> list[str]:
@@ -111,10 +151,11 @@ def _tasks_section(results: Mapping[str, Any]) -> list[str]:
     trows = []
     for t in tasks:
         sizes = results["data"][t]["sizes"]
-        e = ex[t]
+        e, over = ex[t], ex[t].get("over_seeds") or {}
+        test = over["test"]["mean"] if over.get("test") else e["test"]
         trows.append(
-            [t, e["metric"], e["chance"], e["test"], e["validation"], sizes.get("train"), sizes.get("validation"),
-             sizes.get("test"), "yes" if e["test"] > e["chance"] else "**no**"]
+            [t, e["metric"], e["chance"], _seeded(e, "test") or e["test"], _seeded(e, "validation") or e["validation"],
+             sizes.get("train"), sizes.get("validation"), sizes.get("test"), "yes" if test > e["chance"] else "**no**"]
         )  # fmt: skip
     L += _table(
         ["task", "metric", "chance", "expert test", "expert val", "train", "val", "test", "above chance"],
@@ -150,19 +191,32 @@ def _uncertainty_note(results: Mapping[str, Any]) -> list[str]:
             f"`{u.get('scores_file', 'scores.json')}`).", ""]  # fmt: skip
 
 
+def _seeds_cells_note(results: Mapping[str, Any]) -> list[str]:
+    if not results.get("seeds"):
+        return _uncertainty_note(results)
+    return [f"Cells: mean ± sd over {len(results['seeds'])} training seeds (each seed's rows selected on its "
+            "own validation scores); each seed's scores with their intervals: section *Per seed*.", ""]  # fmt: skip
+
+
 def _scores_section(results: Mapping[str, Any]) -> list[str]:
     tasks, rows = results["tasks"], results["rows"]
-    L = ["", "## Absolute test scores", "", *_uncertainty_note(results)]
+
+    def cell(r: Mapping[str, Any], t: str, part: str, reading: str) -> Any:
+        return _seeded(r, part, t) or _cell(r, t, r[part][t], reading)
+
+    L = ["", "## Absolute test scores", "", *_seeds_cells_note(results)]
     L += _table(["method", *tasks, "average"],
-                [[r["method"], *(_cell(r, t, r["test"][t], "interval") for t in tasks),
-                  sum(r["test"].values()) / len(tasks)] for r in rows])  # fmt: skip
+                [[r["method"], *(cell(r, t, "test", "interval") for t in tasks),
+                  sum(_point(r, "test").values()) / len(tasks)] for r in rows])  # fmt: skip
     L += ["", "## Normalized test scores (fused / individual expert)", ""]
     L += _table(
         ["method", *tasks, "avg normalized", "bytes to serve all tasks"],
-        [[r["method"], *(_cell(r, t, r["normalized"][t], "normalized") for t in tasks), r["avg_normalized"],
-          _mb(r["storage_bytes"])] for r in rows],
+        [[r["method"], *(cell(r, t, "normalized", "normalized") for t in tasks),
+          _seeded(r, "avg_normalized") or r["avg_normalized"], _mb(r["storage_bytes"])] for r in rows],
     )  # fmt: skip
     L += ["", "## Selected hyper-parameters (on validation)", ""]
+    if results.get("seeds"):
+        L += [f"Those of training seed {results['seeds'][0]}; every seed's in section *Per seed*.", ""]
     L += _table(
         ["method", "params", "candidates"],
         [[r["method"], _params(r["params"]) or "–", len(r.get("grid") or []) or "–"] for r in rows],
@@ -200,6 +254,9 @@ def _gain_section(results: Mapping[str, Any]) -> list[str]:
             continue
         cells = []
         for t in tasks:
+            if r.get("over_seeds"):
+                cells.append(_seeded_gain(r, t, len(results["seeds"])))
+                continue
             p = points[r["method"]].get(t) or {}
             reading = (r.get("readings") or {}).get(t) or {}
             g = _interval(reading["gain_kept"]) if reading.get("gain_kept") else _fmt(p.get("gain_kept"))
@@ -207,15 +264,26 @@ def _gain_section(results: Mapping[str, Any]) -> list[str]:
                           else "") for f in reading.get("flags", p.get("flags") or [])]  # fmt: skip
             cells.append(g + (f" ({', '.join(marks)})" if marks else ""))
         rows.append([r["method"], *cells])
-    return ["", "## Gain kept ((fused − pretrained) / (expert − pretrained))", "",
+    seeded = ("Cells: mean ± sd over seeds; a flag with the number of seeds that raise it. "
+              if results.get("seeds") else "")  # fmt: skip
+    return ["", "## Gain kept ((fused − pretrained) / (expert − pretrained))", "", seeded +
             "1: the fused row keeps all the expert's gain over the `pretrained` row; 0: none; < 0: worse than not "
             "fine-tuning (– : the expert does not beat `pretrained`). Flags: below the `pretrained` row's score "
             "(* significantly: the paired interval excludes 0), below chance.",
             "", *_table(["method", *tasks], rows)]  # fmt: skip
 
 
+def _seeded_gain(row: Mapping[str, Any], task: str, n: int) -> str:
+    """'0.61 ± 0.05 (below pretrained 1/3)': the gain kept over seeds, each flag with its seed count."""
+    flags = (row["over_seeds"].get("flags") or {}).get(task) or {}
+    marks = [f"{f} {k}/{n}" for f, k in flags.items()]
+    return _seeded(row, "gain_kept", task) + (f" ({', '.join(marks)})" if marks else "")
+
+
 def _comparisons_section(results: Mapping[str, Any]) -> list[str]:
     """The paired differences of test scores the study compares, * where the interval excludes 0."""
+    if results.get("comparisons_over_seeds"):
+        return _seeded_comparisons(results)
     comp, tasks = results.get("comparisons") or {}, results["tasks"]
     pairs: list[str] = []
     for t in tasks:
@@ -231,6 +299,43 @@ def _comparisons_section(results: Mapping[str, Any]) -> list[str]:
             "Each difference a − b on the same bootstrap resamples of the task's test examples; "
             "* significant: its interval excludes 0.",
             "", *_table(["a − b", *tasks], [[p, *(cell(t, p) for t in tasks)] for p in pairs])]  # fmt: skip
+
+
+def _seeded_comparisons(results: Mapping[str, Any]) -> list[str]:
+    """The paired differences over seeds: mean ± sd, and in how many seeds each is significant."""
+    from .uncertainty import format_over_seeds
+
+    comp, tasks, n = results["comparisons_over_seeds"], results["tasks"], len(results["seeds"])
+    pairs: list[str] = []
+    for t in tasks:
+        pairs += [p for p in comp.get(t) or {} if p not in pairs]
+
+    def cell(t: str, p: str) -> str:
+        d = (comp.get(t) or {}).get(p)
+        if d is None:
+            return "–"
+        sig = [f"{w} {d[f'significant_{w}']}/{n}" for w in ("below", "above") if d[f"significant_{w}"]]
+        return format_over_seeds(d) + (f" (significant {', '.join(sig)})" if sig else "")
+
+    return ["", "## Paired differences of test scores", "",
+            f"Each difference a − b: mean ± sd over {n} seeds; significant below / above 0: in how many seeds "
+            "the paired interval (same bootstrap resamples of the task's test examples) excludes 0.",
+            "", *_table(["a − b", *tasks], [[p, *(cell(t, p) for t in tasks)] for p in pairs])]  # fmt: skip
+
+
+def _per_seed_section(results: Mapping[str, Any]) -> list[str]:
+    """Each seed's selected params and normalized test scores with their bootstrap intervals."""
+    per_seed, tasks = results.get("per_seed") or [], results["tasks"]
+    if not per_seed:
+        return []
+    L = ["", "## Per seed", "", *_uncertainty_note(results)]
+    for entry in per_seed:
+        L += ["", f"### Training seed {entry['seed']} (scores: `{entry.get('scores_file', '–')}`)", ""]
+        L += _table(["method", "params", *(f"{t} normalized" for t in tasks), "avg normalized"],
+                    [[r["method"], _params(r.get("params")) or "–",
+                      *(_cell(r, t, r["normalized"][t], "normalized") for t in tasks), r["avg_normalized"]]
+                     for r in entry["rows"]])  # fmt: skip
+    return L
 
 
 def _data_aware_section(results: Mapping[str, Any]) -> list[str]:
@@ -338,7 +443,9 @@ def plot(results: Mapping[str, Any], out: Path) -> list[str]:
     width = 0.8 / len(tasks)
     for i, t in enumerate(tasks):
         xs = [j + (i - (len(tasks) - 1) / 2) * width for j in range(len(rows))]
-        ax.bar(xs, [r["normalized"][t] for r in rows], width, label=t)
+        sds = [(((r.get("over_seeds") or {}).get("normalized") or {}).get(t) or {}).get("sd") for r in rows]
+        yerr = [sd or 0.0 for sd in sds] if any(sd is not None for sd in sds) else None  # ± sd over seeds
+        ax.bar(xs, [_point(r, "normalized")[t] for r in rows], width, yerr=yerr, capsize=2, label=t)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=35, ha="right")
     ax.set_ylabel("normalized test score")
@@ -389,11 +496,10 @@ def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for m in methods:
         by = [next((r for r in res["rows"] if r["method"] == m), None) for res in runs]
-        avg = [r["avg_normalized"] if r else None for r in by]
-        worst = [min(r["normalized"].values()) if r and r["normalized"] else None for r in by]
-        rows.append([m, *avg, *worst])
+        rows.append([m, *(_summary_avg(r) for r in by), *(_summary_worst(r) for r in by)])
     L = ["Normalized test score (fused / the task's own expert), averaged over the scenario's tasks, and",
-         "that of its worst task (– : not run in that scenario).", ""]  # fmt: skip
+         "that of its worst task (– : not run in that scenario; mean ± sd where a scenario ran several seeds).",
+         ""]  # fmt: skip
     L += _table(header, rows)
     L += [
         "",
@@ -405,7 +511,7 @@ def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
         cells = []
         for res in runs:
             r = next((r for r in res["rows"] if r["method"] == m), None)
-            vals = list(r["normalized"].values()) if r and r["normalized"] else []
+            vals = list(_point(r, "normalized").values()) if r and r["normalized"] else []
             cells.append(f"{sum(v < DEGRADED for v in vals)}/{len(vals)}" if vals else None)
         deg_rows.append([m, *cells])
     L += _table(["method", *names], deg_rows)
@@ -419,7 +525,7 @@ def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
         weakest, strongest = order[0], order[-1]
         for t, which in ((weakest, "weakest"), (strongest, "strongest")):
             weak_rows.append([res["scenario"], f"{t} ({which})", mags[t]["relative"],
-                              by["tall_masks"]["normalized"][t], by["scaling_masks"]["normalized"][t]])  # fmt: skip
+                              _point(by["tall_masks"], "normalized")[t], _point(by["scaling_masks"], "normalized")[t]])  # fmt: skip
     if weak_rows:
         L += ["", "TALL-Masks and Scaling-Masks on each scenario's weakest and strongest task vector "
                   "(‖τ_t‖/‖θ0‖ of the body; normalized test scores):", ""]  # fmt: skip
@@ -428,6 +534,10 @@ def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
 
     L += ["", *gain_lines(runs)]
     L += _significance_lines(runs, methods)
+    seeded = [str(res["scenario"]) for res in runs if res.get("seeds")]
+    if seeded:
+        L += ["", f"Several training seeds ({', '.join(seeded)}): gain kept and significance above are the first "
+              "seed's; each report's own tables give them over seeds."]  # fmt: skip
     L += ["", "Experts (test score, chance level):", ""]
     for res in runs:
         cells = ", ".join(
@@ -435,6 +545,19 @@ def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
         )
         L.append(f"- {res['scenario']} ({res.get('budget', '?')} budget): {cells}")
     return "\n".join(L) + "\n"
+
+
+def _summary_avg(row: Mapping[str, Any] | None) -> Any:
+    return None if row is None else _seeded(row, "avg_normalized") or row["avg_normalized"]
+
+
+def _summary_worst(row: Mapping[str, Any] | None) -> Any:
+    """The normalized score of the row's worst task (by its mean over seeds, where it has seeds)."""
+    if row is None or not row["normalized"]:
+        return None
+    norm = _point(row, "normalized")
+    worst = min(norm, key=norm.__getitem__)
+    return _seeded(row, "normalized", worst) or norm[worst]
 
 
 def _significance_lines(runs: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[str]:

@@ -14,6 +14,9 @@ The flow, for tasks t = 1..T of a scenario:
    gain kept with intervals, flags, and the paired differences the report compares (`rigor`); the
    per-example scores go to scores.json, so each interval can be recomputed from what the study wrote.
 
+With `StudyConfig.seeds` > 1 the whole flow runs once per training seed on the same data split, and the
+results are combined (`seeds.py`).
+
 Every evaluation is appended to a record in the cache as soon as it is made, so a run that stops (a
 session that ends, Ctrl-C) resumes where it stopped; records are keyed by everything that determines them.
 The records are one small JSONL file: carried to another machine (`--records FILE`), they let a study
@@ -36,7 +39,7 @@ from typing import Any, cast
 from .._lazy import torch
 from ..models.config import PRECISIONS
 from ..registry import METHODS, MethodSpec
-from . import grids, rigor, scores
+from . import grids, rigor, scores, seeds
 from .api import Candidate, CurvePoint, Evaluate, ModelsAPI, Row, TasksAPI
 from .scenarios import Scenario, StudyError
 
@@ -52,7 +55,11 @@ class StudyConfig:
     budget: Any = "quick"  # a budget name (quick, full) or a models.Budget
     base: Path | None = None
     cache: Path | None = None
+    # training seed (the first one when seeds > 1): fine-tuning init and batches, DARE draws, statistics
+    # samples; seed i of `seeds` trains with seed + i. The data split depends on data_seed alone.
     seed: int = 0
+    seeds: int = 1
+    data_seed: int = 0
     methods: Sequence[str] = field(default_factory=lambda: grids.FUSION)
     overwrite: bool = False
     quiet: bool = False
@@ -390,7 +397,7 @@ class Study:
         cfg, sizes = self.cfg, self.budget.sizes
         self.data: dict[str, Any] = {}
         for t in self.tasks:
-            self.data[t] = self._timed("data", partial(self.tasks_api.build_task, t, sizes=sizes, seed=cfg.seed,
+            self.data[t] = self._timed("data", partial(self.tasks_api.build_task, t, sizes=sizes, seed=cfg.data_seed,
                                                        cache=self.cache, dirs=cfg.dirs, options=self._options(t)))  # fmt: skip
             counts = {s: len(v) for s, v in self.data[t].splits.items()}
             self._progress(f"  {t}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
@@ -580,7 +587,7 @@ class Study:
         return {
             "scenario": cfg.scenario.name, "description": cfg.scenario.description, "base": str(self.base),
             "base_sha256": _weights_sha256(self.base), "budget": self.budget_name, "seed": cfg.seed,
-            "keep_names": cfg.keep_names,
+            **({"data_seed": cfg.data_seed} if cfg.data_seed != cfg.seed else {}), "keep_names": cfg.keep_names,
             "tasks": self.tasks, "experts": experts, "data": sizes, "rows": rows, "masks": self.masks,
             "skipped": self.skipped, "pleas_budgets": self.curves,
             "comparisons": self.comparisons, "uncertainty": rigor.about(),
@@ -783,12 +790,11 @@ def run_study(cfg: StudyConfig, **kwargs: Any) -> dict[str, Any]:
         from ..errors import OutputExistsError
 
         raise OutputExistsError(f"output folder {cfg.out} exists; pass --overwrite to replace it")
-    study = Study(cfg, **kwargs)
-    results = study.run()
+    results, documents = seeds.run_seeds(cfg, lambda c: Study(c, **kwargs))
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
         write_report(results, tmp)
-        if study.scores_document is not None:
-            (tmp / "scores.json").write_text(json.dumps(study.scores_document) + "\n")
+        for name, document in documents.items():
+            (tmp / name).write_text(json.dumps(document) + "\n")
     return results
 
 
