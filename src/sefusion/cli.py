@@ -85,9 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         "same-category (the classification tasks of one language), cross-category (retrieval and "
         "classification across languages), pair (two tasks: adds the two-model PLeaS row), or a YAML file with "
         "`tasks: [naming-python, ...]`. Experts, data "
-        "and evaluations are cached, so an interrupted study resumes where it stopped.",
+        "and evaluations are cached, so an interrupted study resumes where it stopped. The generative "
+        "scenarios gen-tasks, gen-languages and gen-cross fuse LoRA experts of a causal code LM (--base, "
+        "default qwen2.5-coder-0.5b); their adapters and evaluation records live in --out, so running the "
+        "same command again resumes there.",
     )
-    p.add_argument("scenario", help="languages | same-category | cross-category | pair | FILE.yaml")
+    p.add_argument(
+        "scenario",
+        help="languages | same-category | cross-category | pair | FILE.yaml | gen-tasks | gen-languages | gen-cross",
+    )
     p.add_argument("--out", type=Path, required=True, help="report folder (results.json, report.md, plots)")
     _add_study_args(p)
 
@@ -393,11 +399,16 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--piece-gpus", type=float, default=0, metavar="G", help="GPUs of each piece on Ray (default 0)"
     )
+    p.add_argument(
+        "--humaneval-limit", type=int, default=None, metavar="N",
+        help="gen-tasks: score HumanEval on its first N problems (default: the budget's; quick 4, full 164)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
-def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite: bool) -> Any:
-    from .study import FUSION, StudyConfig, StudyError
+def _dirs(args: argparse.Namespace) -> dict[str, Path]:
+    """--dir LANG=PATH options as {lang: path}."""
+    from .study import StudyError
 
     dirs = {}
     for item in args.dirs:
@@ -405,6 +416,13 @@ def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite:
         if not sep or not lang or not path:
             raise StudyError(f"--dir takes LANG=PATH, got '{item}'")
         dirs[lang] = Path(path)
+    return dirs
+
+
+def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite: bool) -> Any:
+    from .study import FUSION, StudyConfig
+
+    dirs = _dirs(args)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else FUSION
     return StudyConfig(
         scenario=scenario, out=out, budget=args.budget, base=args.base, cache=args.cache, seed=args.seed,
@@ -418,12 +436,47 @@ def _study_config(args: argparse.Namespace, scenario: Any, out: Path, overwrite:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from .study import resolve, run_study
+    from .study.gen_scenarios import is_gen_scenario
     from .study.report import table_text
+
+    if is_gen_scenario(args.scenario):
+        return _gen_study(args)
 
     scenario = resolve(args.scenario, kind=args.kind, lang=args.lang)
     results = run_study(_study_config(args, scenario, args.out, args.overwrite))
     if not args.quiet:
         print(table_text(results))
+    log.info("report written to %s (%.0f s)", args.out / "report.md", results["wall_s"])
+    return 0
+
+
+def _gen_study(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .models.causal import DEFAULT_BASE
+    from .study.gen_scenarios import get_gen_budget
+    from .study.gen_study import GenStudyConfig, run_gen_study
+
+    if args.seeds != 1 or args.data_seed != 0:
+        raise SefusionError(
+            f"{args.scenario}: --seeds and --data-seed are not supported by the generative scenarios yet "
+            "(--seed sets both the data split and training); run one --seed at a time"
+        )
+    if args.ray is not None:
+        raise SefusionError(f"{args.scenario}: --ray is not supported by the generative scenarios yet")
+    if args.humaneval_limit is not None and args.humaneval_limit <= 0:
+        raise SefusionError(f"--humaneval-limit must be positive, got {args.humaneval_limit}")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    budget = get_gen_budget(args.budget)
+    precisions = {"eval_precision": args.eval_precision, "train_precision": args.train_precision}
+    budget = replace(budget, **{k: v for k, v in precisions.items() if v})
+    dirs = _dirs(args)
+    cfg = GenStudyConfig(
+        args.scenario, args.out, budget=budget, dirs=dirs, base=str(args.base or DEFAULT_BASE), cache=args.cache,
+        seed=args.seed, methods=methods, records=args.records, overwrite=args.overwrite, quiet=args.quiet,
+        humaneval_limit=-1 if args.humaneval_limit is None else args.humaneval_limit,
+    )  # fmt: skip
+    results = run_gen_study(cfg)
     log.info("report written to %s (%.0f s)", args.out / "report.md", results["wall_s"])
     return 0
 

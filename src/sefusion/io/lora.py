@@ -322,17 +322,23 @@ class LoraReader(ModelReader):
         if name in self._full:
             return self._adapter.get(self._full[name])
         w = self.base.get(name)
+        delta = self.delta(name)
+        return w if delta is None else (w.float() + delta).to(w.dtype)
+
+    def adapted(self) -> list[str]:
+        """The base tensors this adapter changes by a low-rank update (or a bias), sorted."""
+        return sorted(self._deltas)
+
+    def delta(self, name: str) -> torch.Tensor | None:
+        """ΔW of tensor `name` in float32 (scale included), None where the adapter leaves it alone."""
         d = self._deltas.get(name)
         if d is None:
-            return w
+            return None
         b = self._adapter.get(d.b).float()
         if d.a is None:
-            delta = b  # (out,)
-        else:
-            delta = b @ self._adapter.get(d.a).float()  # (out, r) @ (r, in) -> (out, in)
-            if d.transpose:
-                delta = delta.T
-        return (w.float() + d.scale * delta).to(w.dtype)
+            return d.scale * b  # (out,)
+        delta = b @ self._adapter.get(d.a).float()  # (out, r) @ (r, in) -> (out, in)
+        return d.scale * (delta.T if d.transpose else delta)
 
     def weight_files(self) -> list[Path]:
         return self._adapter.weight_files() + self.base.weight_files()

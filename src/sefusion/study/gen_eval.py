@@ -114,10 +114,25 @@ def evaluate_task(
     """(one record per example of the split: index, file, and the reply and metric scores where it was
     generated, its target loss for generate-*; the summary: each metric's mean with its interval, the
     task's provenance and the settings)."""
-    spec, _ = get_generative(task)
     examples, provenance = task_examples(task, cfg, cache)
-    generated = runnable_problems(examples, runner) if spec.kind == "generate" else list(range(len(examples)))
     lm, tok = _load(model, cfg.precision)
+    records, metrics = score_examples(lm, tok, task, examples, cfg, runner)
+    summary: dict[str, Any] = {
+        "model": str(model), "task": task, "split": cfg.split, "examples": len(examples),
+        "metrics": {m: metric_summary(m, records) for m in metrics},
+        "settings": asdict(cfg) | {"options": dict(cfg.options)}, "task_provenance": provenance,
+    }  # fmt: skip
+    return records, summary
+
+
+def score_examples(
+    lm: Any, tok: Any, task: str, examples: Sequence[GenExample], cfg: GenEvalConfig,
+    runner: Runner | None = None,
+) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+    """(one record per example: index, file, and the reply and metric scores where it was generated, its
+    target loss for generate-*; the metrics scored) of a model already in memory."""
+    spec, _ = get_generative(task)
+    generated = runnable_problems(examples, runner) if spec.kind == "generate" else list(range(len(examples)))
     outs = replies(lm, tok, spec.kind, [examples[i] for i in generated], cfg) if generated else []
     records: list[dict[str, Any]] = [
         {"index": i, "file": ex.meta.get("file", "")} for i, ex in enumerate(examples)
@@ -137,12 +152,7 @@ def evaluate_task(
         metrics.append("target_loss")
         for rec, loss in zip(records, target_losses(lm, tok, examples, cfg.chat), strict=True):
             rec["target_loss"] = loss
-    summary: dict[str, Any] = {
-        "model": str(model), "task": task, "split": cfg.split, "examples": len(examples),
-        "metrics": {m: metric_summary(m, records) for m in metrics},
-        "settings": asdict(cfg) | {"options": dict(cfg.options)}, "task_provenance": provenance,
-    }  # fmt: skip
-    return records, summary
+    return records, metrics
 
 
 def metric_summary(metric: str, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -114,7 +114,8 @@ def resolve(name_or_path: str, *, kind: str = "search", lang: str = "python") ->
         sc = from_yaml(name_or_path)
     else:
         raise StudyError(
-            f"unknown scenario '{name_or_path}'; available: {', '.join(SCENARIOS)} or a YAML file listing tasks"
+            f"unknown scenario '{name_or_path}'; available: {', '.join(SCENARIOS)}, a YAML file listing tasks, "
+            "or a generative one (gen-tasks, gen-languages, gen-cross)"
         )
     if len(set(sc.tasks)) != len(sc.tasks):
         raise StudyError(f"scenario '{sc.name}' lists a task twice: {', '.join(sc.tasks)}")

@@ -49,7 +49,7 @@ def encode_scores(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
         return {"n": int(v.size), "bits": _b64(np.packbits(v.astype(np.uint8)))}
     if np.all(v > 0):
         ranks = np.rint(1.0 / v)
-        if np.all(1.0 / ranks == v):
+        if np.all((ranks >= 1) & (ranks <= 2**31)) and np.all(1.0 / np.clip(ranks, 1, None) == v):
             data, dtype = _unsigned(ranks.astype(np.int64))
             return {"n": int(v.size), "ranks": data, "dtype": dtype}
     return {"n": int(v.size), "f8": _b64(v.astype("<f8"))}

@@ -1,0 +1,118 @@
+"""The generative study's report: results.json, scores.json and report.md in the scenario's folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .report import _fmt, _interval, _mb, _params, _table
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def _clean(obj: Any) -> Any:
+    """NaN as None, so results.json stays standard JSON."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_gen_report(results: Mapping[str, Any], scores_document: Any, out: Path) -> None:
+    _write(out / "results.json", json.dumps(_clean(results), indent=1) + "\n")
+    if scores_document is not None:
+        _write(out / "scores.json", json.dumps(_clean(scores_document)) + "\n")
+    _write(out / "report.md", render_gen_markdown(results))
+
+
+def _reading_cell(row: Mapping[str, Any], task: str) -> str:
+    r = (row.get("readings") or {}).get(task) or {}
+    score = row["test"].get(task)
+    text = _interval(r["interval"]) if r.get("interval") else _fmt(score)
+    if row["method"] not in ("pretrained", "individual"):
+        norm = r.get("normalized") or {}
+        text += f"; norm {_fmt(norm.get('estimate', row['normalized'].get(task)))}"
+        kept = r.get("gain_kept")
+        text += f"; kept {_fmt(kept.get('estimate')) if kept else '–'}"
+    flags = r.get("flags") or []
+    return text + (f" ({', '.join(flags)})" if flags else "")
+
+
+def _main_table(results: Mapping[str, Any]) -> list[str]:
+    tasks: Sequence[str] = results["tasks"]
+    metrics = {t: results["experts"][t]["metric"] for t in tasks}
+    header = ["row", *[f"{t} ({metrics[t]})" for t in tasks], "avg norm.", "storage", "parameters"]
+    body = [[r["method"], *[_reading_cell(r, t) for t in tasks], _fmt(r["avg_normalized"]),
+             _mb(r["storage_bytes"]), _params(r["params"])] for r in results["rows"]]  # fmt: skip
+    return _table(header, body)
+
+
+def _quality_table(results: Mapping[str, Any]) -> list[str]:
+    cols = sorted({t for r in results["rows"] for t in r.get("quality", {})})
+    if not cols:
+        return []
+    body = []
+    for r in results["rows"]:
+        cells = []
+        for t in cols:
+            q = r.get("quality", {}).get(t) or {}
+            rate = q.get("parse_rate")
+            cells.append(
+                f"{_fmt(rate)} / {_fmt(q.get('findings_total_per_100'), 1)}" if rate is not None else "–"
+            )
+        body.append([r["method"], *cells])
+    head = ["## Quality of the generated code", "",
+            "Parse rate / ruff findings per 100 parsed functions of each row's test replies.", ""]  # fmt: skip
+    return head + _table(["row", *cols], body) + [""]
+
+
+def _humaneval_table(results: Mapping[str, Any]) -> list[str]:
+    rows = [r for r in results["rows"] if r.get("humaneval")]
+    if not rows:
+        return []
+    body = []
+    for r in rows:
+        he = r["humaneval"]
+        q = he.get("quality") or {}
+        score = _interval(he["interval"]) if he.get("interval") else _fmt(he["score"])
+        body.append([r["method"], score, he["n"],
+                     _fmt(q.get("parse_rate")), _fmt(q.get("findings_total_per_100"), 1)])  # fmt: skip
+    served = results.get("humaneval_served_by")
+    return [
+        "## HumanEval pass@1 (held-out)", "",
+        f"Rows with one body per task (individual, bundles) answer with {served}'s.", "",
+        *_table(["row", "pass@1 [95%]", "problems", "parse rate", "findings/100"], body), "",
+    ]  # fmt: skip
+
+
+def render_gen_markdown(results: Mapping[str, Any]) -> str:
+    b = results["budget_settings"]
+    lines = [
+        f"# Generative fusion study: {results['scenario']}", "", results["description"], "",
+        f"Base `{results['base']}` (sha256 {results['base_sha256'][:16]}...), budget **{results['budget']}**: "
+        f"{b['steps']} LoRA steps of {b['batch']} a task (r={b['r']}, alpha={b['alpha']}, max_len {b['max_len']}), "
+        f"validation {b['val_limit']} / test {b['test_limit']} examples a task, grids `{b['grid']}`, "
+        f"multitask_full {b['full_steps'] or 0} steps a task, HumanEval {b['humaneval_limit'] or 'all'} problems, "
+        f"eval {results['eval_precision']}. Wall time {results['wall_s']:.0f} s "
+        f"(trained this run: {', '.join(results['trained_this_run']) or 'nothing'}; "
+        f"{results['evaluations_this_run']} evaluations computed, the rest read from records.jsonl).", "",
+        f"Selection: {results['selection']}. Each cell: test score [95% cluster-bootstrap interval]; "
+        "norm = score / the task's expert's; kept = gain kept (score - pretrained) / (expert - pretrained).", "",
+        *_main_table(results), "", *_quality_table(results), *_humaneval_table(results),
+        "## Serving every task", "",
+        *_table(["way", "bytes"], [[k, _mb(v)] for k, v in results["serving_bytes"].items()]), "",
+    ]  # fmt: skip
+    if results["skipped"]:
+        lines += ["## Rows not run", ""] + [f"- {k}: {v}" for k, v in results["skipped"].items()] + [""]
+    lines += ["## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()), ""]
+    return "\n".join(lines)

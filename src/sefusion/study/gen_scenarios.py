@@ -1,0 +1,120 @@
+"""The generative study's scenarios and budgets: LoRA experts of a causal code LM, fused and scored.
+
+- `gen-tasks`: generate, summarize, repair and complete in Python (fusing task kinds of one language);
+- `gen-languages`: summarization in the six languages (fusing languages within one task);
+- `gen-cross`: kinds and languages mixed.
+
+A budget fixes everything that costs time: LoRA steps per task (a multi-task run takes the sum), the
+examples scored (validation: teacher-forced target loss only; test: generated and executed), the fusion
+grids (the registry's `quick` or `full` candidates), HumanEval problems, and whether the full fine-tune
+row runs. `quick` takes two tasks of each scenario: the whole scenario on the default base within about
+20 minutes on 2 cores (an estimate from the measured ~14 s per LoRA step at batch 8 x 256 tokens,
+scaled to batch 4; the report states the wall time measured). `full` is sized for about 8 hours a
+scenario on 2 cores (estimated from the same step time and ~40 generated tokens/s at batch 8: gen-tasks
+~8 h of which HumanEval ~2.3 h, gen-languages and gen-cross ~6 h), and every piece is resumable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .scenarios import LANGUAGES, StudyError
+
+GEN_TASKS = ("generate-python", "summarize-python", "repair-python", "complete-python")
+GEN_LANGUAGES = tuple(f"summarize-{lang}" for lang in LANGUAGES)
+GEN_CROSS = ("summarize-go", "complete-java", "repair-javascript", "generate-python")
+
+
+@dataclass(frozen=True)
+class GenBudget:
+    """What one run of a generative scenario spends. `steps` are per task; `*_limit` cut a split to its
+    first N examples (None: all of it)."""
+
+    name: str
+    steps: int
+    batch: int
+    micro_batch: int
+    max_len: int
+    r: int = 8
+    alpha: int = 16
+    grid: str = "quick"  # which of the registry's candidate lists the fusion methods try
+    val_limit: int | None = 16
+    test_limit: int | None = 32
+    humaneval_limit: int | None = None  # None: all 164 problems (gen-tasks only)
+    humaneval_tokens: int = 512
+    max_new_tokens: int | None = None  # None: each task kind's reply length (gen_eval.MAX_NEW_TOKENS)
+    full_steps: int | None = None  # multitask_full's steps per task (None: no full fine-tune row)
+    train_precision: str = "bf16"
+    eval_precision: str = "bf16"
+    eval_batch: int = 8
+    sizes: dict[str, int] = field(default_factory=dict)  # build sizes per split (empty: the task's own)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+BUDGETS = {
+    # two tasks; 6 LoRA steps of 4 a task (multitask: 12), 2 full fine-tuning steps a task; 6 validation
+    # and 8 test examples a task; the registry's quick grids (42 candidates with lora_linear); HumanEval:
+    # the first 4 problems, 256 new tokens
+    "quick": GenBudget(
+        "quick", steps=6, batch=4, micro_batch=2, max_len=256, val_limit=6, test_limit=8,
+        humaneval_limit=4, humaneval_tokens=256, full_steps=2, eval_batch=8,
+    ),
+    # every task; 80 LoRA steps of 8 a task (multitask: 80 x T), 15 full fine-tuning steps a task;
+    # 24 validation and 40 test examples a task; the registry's full grids; all 164 HumanEval problems
+    "full": GenBudget(
+        "full", steps=80, batch=8, micro_batch=4, max_len=512, grid="full", val_limit=24, test_limit=40,
+        humaneval_limit=None, humaneval_tokens=512, full_steps=15,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GenScenario:
+    name: str
+    tasks: tuple[str, ...]
+    description: str
+    quick_tasks: tuple[str, ...]
+    humaneval: bool = False  # HumanEval pass@1 for every row (the held-out benchmark)
+    full_row: bool = True  # multitask_full where the budget has it
+
+
+GEN_SCENARIOS = {
+    s.name: s
+    for s in (
+        GenScenario(
+            "gen-tasks", GEN_TASKS, "generate, summarize, repair and complete in Python: fusing task kinds",
+            ("summarize-python", "complete-python"), humaneval=True,
+        ),
+        GenScenario(
+            "gen-languages", GEN_LANGUAGES, "summarization in the six languages: fusing languages",
+            ("summarize-python", "summarize-go"), full_row=False,
+        ),
+        GenScenario(
+            "gen-cross", GEN_CROSS, "task kinds and languages mixed",
+            ("summarize-go", "complete-python"), full_row=False,
+        ),
+    )
+}  # fmt: skip
+
+
+def get_gen_budget(budget: str | GenBudget) -> GenBudget:
+    if isinstance(budget, GenBudget):
+        return budget
+    if budget not in BUDGETS:
+        raise StudyError(f"unknown budget '{budget}'; available: {', '.join(BUDGETS)}")
+    return BUDGETS[budget]
+
+
+def gen_scenario(name: str, budget: GenBudget) -> GenScenario:
+    """The scenario `name` with the tasks `budget` runs (quick: its two quick tasks)."""
+    if name not in GEN_SCENARIOS:
+        raise StudyError(f"unknown generative scenario '{name}'; available: {', '.join(GEN_SCENARIOS)}")
+    sc = GEN_SCENARIOS[name]
+    return replace(sc, tasks=sc.quick_tasks) if budget.name == "quick" else sc
+
+
+def is_gen_scenario(name: str) -> bool:
+    return name in GEN_SCENARIOS
