@@ -44,6 +44,7 @@ from .api import Row
 from .gen_scenarios import GenBudget, GenScenario, gen_scenario, get_gen_budget
 from .runner import EvalRecords
 from .scenarios import StudyError
+from .steps import TimedSteps
 
 log = logging.getLogger("sefusion")
 
@@ -119,7 +120,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class GenStudy:
+class GenStudy(TimedSteps):
     """One generative scenario run; `run()` returns results.json's content (and writes the report)."""
 
     def __init__(
@@ -158,17 +159,6 @@ class GenStudy:
         self.scored = 0  # evaluations this run computed (not read from the records)
         self.per_example: dict[str, dict[str, Any]] = {}  # row -> task -> per-example test scores
         self.he_scores: dict[str, tuple[Any, list[str]]] = {}  # row -> (HumanEval passed, task ids)
-
-    def _progress(self, msg: str) -> None:
-        if not self.cfg.quiet:
-            log.info(msg)
-
-    def _timed(self, what: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t0
 
     def run(self) -> dict[str, Any]:
         from .gen_report import write_gen_report

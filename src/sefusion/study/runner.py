@@ -43,6 +43,7 @@ from . import grids, pieces, rigor, scores, seeds
 from .api import Candidate, CurvePoint, Evaluate, ModelsAPI, Row, TasksAPI
 from .executor import Executor, Piece, make_executor
 from .scenarios import Scenario, StudyError
+from .steps import TimedSteps
 
 log = logging.getLogger("sefusion")
 
@@ -330,7 +331,7 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Study:
+class Study(TimedSteps):
     """One scenario run. `run()` returns the results dict (the schema of results.json), step by step:
     setup, data, experts, records, states, baseline rows, fusion rows, multitask row, results."""
 
@@ -365,17 +366,6 @@ class Study:
         self.timings: dict[str, float] = {}
         self.per_example: dict[str, dict[str, Any]] = {}  # row -> task -> per-example test scores
         self.scores_document: dict[str, Any] | None = None  # scores.json, once run() has finished
-
-    def _progress(self, msg: str) -> None:
-        if not self.cfg.quiet:
-            log.info(msg)
-
-    def _timed(self, what: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t0
 
     def run(self) -> dict[str, Any]:
         with self.executor.session():
