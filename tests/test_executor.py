@@ -134,6 +134,28 @@ def test_progress_bar_counts_done_running_waiting(capsys):
     assert "running 1, waiting 12" in err and "14/14" in err and "running 0, waiting 0" in err
 
 
+def test_a_session_with_a_total_keeps_one_bar_over_its_runs(capsys):
+    """Two runs (14 pieces, then 3) under one announced total of 17: one bar, which counts the second
+    run's pieces as waiting during the first and ends at 17/17."""
+    ex = LocalExecutor(desc="first")
+    with ex.session(total=17):
+        ex.run(dag_toy.study())
+        ex.desc = "second"
+        ex.run([Piece("x", lambda: 1), Piece("y", lambda: 2), Piece("z", lambda a, b: a + b, deps=("x", "y"))])
+    err = capsys.readouterr().err
+    assert "running 1, waiting 16" in err and "first: 100%" not in err  # the 3 to come are waiting
+    assert "14/17" in err and "second: 100%" in err and "17/17" in err
+    assert "/14 " not in err and "/3 " not in err  # no bar of a run's own
+
+
+def test_a_session_that_announced_too_few_grows_its_total(capsys):
+    ex = LocalExecutor(desc="toy")
+    with ex.session(total=2):
+        ex.run(dag_toy.study())
+    err = capsys.readouterr().err
+    assert "14/14" in err and "running 0, waiting 0" in err
+
+
 def test_make_executor_maps_the_ray_flag():
     assert isinstance(make_executor(None), LocalExecutor)
     assert make_executor(True).address is None and make_executor("").address is None

@@ -78,7 +78,7 @@ class FakeModels:
                 mask = (torch.arange(v.numel()) % len(TASKS) == i).reshape(v.shape)
                 d[k] = STRENGTH[t] * torch.randn(v.shape, generator=g) * mask
             self.deltas[t] = d
-        self.calls = {"finetune": 0, "evaluate": 0}
+        self.calls = {"finetune": 0, "evaluate": 0, "head_only": 0, "statistics": 0}
         self.evaluated_splits = []
         self.precisions = set()
         self.train_precisions = set()
@@ -119,6 +119,7 @@ class FakeModels:
         return self._write("+".join(tasks), state, key="k-" + "+".join(tasks))
 
     def head_only(self, base, data, spec, cfg, cache, quiet=False):
+        self.calls["head_only"] += 1
         state = dict(self.base)
         state[f"head.{data.task}.weight"] = torch.zeros(2, 16)
         state[f"head.{data.task}.bias"] = torch.zeros(2)
@@ -128,7 +129,7 @@ class FakeModels:
         """Fisher 1 on the task's own support and 1e-3 elsewhere; Gram = identity for the 16x16 weights."""
         from sefusion.stats import Statistics, StatsMeta
 
-        self.calls["statistics"] = self.calls.get("statistics", 0) + 1
+        self.calls["statistics"] += 1
         t = data.task
         fisher = {k: 1e-3 + (d != 0).float() for k, d in self.deltas[t].items()}
         gram = {k: torch.eye(16, dtype=torch.float64) for k in self.deltas[t] if k.startswith("encoder.")}

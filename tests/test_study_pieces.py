@@ -82,7 +82,8 @@ def test_the_pieces_and_their_inputs_pickle(tmp_path):
 
     assert study_pieces.portable(sefusion.models) == "sefusion.models"
     assert study_pieces.models_api("sefusion.models") is sefusion.models
-    for fn in (study_pieces.train_expert, study_pieces.score_validation, study_pieces.score_test):
+    fns = (study_pieces.fine_tune, study_pieces.head_only, study_pieces.statistics, study_pieces.score_validation)
+    for fn in (*fns, study_pieces.score_test):
         assert pickle.loads(pickle.dumps(fn)) is fn
 
 
@@ -111,3 +112,35 @@ def test_an_experts_statistics_folder_travels_as_its_path(tmp_path):
             assert torch.equal(again.fisher("w"), fisher["w"]) and torch.equal(again.gram("w"), gram["w"])
         finally:
             again.close()
+
+
+class Recording:
+    """An in-process executor that records each run's pieces (the study's plan as Ray would see it)."""
+
+    in_process = True
+
+    def __init__(self) -> None:
+        from sefusion.study.executor import LocalExecutor
+
+        self.inner, self.runs, self.total = LocalExecutor(quiet=True), [], None
+
+    def session(self, total=None):
+        self.total = total
+        return self.inner.session(total)
+
+    def run(self, pieces, **kw):
+        self.runs.append([(p.key, p.deps) for p in pieces])
+        return self.inner.run(pieces, **kw)
+
+
+def test_training_is_one_run_of_pieces_and_the_bar_total_is_exact(tmp_path):
+    """Experts, the frozen base's heads, the multitask model and each expert's statistics are pieces of
+    the first run (statistics after their expert); the announced total is every piece of every run."""
+    ex = Recording()
+    run_study(pair_config(tmp_path), models=FakeModels(tmp_path / "models"), tasks_api=FakeTasks(), executor=ex)
+    first = dict(ex.runs[0])
+    tasks = ("alpha-python", "beta-python")
+    assert set(first) == {f"{k}/{t}" for k in ("expert", "head", "stats") for t in tasks} | {"multitask"}
+    assert all(first[f"stats/{t}"] == (f"expert/{t}",) for t in tasks)
+    assert [k for k, _ in ex.runs[0]][-2:] == ["stats/alpha-python", "stats/beta-python"]
+    assert ex.total == sum(map(len, ex.runs))

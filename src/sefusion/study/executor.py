@@ -60,7 +60,7 @@ class Executor(Protocol):
         self, pieces: Sequence[Piece], *, done: Done | None = None, on_done: OnDone | None = None
     ) -> dict[str, Any]: ...
 
-    def session(self) -> Any: ...  # a context manager over several run()s
+    def session(self, total: int | None = None) -> Any: ...  # a context manager over several run()s
 
 
 class Plan:
@@ -146,38 +146,87 @@ def _validated(pieces: Sequence[Piece]) -> list[Piece]:
 
 
 class _Progress:
-    """One tqdm bar over all pieces: done / running / waiting."""
+    """One tqdm bar over all pieces: done / running / waiting. A session that announces its total keeps
+    one bar over all its run()s: the pieces of the runs still to come count as waiting."""
 
-    def __init__(self, plan: Plan, *, desc: str, quiet: bool) -> None:
+    def __init__(self, total: int, *, quiet: bool) -> None:
         from tqdm.auto import tqdm
 
+        self.bar = tqdm(total=total, unit="piece", disable=quiet)
+        self.before = 0  # pieces of the runs that have ended
+        self.plan: Plan | None = None
+
+    def start(self, plan: Plan, desc: str) -> None:
         self.plan = plan
-        self.bar = tqdm(total=len(plan.pieces), initial=plan.skipped, desc=desc, unit="piece", disable=quiet)
+        self.bar.set_description_str(desc, refresh=False)
+        self.bar.total = max(self.bar.total, self.before + len(plan.pieces))  # more than announced
         self.show()
 
     def show(self) -> None:
-        done, running, waiting = self.plan.counts()
-        self.bar.n = done
+        assert self.plan is not None
+        done, running, _ = self.plan.counts()
+        self.bar.n = self.before + done
+        waiting = self.bar.total - self.bar.n - running
         self.bar.set_postfix_str(f"running {running}, waiting {waiting}", refresh=True)
+
+    def end(self) -> None:
+        assert self.plan is not None
+        self.before += len(self.plan.pieces)
 
     def close(self) -> None:
         self.bar.close()
 
 
+class _Bars:
+    """The bar of each run(): the session's when it announced a total, else one of the run's own."""
+
+    quiet: bool
+    _session_bar: _Progress | None
+
+    @contextmanager
+    def _bar(self, plan: Plan, desc: str) -> Iterator[_Progress]:
+        own = self._session_bar is None
+        progress = _Progress(len(plan.pieces), quiet=self.quiet) if own else self._session_bar
+        assert progress is not None
+        progress.start(plan, desc)
+        try:
+            yield progress
+        finally:
+            progress.end()
+            if own:
+                progress.close()
+
+    @contextmanager
+    def _session_progress(self, total: int | None) -> Iterator[None]:
+        """One bar for the session's runs when `total` is given; log lines print above it meanwhile."""
+        if total is None:
+            yield
+            return
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._session_bar = _Progress(total, quiet=self.quiet)
+        try:
+            with logging_redirect_tqdm():
+                yield
+        finally:
+            self._session_bar.close()
+            self._session_bar = None
+
+
 @dataclass
-class LocalExecutor:
+class LocalExecutor(_Bars):
     """Runs the pieces one after another in this process, in the order given wherever their deps allow."""
 
     quiet: bool = False
     desc: str = "pieces"
     in_process: ClassVar[bool] = True  # pieces compute in the caller's process, with its threads
+    _session_bar: _Progress | None = field(default=None, init=False, repr=False)
 
     def run(
         self, pieces: Sequence[Piece], *, done: Done | None = None, on_done: OnDone | None = None
     ) -> dict[str, Any]:
         plan = Plan(pieces, done)
-        progress = _Progress(plan, desc=self.desc, quiet=self.quiet)
-        try:
+        with self._bar(plan, self.desc) as progress:
             while not plan.finished:
                 [piece] = plan.pop_ready(limit=1)  # one at a time: the first ready one in the given order
                 progress.show()
@@ -186,13 +235,13 @@ class LocalExecutor:
                 if on_done is not None:
                     on_done(piece.key, result)
                 progress.show()
-        finally:
-            progress.close()
         return plan.ordered()
 
     @contextmanager
-    def session(self) -> Iterator[None]:
-        yield
+    def session(self, total: int | None = None) -> Iterator[None]:
+        """Several run()s; with `total` (the pieces they will hold), one progress bar over all of them."""
+        with self._session_progress(total):
+            yield
 
 
 def make_executor(ray: str | bool | None = None, *, quiet: bool = False) -> Executor:
@@ -208,7 +257,7 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, An
 
 
 @dataclass
-class RayExecutor:
+class RayExecutor(_Bars):
     """Runs each piece as a Ray task with its resources, submitted as soon as its inputs are ready.
 
     `address` None starts a local Ray instance (unless this process is already connected: then that
@@ -225,18 +274,21 @@ class RayExecutor:
     in_process: ClassVar[bool] = False
     _held: bool = field(default=False, init=False, repr=False)  # inside session(): keep a connection open
     _owned: bool = field(default=False, init=False, repr=False)  # a connection this session made
+    _session_bar: _Progress | None = field(default=None, init=False, repr=False)
 
     @contextmanager
-    def session(self) -> Iterator[None]:
+    def session(self, total: int | None = None) -> Iterator[None]:
         """Several run()s on one connection: made by the first run that needs the cluster, closed at
         the end (a connection this process had before is left open). A missing ray package or an
-        address nothing answers on is refused at once, before any work."""
+        address nothing answers on is refused at once, before any work. With `total` (the pieces the
+        runs will hold), one progress bar over all of them."""
         ray = _import_ray()
         if self.address is not None and not ray.is_initialized():
             _reachable(self.address)
         self._held = True
         try:
-            yield
+            with self._session_progress(total):
+                yield
         finally:
             self._held = False
             if self._owned:
@@ -282,7 +334,13 @@ class RayExecutor:
         remote = ray.remote(_call)
         inputs = _Inputs(ray, plan)
         running: dict[Any, str] = {}  # ObjectRef -> key
-        progress = _Progress(plan, desc=self.desc, quiet=self.quiet)
+        with self._bar(plan, self.desc) as progress:
+            self._steer(ray, remote, inputs, plan, running, progress, on_done)
+        return plan.ordered()
+
+    def _steer(self, ray: Any, remote: Any, inputs: _Inputs, plan: Plan, running: dict[Any, str],
+               progress: _Progress, on_done: OnDone | None) -> None:  # fmt: skip
+        """Submit every ready piece, take each result as it comes, until all are done."""
         try:
             while not plan.finished:
                 for piece in plan.pop_ready():
@@ -303,9 +361,6 @@ class RayExecutor:
             for ref in running:  # a failed run stops its other pieces rather than leave them on the cluster
                 ray.cancel(ref, force=True)
             raise
-        finally:
-            progress.close()
-        return plan.ordered()
 
 
 class _Inputs:

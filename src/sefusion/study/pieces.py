@@ -1,6 +1,7 @@
 """The study's independent pieces of work, as module-level functions an executor runs in process or on a
-Ray worker (sefusion.study.executor): an expert's fine-tuning, a candidate's merge and validation scoring,
-a chosen candidate's merge and test scoring.
+Ray worker (sefusion.study.executor): an expert's or the multitask model's fine-tuning, a head on the
+frozen base, an expert's statistics, a candidate's merge and validation scoring, a chosen candidate's
+merge and test scoring.
 
 A piece takes everything it reads as arguments (the candidates' shared `Inputs` once, from Ray's object
 store), writes nothing but the models API's own cache, and returns a small result: the evaluation records
@@ -72,12 +73,55 @@ def record_of(res: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def train_expert(
-    models: Any, base: Path, data: Any, spec: Any, cfg: Any, cache: Path, quiet: bool, threads: int | None
-) -> Path:
-    """The base fine-tuned on one task (the models API caches it: a second call reads the cache)."""
+def fine_tune(
+    models: Any,
+    data: Sequence[Any],
+    specs: Sequence[Any],
+    base: Path,
+    cfg: Any,
+    cache: Path,
+    quiet: bool,
+    threads: int | None,
+) -> dict[str, Any]:
+    """The base fine-tuned on the tasks `data` (one: an expert; several: the multitask model); the models
+    API caches it, so a second call reads the cache."""
     use_threads(threads)
-    return models_api(models).finetune(base, [data], [spec], cfg, cache, quiet=quiet)
+    t0 = time.perf_counter()
+    folder = models_api(models).finetune(base, list(data), list(specs), cfg, cache, quiet=quiet)
+    return {"folder": folder, "seconds": time.perf_counter() - t0}
+
+
+def head_only(
+    models: Any, data: Any, spec: Any, base: Path, cfg: Any, cache: Path, quiet: bool, threads: int | None
+) -> dict[str, Any]:
+    """A head trained on the frozen base (the `pretrained` row of a classification task), cached."""
+    use_threads(threads)
+    t0 = time.perf_counter()
+    folder = models_api(models).head_only(base, data, spec, cfg, cache, quiet=quiet)
+    return {"folder": folder, "seconds": time.perf_counter() - t0}
+
+
+def statistics(
+    models: Any,
+    data: Any,
+    examples: int,
+    kinds: Sequence[str],
+    seed: int,
+    base: Path,
+    cfg: Any,
+    cache: Path,
+    quiet: bool,
+    threads: int | None,
+    expert: Mapping[str, Any],
+) -> dict[str, Any]:
+    """An expert's statistics (`kinds`) on `examples` of its own train data, cached by the models API."""
+    use_threads(threads)
+    t0 = time.perf_counter()
+    stats = models_api(models).expert_statistics(
+        expert["folder"], data=data, examples=examples, kinds=list(kinds), base=base, cache=cache, seed=seed,
+        max_length=cfg.max_length, quiet=quiet,
+    )  # fmt: skip
+    return {"stats": stats, "seconds": time.perf_counter() - t0}
 
 
 def candidate(inputs: Inputs, method: str, params: Mapping[str, Any]) -> Candidate:

@@ -368,14 +368,14 @@ class Study(TimedSteps):
         self.scores_document: dict[str, Any] | None = None  # scores.json, once run() has finished
 
     def run(self) -> dict[str, Any]:
-        with self.executor.session():
-            return self._run()
-
-    def _run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         self._setup()
+        with self.executor.session(total=self._planned_pieces()):
+            return self._run(t_start)
+
+    def _run(self, t_start: float) -> dict[str, Any]:
         self._build_data()
-        self._train_experts()
+        self._train()
         self._open_records()
         self._load_states()
         rows = self._baseline_rows()
@@ -397,6 +397,7 @@ class Study(TimedSteps):
             raise StudyError(f"eval_precision must be fp32 or bf16, got '{self.precision}'")
         self.specs = {t: self.tasks_api.get_task(t)[0] for t in self.tasks}
         self.budget = budget
+        self._choose_methods()
         self._progress(
             f"study '{cfg.scenario.name}': {len(self.tasks)} tasks, budget {budget.name}, base {self.base}"
         )
@@ -418,22 +419,62 @@ class Study(TimedSteps):
             return {"mask_name": False}
         return None
 
-    def _train_experts(self) -> None:
-        """The base fine-tuned on each task alone (cached, resumable)."""
+    def _choose_methods(self) -> None:
+        """The fusion methods this scenario runs (pair-only methods skipped beside more than two tasks)
+        and the statistics they read."""
+        self.skipped: dict[str, str] = {}
+        methods = list(self.cfg.methods)
+        for method in [x for x in methods if METHODS.get(x).pair_only and len(self.tasks) != 2]:
+            self.skipped[method] = f"merges two models; this scenario has {len(self.tasks)} tasks"
+            methods.remove(method)
+        self.methods = methods
+        self.stats_examples = grids.stats_examples(self.budget_name)
+        self.stats_kinds = sorted({k for x in methods for k in METHODS.get(x).statistics})
+
+    def _planned_pieces(self) -> int:
+        """How many pieces the study's runs hold: the training run's, then each scoring run's inputs
+        piece, candidates (validation) and chosen candidates (test)."""
+        candidates = sum(len(self._grid(m)) for m in self.methods)
+        return len(self._train_pieces_keys()) + 1 + candidates + 1 + len(self.methods)
+
+    def _train_pieces_keys(self) -> list[str]:
+        heads = [f"head/{t}" for t in self.tasks if self.specs[t].head != "retrieval"]
+        stats = [f"stats/{t}" for t in self.tasks] if self.stats_kinds else []
+        return [*(f"expert/{t}" for t in self.tasks), *heads, "multitask", *stats]
+
+    def _train(self) -> None:
+        """Every trained piece, cached and resumable, as pieces of one run: each task's expert, the
+        frozen base's head per classification task, the multitask model, then each expert's statistics
+        (of the kinds the methods read)."""
         cfg = self.cfg
         train_precision = cfg.train_precision or self.budget.train_precision
         if train_precision not in PRECISIONS:
             raise StudyError(f"train_precision must be fp32 or bf16, got '{train_precision}'")
         self.train_cfg = self.budget.train(seed=cfg.seed, precision=train_precision)
-        self._progress(f"experts ({len(self.tasks)} tasks)")
+        self._progress(f"experts, heads of the frozen base, multitask ({len(self.tasks)} tasks)"
+                       + (f", statistics ({', '.join(self.stats_kinds)}) on {self.stats_examples} train "
+                          "examples" if self.stats_kinds else ""))  # fmt: skip
         quiet, models = cfg.quiet or self.threads is not None, pieces.portable(self.models)
-        todo = [
-            self._piece(f"expert/{t}", pieces.train_expert, models, self.base, self.data[t], self.specs[t],
-                        self.train_cfg, self.cache, quiet, self.threads)
-            for t in self.tasks
-        ]  # fmt: skip
-        done = self._timed("experts", partial(self._execute, "experts", todo))
-        self.experts: dict[str, Path] = {t: done[f"expert/{t}"] for t in self.tasks}
+        common = (self.base, self.train_cfg, self.cache, quiet, self.threads)
+        todo = [self._piece(f"expert/{t}", pieces.fine_tune, models, [self.data[t]], [self.specs[t]], *common)
+                for t in self.tasks]  # fmt: skip
+        todo += [self._piece(f"head/{t}", pieces.head_only, models, self.data[t], self.specs[t], *common)
+                 for t in self.tasks if self.specs[t].head != "retrieval"]  # fmt: skip
+        todo.append(self._piece("multitask", pieces.fine_tune, models, [self.data[t] for t in self.tasks],
+                                [self.specs[t] for t in self.tasks], *common))  # fmt: skip
+        if self.stats_kinds:
+            todo += [self._piece(f"stats/{t}", pieces.statistics, models, self.data[t], self.stats_examples,
+                                 self.stats_kinds, cfg.seed, *common, deps=(f"expert/{t}",))
+                     for t in self.tasks]  # fmt: skip
+        done = self._execute("training", todo)
+        for key, res in done.items():
+            step = {"expert": "experts", "head": "experts", "multitask": "multitask", "stats": "statistics"}
+            what = step[key.split("/")[0]]
+            self.timings[what] = self.timings.get(what, 0.0) + res["seconds"]
+        self.experts: dict[str, Path] = {t: done[f"expert/{t}"]["folder"] for t in self.tasks}
+        self.head_folders = {t: done[k]["folder"] for t in self.tasks if (k := f"head/{t}") in done}
+        self.mt_folder: Path = done["multitask"]["folder"]
+        self.stats = [done[f"stats/{t}"]["stats"] for t in self.tasks] if self.stats_kinds else None
 
     def _piece(self, key: str, fn: Callable[..., Any], *args: Any, deps: tuple[str, ...] = ()) -> Piece:
         return Piece(key, fn, args, deps, num_cpus=self.cfg.piece_cpus, num_gpus=self.cfg.piece_gpus)
@@ -506,23 +547,14 @@ class Study(TimedSteps):
         """The base body with a head trained on the frozen body (retrieval: the base as is, no head)."""
         if self.specs[t].head == "retrieval":
             return {}
-        self._progress(f"pretrained head {t}")
-        folder = self._timed("experts", lambda: self.models.head_only(
-            self.base, self.data[t], self.specs[t], self.train_cfg, self.cache, quiet=self.cfg.quiet))  # fmt: skip
+        folder = self.head_folders[t]
         self.records.check_model(f"pretrained head {t}", _weights_sha256(folder))
         return split_state(load_state(folder))[1]
 
     def _fusion_rows(self) -> list[Row]:
-        """One row per method (pair-only methods skipped beside more than two tasks), then the curves."""
+        """One row per method, then the curves."""
         self.masks: dict[str, Any] = {}
-        self.skipped: dict[str, str] = {}
-        methods = list(self.cfg.methods)
-        for method in [x for x in methods if METHODS.get(x).pair_only and len(self.tasks) != 2]:
-            self.skipped[method] = f"merges two models; this scenario has {len(self.tasks)} tasks"
-            methods.remove(method)
-        self.methods = methods
-        self.stats_examples = grids.stats_examples(self.budget_name)
-        self._open_statistics(methods)
+        methods = self.methods
         self.inputs = pieces.Inputs(
             models=pieces.portable(self.models), base=self.base, tasks=tuple(self.tasks), data=self.data,
             specs=self.specs, base_body=self.base_body, bodies=self.bodies, heads=self.heads, stats=self.stats,
@@ -537,31 +569,10 @@ class Study(TimedSteps):
                 self.curves += self._timed(spec.name, partial(self._curve, spec, row))
         return rows
 
-    def _open_statistics(self, methods: Sequence[str]) -> None:
-        """Each expert's statistics on its own train data, of the kinds the methods read (else None)."""
-        cfg, m = self.cfg, self.models
-        kinds = sorted({k for x in methods for k in METHODS.get(x).statistics})
-        self.stats: list[Any] | None = None
-        if not kinds:
-            return
-        self._progress(
-            f"statistics ({', '.join(kinds)}) of each expert on {self.stats_examples} train examples"
-        )
-        self.stats = [
-            self._timed("statistics", partial(m.expert_statistics,
-                self.experts[t], data=self.data[t], examples=self.stats_examples, kinds=kinds, base=self.base,
-                cache=self.cache, seed=cfg.seed, max_length=self.train_cfg.max_length, quiet=cfg.quiet))
-            for t in self.tasks
-        ]  # fmt: skip
-
     def _multitask_row(self) -> Row:
-        """One body fine-tuned on every task with per-task heads, the experts' total steps. Trained after
-        the fusion rows, which need only the experts: a run cut short has recorded those first."""
-        tasks, cfg = self.tasks, self.cfg
-        self._progress(f"multitask ({len(tasks)} tasks)")
-        mt_folder = self._timed("multitask", lambda: self.models.finetune(
-            self.base, [self.data[t] for t in tasks], [self.specs[t] for t in tasks], self.train_cfg,
-            self.cache, quiet=cfg.quiet))  # fmt: skip
+        """One body fine-tuned on every task with per-task heads, the experts' total steps (trained in the
+        training run beside the experts)."""
+        tasks, mt_folder = self.tasks, self.mt_folder
         self.records.check_model("multitask", _weights_sha256(mt_folder))
         mt_body, mt_heads_all = split_state(load_state(mt_folder))
         mt_heads = {
