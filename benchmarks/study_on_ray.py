@@ -46,8 +46,8 @@ class Timed:
     def in_process(self) -> bool:
         return self.inner.in_process
 
-    def session(self) -> Any:
-        return self.inner.session()
+    def session(self, total: int | None = None) -> Any:
+        return self.inner.session(total)
 
     def run(self, pieces: Any, *, done: Any = None, on_done: Any = None) -> dict[str, Any]:
         ran: list[str] = []
