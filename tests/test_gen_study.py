@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,19 @@ def study(tiny, problems, tmp_path_factory):  # noqa: F811
     PROBLEMS[:] = [problems[k] for k in ("area", "wrong", "plain", "double", "twice")]
     root = tmp_path_factory.mktemp("gen")
     cfg = config(tiny, root / "out", root / "cache")
-    results = GenStudy(cfg, builder=builder).run()
+    with one_thread():  # the floats of the fixture (another thread count may round differently)
+        results = GenStudy(cfg, builder=builder).run()
     return cfg, results
+
+
+@contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _row(results, method):
@@ -349,3 +361,25 @@ def test_committed_adapters_rebuild_every_fusion_row(folder, tmp_path):
             model = lambda t=t, b=bodies, m=method: st._set(b[t], (m, t))  # noqa: E731
             got = st.evaluate(method, params, t, "test", model)
             assert got["score"] == pytest.approx(row["test"][t], abs=1e-9), (method, t)
+
+
+MACHINE = ("base", "hardware", "versions", "train_seconds")  # an expert's train record: this machine's
+GEN_FIXTURE = Path(__file__).parent / "fixtures" / "gen_study_tiny_results.json"
+
+
+def gen_canonical(results: dict, out: Path) -> str:
+    """results.json less the base's path, the timings and the machine, with scores.json, the records (as
+    sorted lines) and the adapters' files: what two runs of one study must share, however executed."""
+    kept = {k: v for k, v in results.items() if k not in ("base", "timings_s", "wall_s")}
+    kept["experts"] = {t: {**e, "train": {k: v for k, v in e["train"].items() if k not in MACHINE}}
+                       for t, e in results["experts"].items()}  # fmt: skip
+    kept["scores.json"] = json.loads((out / "scores.json").read_text())
+    kept["records.jsonl"] = sorted((out / "records.jsonl").read_text().splitlines())
+    kept["adapters"] = sorted(str(p.relative_to(out)) for p in (out / "adapters").rglob("*"))
+    return json.dumps(kept, sort_keys=True, indent=1) + "\n"
+
+
+def test_in_process_results_are_what_the_study_wrote_before_pieces(study):
+    """The fixture was written by the study before its work became executor pieces."""
+    cfg, results = study
+    assert gen_canonical(results, cfg.out) == GEN_FIXTURE.read_text()
