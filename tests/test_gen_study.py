@@ -17,23 +17,26 @@ from safetensors.torch import load_file
 
 from sefusion.cli import main
 from sefusion.errors import CheckpointError
-from sefusion.study import scores
+from sefusion.study import gen_pieces, scores
 from sefusion.study.gen_lora import combine, dense_updates
 from sefusion.study.gen_scenarios import GEN_SCENARIOS, GenBudget
 from sefusion.study.gen_study import GenStudy, GenStudyConfig, data_free_methods, select_by_loss
 from sefusion.study.runner import EvalRecords
 from sefusion.tasks.generative import GenExample, GenSplits
 from test_generative import problems  # noqa: F401 - a fixture
+from test_study_pieces import Recording
 from tiny_causal import make_causal, pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
 TASKS = ("summarize-python", "generate-python")
+TASKS_KEYS = tuple(f"expert/{t}" for t in TASKS)
 TINY = GenBudget(
     "tiny", steps=2, batch=2, micro_batch=1, max_len=64, grid="tiny", val_limit=3, test_limit=4,
     humaneval_limit=2, humaneval_tokens=4, max_new_tokens=4, full_steps=1, train_precision="fp32",
     eval_precision="fp32", eval_batch=4,
 )  # fmt: skip
+RUNS = Recording()  # the in-process executor of the `study` fixture, recording its runs of pieces
 PROBLEMS: list[GenExample] = []  # generate-python's examples (test_generative's module), set by `study`
 
 
@@ -77,7 +80,7 @@ def study(tiny, problems, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("gen")
     cfg = config(tiny, root / "out", root / "cache")
     with one_thread():  # the floats of the fixture (another thread count may round differently)
-        results = GenStudy(cfg, builder=builder).run()
+        results = GenStudy(cfg, builder=builder, executor=RUNS).run()
     return cfg, results
 
 
@@ -350,17 +353,16 @@ def test_committed_adapters_rebuild_every_fusion_row(folder, tmp_path):
     st._build_data()
     st._train_experts()
     assert st.trained == []
-    st._open_records()
-    st._load()
+    inputs = st.inputs()
     for row in results["rows"]:
         method, params = row["method"], row["params"]
         if method not in st.methods:
             continue
-        bodies = st._bodies(method, params)
+        jobs = [(t, "test") for t in results["tasks"]]
+        got = gen_pieces.score(method, params, ("fusion", method, params), jobs, inputs)["records"]
         for t in results["tasks"]:
-            model = lambda t=t, b=bodies, m=method: st._set(b[t], (m, t))  # noqa: E731
-            got = st.evaluate(method, params, t, "test", model)
-            assert got["score"] == pytest.approx(row["test"][t], abs=1e-9), (method, t)
+            score = got[EvalRecords.key(method, params, t, "test")]["score"]
+            assert score == pytest.approx(row["test"][t], abs=1e-9), (method, t)
 
 
 MACHINE = ("base", "hardware", "versions", "train_seconds")  # an expert's train record: this machine's
@@ -383,3 +385,23 @@ def test_in_process_results_are_what_the_study_wrote_before_pieces(study):
     """The fixture was written by the study before its work became executor pieces."""
     cfg, results = study
     assert gen_canonical(results, cfg.out) == GEN_FIXTURE.read_text()
+
+
+def test_the_study_is_three_runs_of_pieces_and_the_bar_total_is_exact(study):
+    """Training (each expert and both multitask models, independent of each other); the baselines, every
+    candidate on validation (LoRA-native ones after their PEFT combination) and the multitask models; each
+    chosen candidate on test. Every scoring piece takes the one inputs piece."""
+    training, first, test = (dict(run) for run in RUNS.runs[:3])
+    assert set(training) == {*TASKS_KEYS, "multitask_lora", "multitask_full"}
+    assert not any(training.values())
+    methods, _ = data_free_methods()
+    rows = [*methods, "lora_cat", "lora_linear"]
+    cands = {k for k in first if k.startswith("cand/")}
+    assert {k.split("/")[1] for k in cands} == set(rows)
+    assert set(first) - cands == {"inputs", "pretrained", "individual", "combine/lora_cat",
+                                  "combine/lora_linear", "multitask_lora", "multitask_full"}  # fmt: skip
+    for k in cands:
+        row = k.split("/")[1]
+        assert first[k] == (("inputs", f"combine/{row}") if row.startswith("lora_") else ("inputs",))
+    assert set(test) == {"inputs", *(f"test/{r}" for r in rows)}
+    assert RUNS.total == sum(map(len, RUNS.runs[:3]))

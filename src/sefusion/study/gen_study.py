@@ -347,12 +347,7 @@ class GenStudy(TimedSteps):
         """Two runs of scoring pieces, then the rows from the records: first the baselines, the multitask
         models and every candidate of every method and LoRA-native row on validation (interleaved); the
         candidate each chooses on validation (target loss), then scored on test and HumanEval."""
-        self._inputs = GenInputs(
-            base=self.base, adapters=dict(self.adapters), tasks=tuple(self.tasks), val=self.val, test=self.test,
-            shas=tuple(adapter_sha256(self.adapters[t]) for t in self.tasks), budget=self.budget,
-            seed=self.cfg.seed, he_task=self._he_task(), runner=self.runner, problems=self.problems,
-            threads=self.threads,
-        )  # fmt: skip
+        self._inputs = self.inputs()
         grid = {r: self._grid(r) for r in [*self.methods, *self.lora_rows]}
         self._progress(f"{sum(map(len, grid.values()))} candidates of {len(grid)} rows on validation, "
                        "the baselines and the multitask models")  # fmt: skip
@@ -363,6 +358,15 @@ class GenStudy(TimedSteps):
         test = self._test_pairs()
         self._score("test", {f"test/{r}": (r, p, self._spec(r, p), test) for r, (p, _, _) in chosen.items()})
         return self._rows(grid, chosen)
+
+    def inputs(self) -> GenInputs:
+        """What every scoring piece takes (once trained: the experts' adapters are named by their sha256)."""
+        return GenInputs(
+            base=self.base, adapters=dict(self.adapters), tasks=tuple(self.tasks), val=self.val, test=self.test,
+            shas=tuple(adapter_sha256(self.adapters[t]) for t in self.tasks), budget=self.budget,
+            seed=self.cfg.seed, he_task=self._he_task(), runner=self.runner, problems=self.problems,
+            threads=self.threads,
+        )  # fmt: skip
 
     def _grid(self, row: str) -> list[dict[str, Any]]:
         """A row's candidates: a method's grid; lora_linear's weights (its update at weight w is w times
