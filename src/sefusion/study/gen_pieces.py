@@ -110,7 +110,7 @@ class Loaded:
     base_body: dict[str, Any]
     experts: dict[str, dict[str, Any]]
     current: Any = None
-    deltas: dict[str, dict[str, Any]] = field(default_factory=dict)  # a LoRA folder's updates, by path
+    deltas: dict[str, dict[str, Any]] = field(default_factory=dict)  # the last LoRA folder's updates
 
 
 _LOADED: dict[tuple[Any, ...], Loaded] = {}  # at most one: the last study's (a worker runs many pieces)
@@ -271,6 +271,7 @@ def _delta(state: Loaded, inputs: GenInputs, folder: Path) -> dict[str, Any]:
     from .gen_lora import dense_updates
 
     if str(folder) not in state.deltas:
+        state.deltas.clear()  # the last folder's only: each is as large as an expert's dense updates
         state.deltas[str(folder)] = dense_updates(folder, inputs.base)
     return state.deltas[str(folder)]
 

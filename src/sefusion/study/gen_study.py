@@ -5,20 +5,23 @@ The flow, for tasks t = 1..T:
 1. data: each task built (cached) and split by source file; validation and test cut to the budget;
 2. experts: one LoRA adapter per task (`<out>/adapters/<task>`), resumable; an adapter already there is
    reused when its run record names this base (sha256), data and configuration, refused otherwise;
-   then the multi-task models, all trained before the rows hold the base and the experts in memory;
+   and the multi-task models: pieces of one run (sefusion.study.executor: in process, or side by side
+   on a Ray cluster), all trained before any row is scored;
 3. rows, each scored on test once: `pretrained`, `individual` (the normalizer), every data-free fusion
    method applied to the experts' dense updates ΔW_t = scale·B_t·A_t (each candidate of the method's grid
    scored on VALIDATION by the mean target loss, teacher-forced, relative to each task's expert; the
    lowest chosen), the LoRA-native rows `lora_cat` (PEFT `cat`: the exact sum of the updates) and
    `lora_linear` (PEFT `linear` on the factors, its weight chosen on validation), `multitask_lora`
-   (mixed data, the experts' total steps) and `multitask_full` where the budget has it;
+   (mixed data, the experts' total steps) and `multitask_full` where the budget has it; each model's
+   evaluations are a piece (sefusion.study.gen_pieces): the baselines, every candidate on validation and
+   the multitask models in one run, each chosen candidate on test in the next;
 4. readings as the encoder study's (intervals, normalized score and gain kept with intervals, flags,
    paired differences), the quality of generated code, HumanEval pass@1, storage; results.json,
    report.md and scores.json in `<out>`.
 
-Every evaluation is appended to `<out>/records.jsonl` when it is made (keyed by row, parameters, task
-and split; refused when the base, budget, seed or data differ), so a run resumes where it stopped and
-a fresh clone with the committed adapters and records rebuilds every row without training or scoring.
+Every evaluation is appended to `<out>/records.jsonl` by this process (the driver) when the piece that
+made it finishes (keyed by row, parameters, task and split; refused when the base, budget, seed or data
+differ), so a run resumes where it stopped, on one machine or a cluster, and a fresh clone with the committed adapters and records rebuilds every row without training or scoring.
 Fisher and RegMean are not run: their statistics (sefusion.models.statistics) are computed for the
 encoder study's classification/retrieval models, not yet for causal LMs' LoRA experts.
 """
