@@ -82,12 +82,13 @@ def combine(
     folder: Path,
     stamp: str,
     quiet: bool,
-    *experts: Any,
+    threads: int | None,
 ) -> dict[str, Any]:
     """The experts' factors combined by PEFT (`cat` or `linear`, weights 1) into `folder`, stamped with
     the experts' adapter sha256 (`stamp`) so that the driver reuses it while they stay the same."""
     from .gen_lora import combine as peft_combine
 
+    use_threads(threads)
     if not quiet:
         log.info(f"LoRA {combination} merge of the adapters (PEFT add_weighted_adapter)")
     t0 = time.perf_counter()

@@ -423,17 +423,15 @@ class GenStudy(TimedSteps):
         combination of these experts is there already."""
         sha = _sha([adapter_sha256(self.adapters[t]) for t in self.tasks])
         quiet = self.cfg.quiet or self.threads is not None
+        adapters = [self.adapters[t] for t in self.tasks]
         todo, answers = [], {}
         for row in self.lora_rows:
             key, folder = f"combine/{row}", self._combined(row)
             stamp = folder / "inputs.sha"
             same = stamp.is_file() and stamp.read_text().strip() == sha
             answers[key] = {"folder": folder, "seconds": 0.0} if same else None
-            adapters = [self.adapters[t] for t in self.tasks]
-            combination = row.removeprefix("lora_")
-            todo.append(
-                self._piece(key, gen_pieces.combine, self.base, adapters, combination, folder, sha, quiet)
-            )
+            todo.append(self._piece(key, gen_pieces.combine, self.base, adapters, row.removeprefix("lora_"),
+                                    folder, sha, quiet, self.threads))  # fmt: skip
         return todo, answers
 
     def _score(
