@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from sefusion.study.executor import LocalExecutor, RayExecutor
 from sefusion.study.gen_study import GenStudy
 from test_gen_study import GEN_FIXTURE, PROBLEMS, builder, config, gen_canonical, one_thread
 from test_generative import problems  # noqa: F401 - a fixture
-from test_study_ray import cluster  # noqa: F401 - a fixture
+from test_study_ray import cluster, worker_path  # noqa: F401 - a fixture
 from tiny_causal import make_causal
 
 ray = pytest.importorskip("ray")
@@ -98,3 +100,15 @@ def test_a_real_failure_is_its_own_error_and_the_study_resumes_on_one_machine(cl
     assert {k: v for k, v in got.items() if k not in PER_RUN} == {
         k: v for k, v in want.items() if k not in PER_RUN
     }
+
+
+def test_cli_an_address_nothing_answers_on_is_one_error_line_before_any_work(tiny, tmp_path):
+    """In a process of its own (this module's is connected to the test cluster)."""
+    env = {**os.environ, "PYTHONPATH": worker_path(), "SEFUSION_CACHE": str(tmp_path / "cache")}
+    argv = ["gen-tasks", "--base", str(tiny), "--out", str(tmp_path / "o"), "--ray", "127.0.0.1:1", "-q"]
+    run = subprocess.run(
+        [sys.executable, "-m", "sefusion", "study", *argv], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 2
+    assert run.stderr == "sefusion: error: cannot reach a Ray cluster at 127.0.0.1:1: Connection refused\n"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()  # refused before any work

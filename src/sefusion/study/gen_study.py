@@ -177,9 +177,9 @@ class GenStudy(TimedSteps):
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self._setup()
-        with self.executor.session(total=self._planned_pieces()):
+        with self.executor.session(total=self._planned_pieces()):  # a cluster refused before any work
             try:
+                self._setup()
                 return self._run(t0)
             finally:
                 gen_pieces.forget()  # the models the pieces kept loaded in this process
