@@ -1,0 +1,86 @@
+"""The committed generative scenarios rebuild on a fresh clone: from `results/gen-*/` (adapters, records,
+results.json) alone, every fusion and LoRA row is fused again from the committed adapters and scored
+again on test, and each test score equals the committed one exactly. Nothing is trained.
+
+What is kept of the committed records: validation (the selection, so the same candidate is chosen),
+HumanEval (164 generations a row: hours) and the rows whose model is not committed (`multitask_full`, a
+whole model). Everything else on test is scored again. Slow (minutes a row); needs the base
+(`sefusion base fetch NAME` once). SEFUSION_REBUILD=FOLDER,... checks other study folders too (e.g. a
+quick run's `--out`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+KEEP_ROWS = ("multitask_full",)  # its weights are not committed: its records are the row
+
+
+def folders() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("SEFUSION_REBUILD", "").split(",") if p]
+    return sorted(p.parent for p in RESULTS.glob("gen-*/results.json")) + extra
+
+
+def kept(line: str) -> bool:
+    """Whether a records line survives into the rebuild (headers and model hashes always do)."""
+    rec = json.loads(line)
+    if "key" not in rec:
+        return True
+    row = rec["key"].split("|", 1)[0]
+    task, split = rec["key"].rsplit("|", 2)[1:]
+    return split != "test" or task == "humaneval" or row in KEEP_ROWS
+
+
+def rebuild(folder: Path, out: Path) -> dict:
+    from sefusion.study.gen_study import GenStudyConfig, run_gen_study
+
+    committed = json.loads((folder / "results.json").read_text())
+    out.mkdir(parents=True)
+    shutil.copytree(folder / "adapters", out / "adapters")
+    shutil.copy(folder / "gen-study.json", out / "gen-study.json")
+    lines = (folder / "records.jsonl").read_text().splitlines()
+    (out / "records.jsonl").write_text("".join(line + "\n" for line in lines if kept(line)))
+    cfg = GenStudyConfig(
+        scenario=committed["scenario"], out=out, budget=committed["budget"], base=Path(committed["base"]).name,
+        seed=committed["seed"], quiet=True,
+    )  # fmt: skip
+    return run_gen_study(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", folders(), ids=lambda p: p.name)
+def test_the_committed_adapters_rebuild_every_row_on_test(folder: Path, tmp_path: Path) -> None:
+    committed = json.loads((folder / "results.json").read_text())
+    again = rebuild(folder, tmp_path / "out")
+    assert again["trained_this_run"] == []
+    rows = {r["method"]: r for r in again["rows"]}
+    for row in committed["rows"]:
+        assert rows[row["method"]]["params"] == row["params"], row["method"]
+        assert rows[row["method"]]["test"] == row["test"], row["method"]
+    rescored = {r["method"] for r in committed["rows"]} - set(KEEP_ROWS)
+    assert again["evaluations_this_run"] == len(rescored) * len(committed["tasks"])
+
+
+def test_a_committed_scenario_keeps_what_rebuilding_needs() -> None:
+    """Fast: each committed scenario has its adapters (one per task and multitask_lora), its manifest and
+    records with every validation score the selection reads."""
+    for folder in folders():
+        results = json.loads((folder / "results.json").read_text())
+        names = {p.name for p in (folder / "adapters").iterdir()}
+        assert names == {*results["tasks"], "multitask_lora"}, folder
+        assert (folder / "gen-study.json").is_file()
+        keys = {json.loads(x).get("key") for x in (folder / "records.jsonl").read_text().splitlines()}
+        for row in results["rows"]:
+            for t in (row.get("validation") or {}) if row["method"] not in KEEP_ROWS else ():
+                found = [
+                    k
+                    for k in keys
+                    if k and k.startswith(f"{row['method']}|") and k.endswith(f"|{t}|validation")
+                ]
+                assert found, (folder, row["method"], t)
