@@ -281,7 +281,9 @@ class GenStudy(TimedSteps):
         budgeted. A model already trained with this base, data and configuration is reused."""
         self.adapters = {t: self.out / "adapters" / t for t in self.tasks}
         mixed = {t: self._pairs(t) for t in self.tasks}
-        jobs = {f"expert/{t}": (self.adapters[t], self._pairs(t), self.train_config()) for t in self.tasks}
+        jobs: dict[str, tuple[Path, Any, Any]] = {
+            f"expert/{t}": (self.adapters[t], self._pairs(t), self.train_config()) for t in self.tasks
+        }  # (folder, data, config)
         jobs["multitask_lora"] = (self.out / "adapters" / "multitask_lora", mixed, self.train_config())
         if self._full_budgeted:  # a whole model: kept in the cache, not in <out>
             full = self.train_config("full", self.budget.full_steps)
