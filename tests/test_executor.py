@@ -141,7 +141,9 @@ def test_a_session_with_a_total_keeps_one_bar_over_its_runs(capsys):
     with ex.session(total=17):
         ex.run(dag_toy.study())
         ex.desc = "second"
-        ex.run([Piece("x", lambda: 1), Piece("y", lambda: 2), Piece("z", lambda a, b: a + b, deps=("x", "y"))])
+        ex.run(
+            [Piece("x", lambda: 1), Piece("y", lambda: 2), Piece("z", lambda a, b: a + b, deps=("x", "y"))]
+        )
     err = capsys.readouterr().err
     assert "running 1, waiting 16" in err and "first: 100%" not in err  # the 3 to come are waiting
     assert "14/17" in err and "second: 100%" in err and "17/17" in err

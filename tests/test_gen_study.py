@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +17,26 @@ from safetensors.torch import load_file
 
 from sefusion.cli import main
 from sefusion.errors import CheckpointError
-from sefusion.study import scores
+from sefusion.study import gen_pieces, scores
 from sefusion.study.gen_lora import combine, dense_updates
 from sefusion.study.gen_scenarios import GEN_SCENARIOS, GenBudget
 from sefusion.study.gen_study import GenStudy, GenStudyConfig, data_free_methods, select_by_loss
 from sefusion.study.runner import EvalRecords
 from sefusion.tasks.generative import GenExample, GenSplits
 from test_generative import problems  # noqa: F401 - a fixture
+from test_study_pieces import Recording
 from tiny_causal import make_causal, pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
 TASKS = ("summarize-python", "generate-python")
+TASKS_KEYS = tuple(f"expert/{t}" for t in TASKS)
 TINY = GenBudget(
     "tiny", steps=2, batch=2, micro_batch=1, max_len=64, grid="tiny", val_limit=3, test_limit=4,
     humaneval_limit=2, humaneval_tokens=4, max_new_tokens=4, full_steps=1, train_precision="fp32",
     eval_precision="fp32", eval_batch=4,
 )  # fmt: skip
+RUNS = Recording()  # the in-process executor of the `study` fixture, recording its runs of pieces
 PROBLEMS: list[GenExample] = []  # generate-python's examples (test_generative's module), set by `study`
 
 
@@ -75,8 +79,19 @@ def study(tiny, problems, tmp_path_factory):  # noqa: F811
     PROBLEMS[:] = [problems[k] for k in ("area", "wrong", "plain", "double", "twice")]
     root = tmp_path_factory.mktemp("gen")
     cfg = config(tiny, root / "out", root / "cache")
-    results = GenStudy(cfg, builder=builder).run()
+    with one_thread():  # the floats of the fixture (another thread count may round differently)
+        results = GenStudy(cfg, builder=builder, executor=RUNS).run()
     return cfg, results
+
+
+@contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _row(results, method):
@@ -338,14 +353,89 @@ def test_committed_adapters_rebuild_every_fusion_row(folder, tmp_path):
     st._build_data()
     st._train_experts()
     assert st.trained == []
-    st._open_records()
-    st._load()
+    inputs = st.inputs()
     for row in results["rows"]:
         method, params = row["method"], row["params"]
         if method not in st.methods:
             continue
-        bodies = st._bodies(method, params)
+        jobs = [(t, "test") for t in results["tasks"]]
+        got = gen_pieces.score(method, params, ("fusion", method, params), jobs, inputs)["records"]
         for t in results["tasks"]:
-            model = lambda t=t, b=bodies, m=method: st._set(b[t], (m, t))  # noqa: E731
-            got = st.evaluate(method, params, t, "test", model)
-            assert got["score"] == pytest.approx(row["test"][t], abs=1e-9), (method, t)
+            score = got[EvalRecords.key(method, params, t, "test")]["score"]
+            assert score == pytest.approx(row["test"][t], abs=1e-9), (method, t)
+
+
+MACHINE = ("base", "hardware", "versions", "train_seconds")  # an expert's train record: this machine's
+GEN_FIXTURE = Path(__file__).parent / "fixtures" / "gen_study_tiny_results.json"
+
+
+def gen_canonical(results: dict, out: Path) -> str:
+    """results.json less the base's path, the timings and the machine, with scores.json, the records (as
+    sorted lines) and the adapters' files: what two runs of one study must share, however executed."""
+    kept = {k: v for k, v in results.items() if k not in ("base", "timings_s", "wall_s")}
+    kept["experts"] = {t: {**e, "train": {k: v for k, v in e["train"].items() if k not in MACHINE}}
+                       for t, e in results["experts"].items()}  # fmt: skip
+    kept["scores.json"] = json.loads((out / "scores.json").read_text())
+    kept["records.jsonl"] = sorted((out / "records.jsonl").read_text().splitlines())
+    kept["adapters"] = sorted(str(p.relative_to(out)) for p in (out / "adapters").rglob("*"))
+    return json.dumps(kept, sort_keys=True, indent=1) + "\n"
+
+
+def assert_same(got: object, want: object, where: str = "") -> None:
+    """Equal structures; floats to 1e-5 relative (another CPU's kernels round the last digits apart)."""
+    if isinstance(want, float) and isinstance(got, (int, float)):
+        both_nan = math.isnan(want) and math.isnan(got)
+        assert both_nan or got == pytest.approx(want, rel=1e-5, abs=1e-9), where
+    elif isinstance(want, dict) and isinstance(got, dict):
+        assert sorted(got) == sorted(want), where
+        for k in want:
+            assert_same(got[k], want[k], f"{where}/{k}")
+    elif isinstance(want, list) and isinstance(got, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, where
+
+
+def _decoded(obj: object) -> object:
+    """Encoded per-example scores as float lists (they differ in the last bits between machines too)."""
+    if isinstance(obj, dict):
+        if "n" in obj and ("f8" in obj or "ranks" in obj or "bits" in obj):
+            return [float(x) for x in scores.decode_scores(obj)]
+        return {k: _decoded(v) for k, v in obj.items()}
+    return obj
+
+
+def canonical_tree(text: str) -> dict:
+    tree = json.loads(text)
+    # a model's sha256 is of its trained bytes, which another CPU rounds apart: the scores are compared
+    records = ({**_decoded(json.loads(line)), "sha256": "-"} for line in tree["records.jsonl"])
+    tree["records.jsonl"] = sorted(records, key=lambda r: (r.get("key", ""), r.get("model", "")))
+    return tree
+
+
+def test_in_process_results_are_what_the_study_wrote_before_pieces(study):
+    """The fixture was written by the study before its work became executor pieces."""
+    cfg, results = study
+    assert_same(canonical_tree(gen_canonical(results, cfg.out)), canonical_tree(GEN_FIXTURE.read_text()))
+
+
+def test_the_study_is_three_runs_of_pieces_and_the_bar_total_is_exact(study):
+    """Training (each expert and both multitask models, independent of each other); the baselines, every
+    candidate on validation (LoRA-native ones after their PEFT combination) and the multitask models; each
+    chosen candidate on test. Every scoring piece takes the one inputs piece."""
+    training, first, test = (dict(run) for run in RUNS.runs[:3])
+    assert set(training) == {*TASKS_KEYS, "multitask_lora", "multitask_full"}
+    assert not any(training.values())
+    methods, _ = data_free_methods()
+    rows = [*methods, "lora_cat", "lora_linear"]
+    cands = {k for k in first if k.startswith("cand/")}
+    assert {k.split("/")[1] for k in cands} == set(rows)
+    assert set(first) - cands == {"inputs", "pretrained", "individual", "combine/lora_cat",
+                                  "combine/lora_linear", "multitask_lora", "multitask_full"}  # fmt: skip
+    for k in cands:
+        row = k.split("/")[1]
+        assert first[k] == (("inputs", f"combine/{row}") if row.startswith("lora_") else ("inputs",))
+    assert set(test) == {"inputs", *(f"test/{r}" for r in rows)}
+    assert RUNS.total == sum(map(len, RUNS.runs[:3]))

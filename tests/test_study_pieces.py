@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sefusion.study import StudyConfig, resolve, run_study
+from sefusion.study import StudyConfig, gen_pieces, resolve, run_study
 from sefusion.study import pieces as study_pieces
 from test_study import TASKS, FakeModels, FakeTasks, _config
 
@@ -82,14 +82,20 @@ def test_the_pieces_and_their_inputs_pickle(tmp_path):
 
     assert study_pieces.portable(sefusion.models) == "sefusion.models"
     assert study_pieces.models_api("sefusion.models") is sefusion.models
-    fns = (study_pieces.fine_tune, study_pieces.head_only, study_pieces.statistics, study_pieces.score_validation)
-    for fn in (*fns, study_pieces.score_test):
+    fns = (
+        study_pieces.fine_tune,
+        study_pieces.head_only,
+        study_pieces.statistics,
+        study_pieces.score_validation,
+    )
+    for fn in (*fns, study_pieces.score_test, gen_pieces.train, gen_pieces.combine, gen_pieces.score):
         assert pickle.loads(pickle.dumps(fn)) is fn
 
 
 def test_without_ray_the_study_does_not_import_it():
     code = (
         "import sys; from sefusion.study.runner import Study; from sefusion.study import executor;"
+        "from sefusion.study.gen_study import GenStudy; from sefusion.study import gen_pieces;"
         "import sefusion.cli; print('ray' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -137,7 +143,9 @@ def test_training_is_one_run_of_pieces_and_the_bar_total_is_exact(tmp_path):
     """Experts, the frozen base's heads, the multitask model and each expert's statistics are pieces of
     the first run (statistics after their expert); the announced total is every piece of every run."""
     ex = Recording()
-    run_study(pair_config(tmp_path), models=FakeModels(tmp_path / "models"), tasks_api=FakeTasks(), executor=ex)
+    run_study(
+        pair_config(tmp_path), models=FakeModels(tmp_path / "models"), tasks_api=FakeTasks(), executor=ex
+    )
     first = dict(ex.runs[0])
     tasks = ("alpha-python", "beta-python")
     assert set(first) == {f"{k}/{t}" for k in ("expert", "head", "stats") for t in tasks} | {"multitask"}

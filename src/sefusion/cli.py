@@ -389,9 +389,10 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
-        help="run the study's pieces (experts, candidates, test scoring) as tasks on a Ray cluster: alone a "
-        "local Ray instance, else a running cluster's HOST:PORT or auto (needs sefusion[ray]; the cache "
-        "must be a folder every node sees at the same path)",
+        help="run the study's pieces (experts, candidates, test scoring; for gen-* scenarios the LoRA "
+        "experts, multitask models, candidates and every row's scoring) as tasks on a Ray cluster: alone a "
+        "local Ray instance, else a running cluster's HOST:PORT or auto (needs sefusion[ray]; the cache, "
+        "and for gen-* scenarios --out and --base, must be folders every node sees at the same path)",
     )  # fmt: skip
     p.add_argument(
         "--piece-cpus", type=int, default=1, metavar="N", help="CPUs of each piece on Ray (default 1)"
@@ -462,8 +463,6 @@ def _gen_study(args: argparse.Namespace) -> int:
             f"{args.scenario}: --seeds and --data-seed are not supported by the generative scenarios yet "
             "(--seed sets both the data split and training); run one --seed at a time"
         )
-    if args.ray is not None:
-        raise SefusionError(f"{args.scenario}: --ray is not supported by the generative scenarios yet")
     if args.humaneval_limit is not None and args.humaneval_limit <= 0:
         raise SefusionError(f"--humaneval-limit must be positive, got {args.humaneval_limit}")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
@@ -474,7 +473,8 @@ def _gen_study(args: argparse.Namespace) -> int:
     cfg = GenStudyConfig(
         args.scenario, args.out, budget=budget, dirs=dirs, base=str(args.base or DEFAULT_BASE), cache=args.cache,
         seed=args.seed, methods=methods, records=args.records, overwrite=args.overwrite, quiet=args.quiet,
-        humaneval_limit=-1 if args.humaneval_limit is None else args.humaneval_limit,
+        humaneval_limit=-1 if args.humaneval_limit is None else args.humaneval_limit, ray=args.ray,
+        piece_cpus=args.piece_cpus, piece_gpus=args.piece_gpus,
     )  # fmt: skip
     results = run_gen_study(cfg)
     log.info("report written to %s (%.0f s)", args.out / "report.md", results["wall_s"])

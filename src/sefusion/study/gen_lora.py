@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,22 @@ def dense_updates(adapter: Path, base: Path) -> dict[str, Any]:
             return {n: reader.delta(n) for n in reader.adapted()}
         finally:
             reader.close()
+
+
+def adapted_sizes(adapters: Sequence[Path], base: Path) -> dict[str, int]:
+    """{base tensor name: its number of elements} of every tensor one of `adapters` changes."""
+    from ..io import open_model
+    from ..io.lora import LoraReader
+
+    out: dict[str, int] = {}
+    with open_model(base) as base_reader:
+        for adapter in adapters:
+            reader = LoraReader(Path(adapter), base_reader)
+            try:
+                out.update({n: math.prod(base_reader.shape(n)) for n in reader.adapted()})
+            finally:
+                reader.close()
+    return out
 
 
 def adapter_bytes(folder: Path) -> int:

