@@ -9,9 +9,10 @@ examples scored (validation: teacher-forced target loss only; test: generated an
 grids (the registry's `quick` or `full` candidates), HumanEval problems, and whether the full fine-tune
 row runs. `quick` takes two tasks of each scenario: the whole scenario on the default base within about
 20 minutes on 2 cores (an estimate from the measured ~14 s per LoRA step at batch 8 x 256 tokens,
-scaled to batch 4; the report states the wall time measured). `full` is sized for about 8 hours a
-scenario on 2 cores (estimated from the same step time and ~40 generated tokens/s at batch 8: gen-tasks
-~8 h of which HumanEval ~2.3 h, gen-languages and gen-cross ~6 h), and every piece is resumable.
+scaled to batch 4; the report states the wall time measured). `full` is sized for at most about 8 hours a
+scenario on 2 cores (estimated from ~25 s per LoRA step of 8 at one thread and the base's measured
+HumanEval run, 4.4 s a problem: gen-tasks' training ~4 h, HumanEval ~12 min a row); every piece is
+resumable and the report states the wall time measured.
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ BUDGETS = {
         "quick", steps=6, batch=4, micro_batch=2, max_len=256, val_limit=6, test_limit=8,
         humaneval_limit=4, humaneval_tokens=256, full_steps=2, eval_batch=8,
     ),
-    # every task; 80 LoRA steps of 8 a task (multitask: 80 x T), 15 full fine-tuning steps a task;
-    # 24 validation and 40 test examples a task; the registry's full grids; all 164 HumanEval problems
+    # every task; 50 LoRA steps of 8 a task (400 examples, where the seed study saw experts learn;
+    # multitask: 50 x T), 10 full fine-tuning steps a task; 24 validation and 40 test examples a task; the
+    # registry's full grids; all 164 HumanEval problems, 256 new tokens (the base's measured run)
     "full": GenBudget(
-        "full", steps=80, batch=8, micro_batch=4, max_len=512, grid="full", val_limit=24, test_limit=40,
-        humaneval_limit=None, humaneval_tokens=512, full_steps=15,
+        "full", steps=50, batch=8, micro_batch=4, max_len=512, grid="full", val_limit=24, test_limit=40,
+        humaneval_limit=None, humaneval_tokens=256, full_steps=10,
     ),
 }  # fmt: skip
 
