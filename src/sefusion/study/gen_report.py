@@ -54,7 +54,13 @@ def _main_table(results: Mapping[str, Any]) -> list[str]:
     header = ["row", *[f"{t} ({metrics[t]})" for t in tasks], "avg norm.", "storage", "parameters"]
     body = [[r["method"], *[_reading_cell(r, t) for t in tasks], _fmt(r["avg_normalized"]),
              _mb(r["storage_bytes"]), _params(r["params"])] for r in results["rows"]]  # fmt: skip
-    return _table(header, body)
+    undefined = [t for t in tasks if not results["experts"][t].get("test")]
+    note = (
+        ["", f"avg norm. is over {len(tasks) - len(undefined)} of {len(tasks)} tasks: the expert scores 0 on "
+         f"{', '.join(undefined)}, where no normalized score exists."]
+        if undefined else []
+    )  # fmt: skip
+    return _table(header, body) + note
 
 
 def _quality_table(results: Mapping[str, Any]) -> list[str]:

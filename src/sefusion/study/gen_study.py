@@ -2,7 +2,8 @@
 against the pretrained base, the experts themselves, multi-task LoRA and full fine-tuning.
 
 The flow, for tasks t = 1..T:
-1. data: each task built (cached) and split by source file; validation and test cut to the budget;
+1. data: each task built (cached) and split by source file; validation and test cut to the budget (a
+   generate-* test split keeps, beyond its cut, every problem whose doctests run: pass@1's problems);
 2. experts: one LoRA adapter per task (`<out>/adapters/<task>`), resumable; an adapter already there is
    reused when its run record names this base (sha256), data and configuration, refused otherwise;
    and the multi-task models: pieces of one run (sefusion.study.executor: in process, or side by side
@@ -156,6 +157,7 @@ class GenStudy(TimedSteps):
         self.threads = None if self.executor.in_process else max(1, int(cfg.piece_cpus))
         self.timings: dict[str, float] = {}
         self.trained: list[str] = []  # what this run trained (a rerun with everything cached: empty)
+        self.full_from_records = False  # multitask_full's row read from the records, its model not at hand
         self.scored = 0  # evaluations this run computed (not read from the records)
         self.per_example: dict[str, dict[str, Any]] = {}  # row -> task -> per-example test scores
         self.he_scores: dict[str, tuple[Any, list[str]]] = {}  # row -> (HumanEval passed, task ids)
@@ -188,8 +190,9 @@ class GenStudy(TimedSteps):
         from .gen_report import write_gen_report
 
         self._build_data()
-        self._train_experts()
         self._open_records()
+        self._train_experts()
+        self._check_models()
         rows = self._scored_rows()
         results = self._results(rows, time.perf_counter() - t0)
         write_gen_report(results, self.scores_document, self.out)
@@ -253,7 +256,7 @@ class GenStudy(TimedSteps):
         self.data = {t: self._timed("data", partial(self.builder, t, b, self.cfg.seed, self.cache, self.cfg.dirs))
                      for t in self.tasks}  # fmt: skip
         self.val = {t: self.data[t].validation[: b.val_limit] for t in self.tasks}
-        self.test = {t: self.data[t].test[: b.test_limit] for t in self.tasks}
+        self.test = {t: self._test_split(t) for t in self.tasks}
         for t in self.tasks:
             d = self.data[t]
             if not d.train or not self.val[t] or not self.test[t]:
@@ -262,6 +265,18 @@ class GenStudy(TimedSteps):
             self._progress(
                 f"  {t}: train {len(d.train)}, validation {len(self.val[t])}, test {len(self.test[t])}"
             )
+
+    def _test_split(self, task: str) -> list[Any]:
+        """The first `test_limit` test examples; for generate-* also every later problem whose doctests
+        run: few functions carry doctests, so the first examples alone leave pass@1 almost nothing."""
+        from ..tasks.generative import get_generative
+        from .gen_eval import runnable_problems
+
+        test, limit = self.data[task].test, self.budget.test_limit
+        if limit is None or get_generative(task)[0].kind != "generate":
+            return list(test[:limit])
+        beyond = test[limit:]
+        return [*test[:limit], *(beyond[i] for i in runnable_problems(beyond, self.runner))]
 
     def train_config(self, mode: str = "lora", steps: int | None = None) -> Any:
         from ..models.causal_train import CausalTrainConfig
@@ -291,6 +306,9 @@ class GenStudy(TimedSteps):
         else:
             self.skipped["multitask_full"] = "not in this scenario's budget"
         reused = {k: self._reused(*job) for k, job in jobs.items()}
+        if self._full_budgeted and reused["multitask_full"] is None and self._full_recorded():
+            self.full_from_records = True  # not trained again: its row is in the records
+            reused["multitask_full"] = {"folder": jobs["multitask_full"][0], "seconds": 0.0}
         quiet = self.cfg.quiet or self.threads is not None
         todo = [self._piece(k, gen_pieces.train, self.base, folder, data, config, self._work, quiet, self.threads)
                 for k, (folder, data, config) in jobs.items()]  # fmt: skip
@@ -300,7 +318,14 @@ class GenStudy(TimedSteps):
             what = "experts" if k.startswith("expert/") else {"multitask_lora": "multitask"}.get(k, k)
             self.timings[what] = self.timings.get(what, 0.0) + res["seconds"]
         self.mt_lora: Path = done["multitask_lora"]["folder"]
-        self.mt_full: Path | None = done["multitask_full"]["folder"] if "multitask_full" in done else None
+        self.mt_full: Path | None = self._work / "multitask_full" if self._full_budgeted else None
+
+    def _full_recorded(self) -> bool:
+        """Whether the records hold multitask_full's bytes and every evaluation of it: on a fresh clone its
+        row is rebuilt from them (its weights are not committed), not trained again."""
+        pairs = [*((t, "validation") for t in self.tasks), *self._test_pairs()]
+        keys = [EvalRecords.key("multitask_full", self._full_params(), t, s) for t, s in pairs]
+        return "multitask_full" in self.records.sizes and all(self.records.get(k) for k in keys)
 
     def _reused(self, folder: Path, data: Any, config: Any) -> dict[str, Any] | None:
         """`folder` when its train record names this base, data and config; None when it is not trained
@@ -336,16 +361,21 @@ class GenStudy(TimedSteps):
         key = _sha({
             "base_sha256": self.base_sha, "budget": self.budget.to_json(), "seed": self.cfg.seed,
             "tasks": {t: self.data[t].fingerprint or _sha([(e.prompt, e.target) for s in ("train", "validation",
-                      "test") for e in self.data[t].split(s)]) for t in self.tasks}, "v": 1,
+                      "test") for e in self.data[t].split(s)]) for t in self.tasks},
+            "v": 2,  # 2: a generate-* test split adds the runnable problems beyond its limit
         })  # fmt: skip
         self.records = EvalRecords(Path(self.cfg.records or self.out / "records.jsonl"), study=key)
+
+    def _check_models(self) -> None:
+        """The records refuse models other than the ones they scored (each model's sha256)."""
         for t in self.tasks:
             self.records.check_model(f"expert {t}", adapter_sha256(self.adapters[t]))
         self.records.check_model("multitask_lora", adapter_sha256(self.mt_lora))
-        if self.mt_full is not None:
+        if self.mt_full is not None and not self.full_from_records:
             from ..models.train import base_sha256
 
-            self.records.check_model("multitask_full", base_sha256(self.mt_full))
+            size = sum(f.stat().st_size for f in self.mt_full.glob("*.safetensors"))
+            self.records.check_model("multitask_full", base_sha256(self.mt_full), size)
 
     # -------------------------------------------------------------- scoring, as pieces
     def _scored_rows(self) -> list[dict[str, Any]]:
@@ -506,7 +536,7 @@ class GenStudy(TimedSteps):
             rows.append(row)
         rows.append(self._plain_row("multitask_lora", MT_LORA, self.base_bytes + adapter_bytes(self.mt_lora)))
         if self.mt_full is not None:
-            size = sum(f.stat().st_size for f in self.mt_full.glob("*.safetensors"))
+            size = self.records.sizes["multitask_full"]
             rows.append(self._plain_row("multitask_full", self._full_params(), size))
         return rows
 
@@ -526,7 +556,7 @@ class GenStudy(TimedSteps):
             "method": method, "params": dict(params), "selected_on": "validation (mean target loss)",
             "validation": {t: r["score"] for t, r in val.items()} if val else None, "test": test_scores,
             "metrics": {t: r.get("metrics", {}) for t, r in test.items()}, "normalized": normalized,
-            "avg_normalized": grids.avg(list(normalized.values())), "storage_bytes": storage,
+            "avg_normalized": grids.avg_defined(list(normalized.values())), "storage_bytes": storage,
             "quality": {t: r["quality"] for t, r in test.items() if "quality" in r},
         }  # fmt: skip
         if he is not None:

@@ -69,6 +69,11 @@ def avg(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def avg_defined(values: Sequence[float]) -> float:
+    """The mean of the values that are numbers: a task whose expert scores 0 has no normalized score."""
+    return avg([v for v in values if v == v])
+
+
 def normalize(scores: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
     """score / reference per task (the reference being the task's individual expert on the same split)."""
     out = {}

@@ -93,6 +93,7 @@ class EvalRecords:
         self.path = path
         self.done: dict[str, dict[str, Any]] = {}
         self.models: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}  # a model's bytes, where recorded (a row whose weights are not kept)
         found: str | None = None
         if path.is_file():
             try:
@@ -112,6 +113,8 @@ class EvalRecords:
                     found = str(rec["study"])
                 elif "model" in rec:
                     self.models[str(rec["model"])] = str(rec.get("sha256"))
+                    if isinstance(rec.get("bytes"), int):
+                        self.sizes[str(rec["model"])] = rec["bytes"]
                 elif "key" in rec and "result" in rec:
                     self.done[rec["key"]] = rec["result"]
                 else:
@@ -139,12 +142,15 @@ class EvalRecords:
         self.done[key] = result
         self._append({"key": key, "result": result})
 
-    def check_model(self, name: str, sha256: str) -> None:
-        """Refuse records made with other bytes of model `name`; record its sha256 the first time."""
+    def check_model(self, name: str, sha256: str, size: int | None = None) -> None:
+        """Refuse records made with other bytes of model `name`; record its sha256 (and `size`, its bytes)
+        the first time, or its size when that was not recorded yet."""
         seen = self.models.get(name)
-        if seen is None:
+        if seen is None or (seen == sha256 and size is not None and name not in self.sizes):
             self.models[name] = sha256
-            self._append({"model": name, "sha256": sha256})
+            if size is not None:
+                self.sizes[name] = size
+            self._append({"model": name, "sha256": sha256, **({"bytes": size} if size is not None else {})})
         elif seen != sha256:
             raise StudyError(
                 f"{self.path}: these evaluation records scored a model '{name}' with sha256 {seen[:12]}..., "
