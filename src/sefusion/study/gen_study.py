@@ -348,15 +348,6 @@ class GenStudy(TimedSteps):
             f"{self.budget.name} study's; remove it, or pass another --out"
         )
 
-    def _piece(self, key: str, fn: Callable[..., Any], *args: Any, deps: tuple[str, ...] = ()) -> Piece:
-        return Piece(key, fn, args, deps, num_cpus=self.cfg.piece_cpus, num_gpus=self.cfg.piece_gpus)
-
-    def _execute(self, what: str, todo: Sequence[Piece], **kwargs: Any) -> dict[str, Any]:
-        """The pieces' results, by key, from the executor (its progress bar named `what`)."""
-        if hasattr(self.executor, "desc"):
-            self.executor.desc = what
-        return self.executor.run(todo, **kwargs)
-
     def _open_records(self) -> None:
         key = _sha({
             "base_sha256": self.base_sha, "budget": self.budget.to_json(), "seed": self.cfg.seed,

@@ -482,15 +482,6 @@ class Study(TimedSteps):
         self.mt_folder: Path = done["multitask"]["folder"]
         self.stats = [done[f"stats/{t}"]["stats"] for t in self.tasks] if self.stats_kinds else None
 
-    def _piece(self, key: str, fn: Callable[..., Any], *args: Any, deps: tuple[str, ...] = ()) -> Piece:
-        return Piece(key, fn, args, deps, num_cpus=self.cfg.piece_cpus, num_gpus=self.cfg.piece_gpus)
-
-    def _execute(self, what: str, todo: Sequence[Piece], **kwargs: Any) -> dict[str, Any]:
-        """The pieces' results, by key, from the executor (its progress bar named `what`)."""
-        if hasattr(self.executor, "desc"):
-            self.executor.desc = what
-        return self.executor.run(todo, **kwargs)
-
     def _open_records(self) -> None:
         """The evaluation records of this study (keyed by everything that determines its scores)."""
         from ..tasks.base import data_fingerprint
