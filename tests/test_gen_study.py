@@ -115,6 +115,7 @@ def test_every_row_and_the_report(study):
     assert [r["method"] for r in results["rows"]] == want
     assert set(skipped) == {"fisher", "regmean", "pleas"} and set(skipped) <= set(results["skipped"])
     assert "do not yet extend to causal LMs" in results["skipped"]["fisher"]
+    assert "CUDA" in results["skipped"]["multitask_qlora"]
     # generate-python: of the first 4 test problems (the cut), `wrong` fails its own doctest and `plain` has
     # none; `twice`, beyond the cut, runs and is kept
     assert results["experts"]["generate-python"]["n_test"] == 3

@@ -61,6 +61,10 @@ NOT_CAUSAL_YET = (
     "its statistics (sefusion.models.statistics) are computed for the encoder study's classification and "
     "retrieval models; they do not yet extend to causal LMs' LoRA experts"
 )
+NO_QLORA = (
+    "QLoRA (`sefusion train --mode qlora`) quantizes the base with bitsandbytes, which runs on CUDA only "
+    "(offline, its CPU path has no kernels); no CUDA machine was at hand to build and measure this row"
+)
 MT_LORA = {"steps": "sum of the experts' steps"}  # multitask_lora's parameters (in its record keys)
 Job = tuple[str, Mapping[str, Any], tuple[Any, ...], list[tuple[str, str]]]  # row, params, model, evaluations
 
@@ -166,6 +170,7 @@ class GenStudy(TimedSteps):
         """The data-free fusion methods and LoRA-native rows this study runs (`methods` picks some)."""
         chosen = self.cfg.methods
         methods, self.skipped = data_free_methods()
+        self.skipped["multitask_qlora"] = NO_QLORA
         if chosen is not None:
             unknown = [m for m in chosen if m not in methods and m not in LORA_ROWS]
             if unknown:
