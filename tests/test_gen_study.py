@@ -188,6 +188,20 @@ def test_a_rerun_trains_and_scores_nothing(study):
     again = GenStudy(cfg, builder=builder).run()
     assert again["trained_this_run"] == [] and again["evaluations_this_run"] == 0
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(results["rows"], sort_keys=True)
+    assert again["compute_s"] == results["compute_s"]  # the pieces of every run: this one ran none
+
+
+def test_compute_over_runs_is_each_finished_piece_once(study):
+    cfg, results = study
+    logged = [json.loads(x) for x in (cfg.out / "compute.jsonl").read_text().splitlines()]
+    pieces = [(x["run"], x["piece"]) for x in logged]
+    assert len(pieces) == len(set(pieces))
+    trained = {("training", k) for k in (*(f"expert/{t}" for t in TASKS), "multitask_lora", "multitask_full")}
+    assert trained | {("scoring", "pretrained"), ("scoring", "multitask_full")} <= set(pieces)
+    training = sum(x["seconds"] for x in logged if x["run"] == "training")
+    assert results["compute_s"]["training"] == pytest.approx(training, abs=0.2) and training > 0
+    assert results["compute_s"]["scoring"] > 0
+    assert "Finished pieces over every run of this folder" in (cfg.out / "report.md").read_text()
 
 
 def _without_full_test(path: Path) -> None:
@@ -203,8 +217,11 @@ def test_a_fresh_cache_reads_multitask_full_from_the_records(study, tmp_path):
     cfg, results = study
     out = tmp_path / "out"
     shutil.copytree(cfg.out, out)
+    (out / "compute.jsonl").unlink()  # an earlier version's folder: training seconds from the run records
     again = GenStudy(replace(cfg, out=out, cache=tmp_path / "cache"), builder=builder).run()
     assert again["trained_this_run"] == [] and again["evaluations_this_run"] == 0
+    recorded = [json.loads((p / "sefusion-train.json").read_text()) for p in (out / "adapters").iterdir()]
+    assert again["compute_s"]["training"] == pytest.approx(sum(r["train_seconds"] for r in recorded), abs=0.5)
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(results["rows"], sort_keys=True)
     _without_full_test(out / "records.jsonl")
     with one_thread():
@@ -360,7 +377,7 @@ GEN_FIXTURE = Path(__file__).parent / "fixtures" / "gen_study_tiny_results.json"
 def gen_canonical(results: dict, out: Path) -> str:
     """results.json less the base's path, the timings and the machine, with scores.json, the records (as
     sorted lines) and the adapters' files: what two runs of one study must share, however executed."""
-    kept = {k: v for k, v in results.items() if k not in ("base", "timings_s", "wall_s")}
+    kept = {k: v for k, v in results.items() if k not in ("base", "timings_s", "wall_s", "compute_s")}
     kept["experts"] = {t: {**e, "train": {k: v for k, v in e["train"].items() if k not in MACHINE}}
                        for t, e in results["experts"].items()}  # fmt: skip
     kept["scores.json"] = json.loads((out / "scores.json").read_text())

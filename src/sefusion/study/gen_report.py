@@ -101,6 +101,16 @@ def _humaneval_table(results: Mapping[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+def _compute_line(compute: Mapping[str, float] | None) -> str:
+    if not compute:
+        return ""
+    total = compute["training"] + compute["scoring"]
+    return (
+        f"Finished pieces over every run of this folder: {total:.0f} s ({total / 3600:.1f} h; training "
+        f"{compute['training']:.0f} s, scoring {compute['scoring']:.0f} s; `compute.jsonl`)."
+    )
+
+
 def render_gen_markdown(results: Mapping[str, Any]) -> str:
     b = results["budget_settings"]
     lines = [
@@ -109,9 +119,10 @@ def render_gen_markdown(results: Mapping[str, Any]) -> str:
         f"{b['steps']} LoRA steps of {b['batch']} a task (r={b['r']}, alpha={b['alpha']}, max_len {b['max_len']}), "
         f"validation {b['val_limit']} / test {b['test_limit']} examples a task, grids `{b['grid']}`, "
         f"multitask_full {b['full_steps'] or 0} steps a task, HumanEval {b['humaneval_limit'] or 'all'} problems, "
-        f"eval {results['eval_precision']}. Wall time {results['wall_s']:.0f} s "
+        f"eval {results['eval_precision']}. Wall time of this run {results['wall_s']:.0f} s "
         f"(trained this run: {', '.join(results['trained_this_run']) or 'nothing'}; "
-        f"{results['evaluations_this_run']} evaluations computed, the rest read from records.jsonl).", "",
+        f"{results['evaluations_this_run']} evaluations computed, the rest read from records.jsonl). "
+        f"{_compute_line(results.get('compute_s'))}", "",
         f"Selection: {results['selection']}. Each cell: test score [95% cluster-bootstrap interval]; "
         "norm = score / the task's expert's; kept = gain kept (score - pretrained) / (expert - pretrained).", "",
         *_main_table(results), "", *_quality_table(results), *_humaneval_table(results),

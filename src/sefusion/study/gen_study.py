@@ -55,6 +55,7 @@ from .steps import TimedSteps
 log = logging.getLogger("sefusion")
 
 MANIFEST = "gen-study.json"
+COMPUTE_LOG = "compute.jsonl"  # each finished piece's seconds, over every run of an <out>
 LORA_ROWS = ("lora_cat", "lora_linear")
 MULTITASK_ROWS = ("multitask_lora", "multitask_full")
 NOT_CAUSAL_YET = (
@@ -319,6 +320,7 @@ class GenStudy(TimedSteps):
                 for k, (folder, data, config) in jobs.items()]  # fmt: skip
         done = self._execute("training", todo, done=reused.get)
         self.trained = [folder.name for k, (folder, _, _) in jobs.items() if reused[k] is None]
+        self._log_training(jobs, done, reused)
         for k, res in done.items():
             what = "experts" if k.startswith("expert/") else {"multitask_lora": "multitask"}.get(k, k)
             self.timings[what] = self.timings.get(what, 0.0) + res["seconds"]
@@ -488,10 +490,52 @@ class GenStudy(TimedSteps):
         for k, rec in result.get("records", {}).items():
             self.records.put(k, rec)
             self.scored += 1
+        if result.get("seconds"):
+            self._log_compute("scoring", key, result["seconds"])
         row = jobs[key][0] if key in jobs else key.removeprefix("combine/")
         for what, s in ((row, "seconds"), ("evaluation", "eval_s"), ("humaneval", "humaneval_s")):
             if result.get(s):
                 self.timings[what] = self.timings.get(what, 0.0) + result[s]
+
+    def _log_compute(self, run: str, piece: str, seconds: float) -> None:
+        """A finished piece's seconds, appended to `<out>/compute.jsonl`: a scenario resumed over several
+        runs (or machines) states the compute of all of them, not only the last run's wall time."""
+        with (self.out / COMPUTE_LOG).open("a") as f:
+            f.write(json.dumps({"run": run, "piece": piece, "seconds": round(seconds, 1)}) + "\n")
+
+    def _log_training(
+        self, jobs: Mapping[str, Any], done: Mapping[str, Any], reused: Mapping[str, Any]
+    ) -> None:
+        """Each model's training seconds, once: as trained now, or from the run record of one trained by an
+        earlier run that did not log it (multitask_full read from the records has neither)."""
+        from ..io.lora import TRAIN_RECORD
+
+        logged = {(r["run"], r["piece"]) for r in self._compute_log()}
+        for k, (folder, _, _) in jobs.items():
+            record = Path(folder) / TRAIN_RECORD
+            if ("training", k) in logged or (reused[k] is not None and not record.is_file()):
+                continue
+            seconds = (
+                done[k]["seconds"] if reused[k] is None else json.loads(record.read_text())["train_seconds"]
+            )
+            self._log_compute("training", k, seconds)
+
+    def _compute_log(self) -> list[dict[str, Any]]:
+        path = self.out / COMPUTE_LOG
+        out = []
+        for line in path.read_text().splitlines() if path.is_file() else ():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by an interrupt
+                continue
+        return out
+
+    def _compute(self) -> dict[str, float]:
+        """Seconds of the finished pieces over every run of this `<out>`: training, and scoring."""
+        out = {"training": 0.0, "scoring": 0.0}
+        for rec in self._compute_log():
+            out[rec["run"]] += rec["seconds"]
+        return {k: round(v, 1) for k, v in out.items()}
 
     def _rec(self, row: str, params: Mapping[str, Any], task: str, split: str) -> dict[str, Any]:
         rec = self.records.get(EvalRecords.key(row, params, task, split))
@@ -639,6 +683,7 @@ class GenStudy(TimedSteps):
             "eval_precision": self.budget.eval_precision, "trained_this_run": self.trained,
             "evaluations_this_run": self.scored,
             "timings_s": {k: round(v, 1) for k, v in self.timings.items()}, "wall_s": round(wall, 1),
+            "compute_s": self._compute(),
         }  # fmt: skip
 
 
