@@ -127,6 +127,14 @@ def adapter_sha256(folder: Path) -> str:
     return weights_sha256(sorted(Path(folder).glob("adapter_model.*")))
 
 
+def model_bytes(folder: Path) -> int:
+    """Bytes of a model folder's weight files (what serving it costs)."""
+    from ..io import open_model
+
+    with open_model(folder) as r:
+        return sum(f.stat().st_size for f in r.weight_files())
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
@@ -372,8 +380,7 @@ class GenStudy(TimedSteps):
         if self.mt_full is not None and not self.full_from_records:
             from ..models.train import base_sha256
 
-            size = sum(f.stat().st_size for f in self.mt_full.glob("*.safetensors"))
-            self.records.check_model("multitask_full", base_sha256(self.mt_full), size)
+            self.records.check_model("multitask_full", base_sha256(self.mt_full), model_bytes(self.mt_full))
 
     # -------------------------------------------------------------- scoring, as pieces
     def _scored_rows(self) -> list[dict[str, Any]]:
@@ -608,10 +615,7 @@ class GenStudy(TimedSteps):
     # -------------------------------------------------------------- storage, readings, results
     @property
     def base_bytes(self) -> int:
-        from ..io import open_model
-
-        with open_model(self.base) as r:
-            return sum(f.stat().st_size for f in r.weight_files())
+        return model_bytes(self.base)
 
     def storage(self, row: str) -> int:
         """Bytes that serve every task of the scenario: one model (pretrained, a merge), the base + T
