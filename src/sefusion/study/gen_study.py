@@ -661,12 +661,13 @@ class GenStudy(TimedSteps):
         return comparisons
 
     def _results(self, rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+        from ..io.lora import TRAIN_RECORD
         from ..tasks.generative import KIND_METRICS, get_generative
 
         comparisons = self._readings(rows)
         experts = {t: {"metric": KIND_METRICS[get_generative(t)[0].kind][0], "validation_loss": self.ref_val[t],
                        "test": self._ind_test[t]["score"], "n_test": self._ind_test[t]["n"],
-                       "train": json.loads((self.adapters[t] / "sefusion-train.json").read_text())}
+                       "train": json.loads((self.adapters[t] / TRAIN_RECORD).read_text())}
                    for t in self.tasks}  # fmt: skip
         for e in experts.values():
             e["train"].pop("losses", None)
