@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io.lora import TRAIN_RECORD
 from .scenarios import StudyError
 
 COMBINATIONS = ("cat", "linear")
@@ -86,6 +85,8 @@ def combine(
     base_sha = _record_value(adapters[0], "base_sha256")
     if base_sha:
         record["base_sha256"] = base_sha  # the merged adapter is refused on another base as its inputs are
+    from ..io.lora import TRAIN_RECORD
+
     (saved / TRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     saved.rename(out)
