@@ -88,6 +88,18 @@ def test_summary_has_gain_columns():
     assert line == "| tall | 0.250 (-0.500) | 1/2, 1/2 | 0.250 (-0.500) | 1/2, 1/2 |"
 
 
+def test_summary_reads_only_tasks_with_a_normalized_score():
+    """A task whose expert scores 0 has no normalized score (NaN): the worst task and the degraded count
+    are over the other tasks."""
+    res = _results()
+    for r in res["rows"]:
+        r["normalized"]["a"] = float("nan")
+        r["avg_normalized"] = r["normalized"]["b"]
+    out = summary_markdown([res]).splitlines()
+    assert "| ties | 0.375 | 0.375 |" in out  # 0.30 / 0.80, task b
+    assert "| ties | 1/1 |" in out and "| individual | 0/1 |" in out
+
+
 def test_task_intervals_from_per_example_scores():
     rng = np.random.default_rng(0)
     n = 200

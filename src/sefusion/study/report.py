@@ -69,6 +69,11 @@ def _point(row: Mapping[str, Any], part: str) -> Any:
     return {t: (s["mean"] if s else row[part][t]) for t, s in over.items()}
 
 
+def _defined(per_task: Mapping[str, float]) -> dict[str, float]:
+    """The tasks whose value is a number (a task whose expert scores 0 has no normalized score)."""
+    return {t: v for t, v in per_task.items() if v == v}
+
+
 def _seeded(row: Mapping[str, Any], part: str, task: str | None = None) -> Any:
     """'mean ± sd' over seeds of a row's `part` (of one task), or None for a one-seed study."""
     from .uncertainty import format_over_seeds
@@ -511,7 +516,7 @@ def summary_markdown(runs: Sequence[Mapping[str, Any]]) -> str:
         cells = []
         for res in runs:
             r = next((r for r in res["rows"] if r["method"] == m), None)
-            vals = list(_point(r, "normalized").values()) if r and r["normalized"] else []
+            vals = list(_defined(_point(r, "normalized")).values()) if r and r["normalized"] else []
             cells.append(f"{sum(v < DEGRADED for v in vals)}/{len(vals)}" if vals else None)
         deg_rows.append([m, *cells])
     L += _table(["method", *names], deg_rows)
@@ -553,9 +558,9 @@ def _summary_avg(row: Mapping[str, Any] | None) -> Any:
 
 def _summary_worst(row: Mapping[str, Any] | None) -> Any:
     """The normalized score of the row's worst task (by its mean over seeds, where it has seeds)."""
-    if row is None or not row["normalized"]:
+    norm = _defined(_point(row, "normalized")) if row is not None else {}
+    if not norm:
         return None
-    norm = _point(row, "normalized")
     worst = min(norm, key=norm.__getitem__)
     return _seeded(row, "normalized", worst) or norm[worst]
 
