@@ -21,8 +21,16 @@ from sefusion.cli import main
 from sefusion.errors import CheckpointError
 from sefusion.study import scores
 from sefusion.study.gen_lora import combine, dense_updates
+from sefusion.study.gen_report import _experts_table
 from sefusion.study.gen_scenarios import GEN_SCENARIOS, GenBudget
-from sefusion.study.gen_study import GenStudy, GenStudyConfig, data_free_methods, select_by_loss
+from sefusion.study.gen_study import (
+    GenStudy,
+    GenStudyConfig,
+    data_free_methods,
+    gen_pairs,
+    humaneval_pairs,
+    select_by_loss,
+)
 from sefusion.study.runner import EvalRecords
 from sefusion.tasks.generative import GenExample, GenSplits
 from test_generative import problems  # noqa: F401 - a fixture
@@ -135,6 +143,16 @@ def test_every_row_and_the_report(study):
     assert sorted(p.name for p in (cfg.out / "adapters").iterdir()) == sorted([*TASKS, "multitask_lora"])
     report = (cfg.out / "report.md").read_text()
     assert "## HumanEval pass@1" in report and "## Serving every task" in report and "lora_cat" in report
+    assert "## Experts against the base" in report and "## Paired differences" in report
+    for t in TASKS:
+        assert {"individual - pretrained", "ties - multitask_lora", "multitask_full - multitask_lora"} <= set(
+            results["comparisons"][t]
+        )
+    he = {r["method"]: r["humaneval"]["score"] for r in results["rows"]}
+    for pair, d in results["humaneval_comparisons"].items():
+        a, b = pair.split(" - ")
+        assert d["estimate"] == pytest.approx(he[a] - he[b]) and d["low"] <= d["estimate"] <= d["high"]
+    assert {"ties - pretrained", "ties - multitask_lora"} <= set(results["humaneval_comparisons"])
     assert json.loads((cfg.out / "results.json").read_text())["scenario"] == "gen-tasks"
 
 
@@ -249,6 +267,50 @@ def test_selection_reads_validation_only(study, tiny, tmp_path):
         a, b = _row(results, method), _row(moved, method)
         assert a["params"] == b["params"] and a["grid"] == b["grid"]
     assert all(moved["data"][t]["fingerprint"] != results["data"][t]["fingerprint"] for t in TASKS)
+
+
+def test_the_pairs_a_generative_report_compares():
+    methods = [
+        "pretrained",
+        "individual",
+        "ties",
+        "tall_masks",
+        "scaling_masks",
+        "multitask_lora",
+        "multitask_full",
+    ]
+    assert gen_pairs(methods) == [
+        ("individual", "pretrained"),
+        *[
+            (m, "individual")
+            for m in ("multitask_lora", "ties", "tall_masks", "scaling_masks", "multitask_full")
+        ],
+        ("scaling_masks", "tall_masks"),
+        *[(m, "multitask_lora") for m in ("ties", "tall_masks", "scaling_masks", "multitask_full")],
+    ]
+    assert humaneval_pairs(["pretrained", "individual", "ties", "multitask_lora"]) == [
+        ("individual", "pretrained"), ("ties", "pretrained"), ("multitask_lora", "pretrained"),
+        ("individual", "multitask_lora"), ("ties", "multitask_lora"),
+    ]  # fmt: skip
+    assert humaneval_pairs(["individual", "ties"]) == []
+
+
+def test_an_expert_is_clearly_above_the_base_only_when_its_interval_is():
+    def diff(est, low, high):
+        return {"estimate": est, "low": low, "high": high, "level": 0.95, "significant": low > 0 or high < 0}
+
+    rows = [{"method": m, "test": {"a": 0.5, "b": 0.5, "c": 0.5}} for m in ("pretrained", "individual")]
+    results = {
+        "tasks": ["a", "b", "c"], "rows": rows,
+        "experts": {t: {"metric": "pass@1"} for t in "abc"},
+        "comparisons": {"a": {"individual - pretrained": diff(0.2, 0.1, 0.3)},
+                        "b": {"individual - pretrained": diff(0.1, -0.05, 0.25)},
+                        "c": {"individual - pretrained": diff(-0.2, -0.3, -0.1)}},
+    }  # fmt: skip
+    cells = {
+        line.split(" | ")[0][2:]: line.rsplit(" | ", 1)[1][:-2] for line in _experts_table(results)[4:][2:]
+    }
+    assert cells == {"a": "yes", "b": "no", "c": "no"}
 
 
 def test_select_by_loss_by_hand():
@@ -423,7 +485,8 @@ def canonical_tree(text: str) -> dict:
 def test_in_process_results_are_what_the_fixture_holds(study):
     """The fixture was first written by the study before its work became executor pieces; rewritten
     (SEFUSION_WRITE_FIXTURE=1) only when the study's output changes on purpose (last: the generate-*
-    test split kept its runnable problems beyond the cut)."""
+    test split kept its runnable problems beyond the cut; then the pairs against the base and
+    multitask_lora, and the HumanEval differences, were added)."""
     cfg, results = study
     got = gen_canonical(results, cfg.out)
     if os.environ.get("SEFUSION_WRITE_FIXTURE"):

@@ -8,7 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import _fmt, _interval, _mb, _params, _table
+from .report import _comparisons_section, _fmt, _interval, _mb, _params, _table
+
+EXPERT_VS_BASE = "individual - pretrained"
 
 
 def _write(path: Path, text: str) -> None:
@@ -101,6 +103,39 @@ def _humaneval_table(results: Mapping[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+def _experts_table(results: Mapping[str, Any]) -> list[str]:
+    """Each expert against the base prompted on its own test metric: clearly above it only where the
+    paired interval of the difference lies above 0."""
+    by = {r["method"]: r for r in results["rows"]}
+    if "pretrained" not in by or "individual" not in by:
+        return []
+    body = []
+    for t in results["tasks"]:
+        d = (results.get("comparisons") or {}).get(t, {}).get(EXPERT_VS_BASE)
+        above = "–" if d is None else "yes" if d["significant"] and d["estimate"] > 0 else "no"
+        body.append([t, results["experts"][t]["metric"], _task_score(by["individual"], t),
+                     _task_score(by["pretrained"], t), _interval(d) if d else "–", above])  # fmt: skip
+    head = ["## Experts against the base", "",
+            "Each task's LoRA expert against the base prompted, on the task's test metric; the difference "
+            "with its paired 95% interval (same cluster resamples).", ""]  # fmt: skip
+    return head + _table(
+        ["task", "metric", "expert", "pretrained", "expert − pretrained", "clearly above"], body
+    )
+
+
+def _task_score(row: Mapping[str, Any], task: str) -> str:
+    iv = ((row.get("readings") or {}).get(task) or {}).get("interval")
+    return _interval(iv) if iv else _fmt(row["test"].get(task))
+
+
+def _differences(results: Mapping[str, Any]) -> list[str]:
+    """The paired differences of every task, and of HumanEval where the scenario scores it."""
+    he = results.get("humaneval_comparisons") or {}
+    tasks = [*results["tasks"], *(["humaneval"] if he else [])]
+    comp = {**(results.get("comparisons") or {}), **({"humaneval": he} if he else {})}
+    return _comparisons_section({"tasks": tasks, "comparisons": comp})
+
+
 def _compute_line(compute: Mapping[str, float] | None) -> str:
     if not compute:
         return ""
@@ -125,7 +160,8 @@ def render_gen_markdown(results: Mapping[str, Any]) -> str:
         f"{_compute_line(results.get('compute_s'))}", "",
         f"Selection: {results['selection']}. Each cell: test score [95% cluster-bootstrap interval]; "
         "norm = score / the task's expert's; kept = gain kept (score - pretrained) / (expert - pretrained).", "",
-        *_main_table(results), "", *_quality_table(results), *_humaneval_table(results),
+        *_experts_table(results), "", "## Rows", "",
+        *_main_table(results), *_differences(results), "", *_quality_table(results), *_humaneval_table(results),
         "## Serving every task", "",
         *_table(["way", "bytes"], [[k, _mb(v)] for k, v in results["serving_bytes"].items()]), "",
     ]  # fmt: skip

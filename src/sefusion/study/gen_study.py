@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..registry import LAMBDA_FULL, LAMBDA_QUICK, METHODS
-from . import gen_pieces, grids, pieces, rigor, scores
+from . import gains, gen_pieces, grids, pieces, rigor, scores
 from .api import Row
 from .executor import Executor, Piece, make_executor
 from .gen_pieces import GenInputs
@@ -68,6 +68,23 @@ NO_QLORA = (
 )
 MT_LORA = {"steps": "sum of the experts' steps"}  # multitask_lora's parameters (in its record keys)
 Job = tuple[str, Mapping[str, Any], tuple[Any, ...], list[tuple[str, str]]]  # row, params, model, evaluations
+
+
+def gen_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The paired differences of a generative scenario's tasks: each expert against the base prompted (did
+    it learn its task?), then the encoder study's pairs with multitask_lora as the multitask row: every
+    fusion row, and multitask_full, against it (merge or data mix; LoRA or full fine-tuning)."""
+    return [(gains.EXPERT, gains.PRETRAINED), *rigor.comparison_pairs(methods, multitask="multitask_lora")]
+
+
+def humaneval_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """HumanEval is held out: what each row loses or gains against the base prompted, and each row
+    against multitask_lora."""
+    rest = [m for m in methods if m != gains.PRETRAINED]
+    pairs = [(m, gains.PRETRAINED) for m in rest] if gains.PRETRAINED in methods else []
+    if "multitask_lora" in methods:
+        pairs += [(m, "multitask_lora") for m in rest if m != "multitask_lora"]
+    return pairs
 
 
 @dataclass
@@ -649,7 +666,9 @@ class GenStudy(TimedSteps):
         usable = {r: {t: v for t, v in per.items() if len(v)} for r, per in self.per_example.items()}
         clusters = {t: c for t, c in clusters.items() if c}
         chance: dict[str, float | None] = {t: None for t in clusters}
-        comparisons = rigor.attach_readings(cast(list[Row], rows), usable, clusters, chance)
+        comparisons = rigor.attach_readings(
+            cast(list[Row], rows), usable, clusters, chance, pairs=gen_pairs([r["method"] for r in rows])
+        )
         for row in rows:
             he = self.he_scores.get(row["method"])
             if he is not None and len(he[0]):
@@ -659,6 +678,19 @@ class GenStudy(TimedSteps):
             usable,
         )
         return comparisons
+
+    def _he_comparisons(self) -> dict[str, Any]:
+        """Paired differences of HumanEval pass@1 (per problem, the same resamples) between rows that
+        answered the same problems."""
+        from .uncertainty import paired_difference
+
+        out: dict[str, Any] = {}
+        for a, b in humaneval_pairs(list(self.he_scores)):
+            (xa, ids), (xb, ids_b) = self.he_scores[a], self.he_scores[b]
+            if list(ids) == list(ids_b) and len(xa):
+                d = paired_difference(xa, xb, ids)
+                out[f"{a} - {b}"] = {**d.as_dict(), "significant": d.significant}
+        return out
 
     def _results(self, rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         from ..io.lora import TRAIN_RECORD
@@ -680,7 +712,8 @@ class GenStudy(TimedSteps):
             "base": str(self.base), "base_sha256": self.base_sha, "budget": self.budget.name,
             "budget_settings": self.budget.to_json(), "seed": self.cfg.seed, "tasks": self.tasks,
             "experts": experts, "data": data, "rows": rows, "skipped": self.skipped,
-            "comparisons": comparisons, "uncertainty": rigor.about(),
+            "comparisons": comparisons, "humaneval_comparisons": self._he_comparisons(),
+            "uncertainty": rigor.about(),
             "selection": "each candidate's mean teacher-forced target loss on validation, divided by the "
             "task's expert's, averaged over tasks: the lowest wins (per-task parameters: each task's lowest)",
             "humaneval_served_by": self._he_task() if self.scenario.humaneval else None,

@@ -25,16 +25,17 @@ BASELINE_ROW = "no_training_baseline"  # the no-training baseline's per-example 
 METHOD = "percentile bootstrap over the test examples, resampling whole source files (cluster bootstrap)"
 
 
-def comparison_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+def comparison_pairs(methods: Sequence[str], multitask: str = MULTITASK) -> list[tuple[str, str]]:
     """The pairs (a, b) whose paired difference a - b the report reads: every fused row (multitask too)
-    against the individual experts, Scaling-Masks against TALL-Masks, every fused row against multitask."""
-    fused = [m for m in methods if m not in (gains.PRETRAINED, gains.EXPERT, MULTITASK)]
-    has_mt = MULTITASK in methods
-    pairs = [(m, gains.EXPERT) for m in ([MULTITASK] if has_mt else []) + fused]
+    against the individual experts, Scaling-Masks against TALL-Masks, every other row against the
+    `multitask` row (the generative study's is multitask_lora: its multitask_full is one of the others)."""
+    fused = [m for m in methods if m not in (gains.PRETRAINED, gains.EXPERT, multitask)]
+    has_mt = multitask in methods
+    pairs = [(m, gains.EXPERT) for m in ([multitask] if has_mt else []) + fused]
     if "tall_masks" in methods and "scaling_masks" in methods:
         pairs.append(("scaling_masks", "tall_masks"))
     if has_mt:
-        pairs += [(m, MULTITASK) for m in fused]
+        pairs += [(m, multitask) for m in fused]
     return pairs
 
 
@@ -51,13 +52,16 @@ def attach_readings(
     clusters: Mapping[str, Sequence[str]],
     chance: Mapping[str, float | None],
     *,
+    pairs: Sequence[tuple[str, str]] | None = None,
     b: int = U.B_DEFAULT,
 ) -> dict[str, dict[str, Any]]:
     """Give each row its `readings` per task (interval of the test score; normalized score and gain kept
-    with intervals; flags below pretrained / below chance) and return the paired differences per task.
-    Rows or tasks without per-example scores are left without readings."""
-    methods = [r["method"] for r in rows]
-    table = gains.task_intervals(clusters, per_example, comparison_pairs(methods), b=b)
+    with intervals; flags below pretrained / below chance) and return the paired differences per task
+    (of `pairs`; None: `comparison_pairs` of the rows). Rows or tasks without per-example scores are left
+    without readings."""
+    if pairs is None:
+        pairs = comparison_pairs([r["method"] for r in rows])
+    table = gains.task_intervals(clusters, per_example, pairs, b=b)
     for row in rows:
         cells: dict[str, Any] = {}
         for task, info in table.items():
