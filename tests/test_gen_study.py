@@ -248,6 +248,42 @@ def test_a_fresh_cache_reads_multitask_full_from_the_records(study, tmp_path):
     assert _row(third, "multitask_full")["test"] == _row(results, "multitask_full")["test"]
 
 
+def test_the_pretrained_row_asks_a_base_through_its_chat_template_where_it_has_one(
+    study, tmp_path, monkeypatch
+):
+    """An instruct base answers plain prompts with nothing: the pretrained row asks the tasks through the
+    base's chat template (the tiny base has one), HumanEval stays plain completion. A base without a
+    template is asked plainly, under other record keys; every other row is read back unchanged."""
+    from sefusion.study import gen_pieces
+
+    cfg, results = study
+    chat = _row(results, "pretrained")
+    assert chat["params"] == {"prompt": "chat template"}
+    base, out = tmp_path / "base", tmp_path / "out"
+    shutil.copytree(cfg.base, base)
+    (base / "chat_template.jinja").unlink()
+    shutil.copytree(cfg.out, out)
+    calls, real = [], gen_pieces.evaluate
+
+    def spy(inputs, lm, tok, task, split, chat=False):
+        calls.append((task, split, chat))
+        return real(inputs, lm, tok, task, split, chat)
+
+    monkeypatch.setattr(gen_pieces, "evaluate", spy)
+    with one_thread():
+        again = GenStudy(replace(cfg, base=base, out=out, cache=tmp_path / "cache"), builder=builder).run()
+    assert again["trained_this_run"] == [] and again["evaluations_this_run"] == 2 * len(TASKS) + 1
+    assert sorted(calls) == sorted([*((t, s, False) for t in TASKS for s in ("validation", "test")),
+                                    ("humaneval", "test", False)])  # fmt: skip
+    plain = _row(again, "pretrained")
+    assert plain["params"] == {} and plain["humaneval"]["score"] == chat["humaneval"]["score"]
+    assert all(
+        plain["validation"][t] != chat["validation"][t] for t in TASKS
+    )  # the template reached the model
+    for a, b in zip(again["rows"][1:], results["rows"][1:], strict=True):
+        assert a["test"] == b["test"] and a["params"] == b["params"]
+
+
 def test_selection_reads_validation_only(study, tiny, tmp_path):
     """Candidates are scored on validation; test holds only the chosen one's scores. With other test
     data (same train and validation), every method chooses the same parameters."""
@@ -486,7 +522,8 @@ def test_in_process_results_are_what_the_fixture_holds(study):
     """The fixture was first written by the study before its work became executor pieces; rewritten
     (SEFUSION_WRITE_FIXTURE=1) only when the study's output changes on purpose (last: the generate-*
     test split kept its runnable problems beyond the cut; then the pairs against the base and
-    multitask_lora, and the HumanEval differences, were added)."""
+    multitask_lora, and the HumanEval differences, were added; then the pretrained row asked through the
+    base's chat template)."""
     cfg, results = study
     got = gen_canonical(results, cfg.out)
     if os.environ.get("SEFUSION_WRITE_FIXTURE"):

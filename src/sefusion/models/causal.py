@@ -366,6 +366,17 @@ def _recorded_base(adapter: Path) -> str:
     raise CheckpointError(f"adapter {adapter} names no base folder that exists ({folder}); pass the base")
 
 
+def has_chat_template(folder: str | Path) -> bool:
+    """Whether a model folder's tokenizer carries a chat template (an instruct model's way to be asked)."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        return "chat_template" in json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 

@@ -218,7 +218,7 @@ class BundleBodies(Mapping[str, Mapping[str, Any]]):
 
 def model_of(inputs: GenInputs, spec: tuple[Any, ...]) -> Callable[[str], Model]:
     """task -> (lm, tok) serving it ("humaneval": the one serving `he_task` where each task has its own),
-    for a model `spec`: ("base",), ("expert",), ("fusion", method, params), ("delta", row, folder,
+    for a model `spec`: ("base", chat), ("expert",), ("fusion", method, params), ("delta", row, folder,
     weight): the base plus weight times a LoRA folder's updates, or ("full", folder): a whole model.
     What it needs is built when first asked: a piece whose evaluations are recorded builds nothing."""
     if spec[0] == "full":
@@ -290,27 +290,32 @@ def score(
     use_threads(inputs.threads)
     t0 = time.perf_counter()
     model = model_of(inputs, spec)
+    chat = spec[0] == "base" and bool(spec[1:] and spec[1])  # the base asked with its chat template
     records, spent = {}, {"eval_s": 0.0, "humaneval_s": 0.0}
     for task, split in jobs:
         lm, tok = model(task)
         t1 = time.perf_counter()
-        records[EvalRecords.key(row, params, task, split)] = evaluate(inputs, lm, tok, task, split)
+        records[EvalRecords.key(row, params, task, split)] = evaluate(inputs, lm, tok, task, split, chat)
         spent["humaneval_s" if task == "humaneval" else "eval_s"] += time.perf_counter() - t1
     return {"records": records, **spent, "seconds": time.perf_counter() - t0}
 
 
-def evaluate(inputs: GenInputs, lm: Any, tok: Any, task: str, split: str) -> dict[str, Any]:
+def evaluate(
+    inputs: GenInputs, lm: Any, tok: Any, task: str, split: str, chat: bool = False
+) -> dict[str, Any]:
+    """One evaluation; `chat`: the task's prompts through the tokenizer's chat template (HumanEval stays
+    plain completion)."""
     if task == "humaneval":
         return humaneval(inputs, lm, tok)
     if split == "validation":
-        return val_loss(inputs, lm, tok, task)
-    return test_scores(inputs, lm, tok, task)
+        return val_loss(inputs, lm, tok, task, chat)
+    return test_scores(inputs, lm, tok, task, chat)
 
 
-def val_loss(inputs: GenInputs, lm: Any, tok: Any, task: str) -> dict[str, Any]:
+def val_loss(inputs: GenInputs, lm: Any, tok: Any, task: str, chat: bool = False) -> dict[str, Any]:
     from .gen_eval import target_losses
 
-    losses = target_losses(lm, tok, inputs.val[task], False, inputs.budget.max_len)
+    losses = target_losses(lm, tok, inputs.val[task], chat, inputs.budget.max_len)
     return {
         "score": math.fsum(losses) / len(losses),
         "n": len(losses),
@@ -318,14 +323,14 @@ def val_loss(inputs: GenInputs, lm: Any, tok: Any, task: str) -> dict[str, Any]:
     }
 
 
-def test_scores(inputs: GenInputs, lm: Any, tok: Any, task: str) -> dict[str, Any]:
+def test_scores(inputs: GenInputs, lm: Any, tok: Any, task: str, chat: bool = False) -> dict[str, Any]:
     from ..tasks.generative import KIND_METRICS, get_generative
     from .gen_eval import GenEvalConfig, score_examples
 
     kind = get_generative(task)[0].kind
     b = inputs.budget
     cfg = GenEvalConfig(batch_size=b.eval_batch, max_new_tokens=b.max_new_tokens, precision=b.eval_precision,
-                        target_loss=False)  # fmt: skip
+                        target_loss=False, chat=chat)  # fmt: skip
     recs, metrics = score_examples(lm, tok, task, inputs.test[task], cfg, inputs.runner)
     head = KIND_METRICS[kind][0]
     vec = [r[head] for r in recs if not math.isnan(r.get(head, math.nan))]

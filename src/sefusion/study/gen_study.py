@@ -8,7 +8,8 @@ The flow, for tasks t = 1..T:
    reused when its run record names this base (sha256), data and configuration, refused otherwise;
    and the multi-task models: pieces of one run (sefusion.study.executor: in process, or side by side
    on a Ray cluster), all trained before any row is scored;
-3. rows, each scored on test once: `pretrained`, `individual` (the normalizer), every data-free fusion
+3. rows, each scored on test once: `pretrained` (the base, asked through its chat template where it has
+   one), `individual` (the normalizer), every data-free fusion
    method applied to the experts' dense updates ΔW_t = scale·B_t·A_t (each candidate of the method's grid
    scored on VALIDATION by the mean target loss, teacher-forced, relative to each task's expert; the
    lowest chosen), the LoRA-native rows `lora_cat` (PEFT `cat`: the exact sum of the updates) and
@@ -454,7 +455,7 @@ class GenStudy(TimedSteps):
         """The baselines, every candidate on validation, and the multitask models."""
         val = [(t, "validation") for t in self.tasks]
         every = [*val, *self._test_pairs()]
-        jobs: dict[str, Job] = {"pretrained": ("pretrained", {}, ("base",), every),
+        jobs: dict[str, Job] = {"pretrained": ("pretrained", self.pre_params, ("base", self.chat), every),
                                 "individual": ("individual", {}, ("expert",), every)}  # fmt: skip
         jobs.update(
             {f"cand/{r}/{i}": (r, c, self._spec(r, c), val) for r, g in grid.items() for i, c in enumerate(g)}
@@ -590,7 +591,7 @@ class GenStudy(TimedSteps):
 
         self._ind_test = self._recs("individual", {}, "test")
         individual = self._plain_row("individual", {}, self.storage("individual"))
-        rows = [self._plain_row("pretrained", {}, self.storage("pretrained")), individual]
+        rows = [self._plain_row("pretrained", self.pre_params, self.storage("pretrained")), individual]
         for r, (params, val, val_grid) in chosen.items():
             lora = adapter_bytes(self._combined(r)) if r in LORA_ROWS else None
             storage = self.base_bytes + lora if lora is not None else self.storage(r)
@@ -603,6 +604,20 @@ class GenStudy(TimedSteps):
             size = self.records.sizes["multitask_full"]
             rows.append(self._plain_row("multitask_full", self._full_params(), size))
         return rows
+
+    @property
+    def chat(self) -> bool:
+        """The pretrained row asks the base as it answers best: with its chat template where it has one (an
+        instruct base given a plain prompt ends its reply at once). Every trained row learned plain
+        prompts, and HumanEval is plain completion for every row."""
+        from ..models.causal import has_chat_template
+
+        return has_chat_template(self.base)
+
+    @property
+    def pre_params(self) -> dict[str, Any]:
+        """The pretrained row's parameters (in its record keys: a plain-prompt record is never read)."""
+        return {"prompt": "chat template"} if self.chat else {}
 
     def _plain_row(self, row: str, params: Mapping[str, Any], storage: int) -> dict[str, Any]:
         val, test = self._recs(row, params, "validation"), self._recs(row, params, "test")
