@@ -46,6 +46,10 @@ class GenBudget:
     humaneval_tokens: int = 512
     max_new_tokens: int | None = None  # None: each task kind's reply length (gen_eval.MAX_NEW_TOKENS)
     full_steps: int | None = None  # multitask_full's steps per task (None: no full fine-tune row)
+    # multitask_full's micro-batch, with activation checkpointing: every weight's gradient and AdamW state
+    # in float32 (measured: a full step of the 0.5B base at micro-batch 4 peaked at 21.5 GB, killed for
+    # memory beside a 3 GB job on a 24 GB machine)
+    full_micro_batch: int = 2
     train_precision: str = "bf16"
     eval_precision: str = "bf16"
     eval_batch: int = 8

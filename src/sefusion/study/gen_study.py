@@ -311,12 +311,15 @@ class GenStudy(TimedSteps):
         return [*test[:limit], *(beyond[i] for i in runnable_problems(beyond, self.runner))]
 
     def train_config(self, mode: str = "lora", steps: int | None = None) -> Any:
+        """The LoRA runs' configuration; a full fine-tune's takes the budget's smaller micro-batch and
+        activation checkpointing (the same batch of `batch` examples a step, in less memory)."""
         from ..models.causal_train import CausalTrainConfig
 
-        b = self.budget
+        b, full = self.budget, mode == "full"
         return CausalTrainConfig(
             mode=mode, r=b.r, alpha=b.alpha, steps=b.steps if steps is None else steps, batch=b.batch,
-            micro_batch=b.micro_batch, max_len=b.max_len, precision=b.train_precision, seed=self.cfg.seed,
+            micro_batch=min(b.micro_batch, b.full_micro_batch) if full else b.micro_batch, max_len=b.max_len,
+            precision=b.train_precision, seed=self.cfg.seed, gradient_checkpointing=full,
         )  # fmt: skip
 
     def _pairs(self, task: str) -> list[tuple[str, str]]:
