@@ -143,14 +143,24 @@ def _load(inputs: GenInputs) -> Loaded:
 
     lm, tok = load_causal(inputs.base, dtype=_dtype(inputs))
     params = dict(lm.named_parameters())
-    deltas = {t: dense_updates(inputs.adapters[t], inputs.base) for t in inputs.tasks}
-    names = sorted({n for d in deltas.values() for n in d})
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise StudyError(f"adapted tensors the loaded base has no parameter for: {', '.join(missing[:5])}")
-    base_body = {n: params[n].detach().float().clone() for n in names}
-    # each expert as a dense body over the adapted tensors (what the fusion methods read)
-    experts = {t: {n: base_body[n] + deltas[t].get(n, 0.0) for n in names} for t in inputs.tasks}
+    base_body: dict[str, Any] = {}
+    experts: dict[str, dict[str, Any]] = {}
+    for t in inputs.tasks:  # one expert's updates at a time: never all T sets of updates beside the bodies
+        delta = dense_updates(inputs.adapters[t], inputs.base)
+        missing = [n for n in delta if n not in params]
+        if missing:
+            raise StudyError(
+                f"adapted tensors the loaded base has no parameter for: {', '.join(missing[:5])}"
+            )
+        for n in delta:
+            if n not in base_body:
+                base_body[n] = params[n].detach().float().clone()
+        experts[t] = {n: base_body[n] + d for n, d in delta.items()}
+        del delta
+    names = sorted(base_body)
+    base_body = {n: base_body[n] for n in names}
+    # each expert as a dense body over every adapted tensor, in one order (what the fusion methods read)
+    experts = {t: {n: e[n] if n in e else base_body[n] + 0.0 for n in names} for t, e in experts.items()}
     return Loaded(lm, tok, params, base_body, experts)
 
 
