@@ -149,13 +149,21 @@ def task_intervals(
                 cells[r]["below_pretrained_significant"] = bool(d.significant and d.estimate < 0)
             if expert is not None and pre is not None:
                 cells[r]["gain_kept"] = U.gain_kept(x, expert, pre, files, b=b).as_dict()
-        diffs = {}
-        for a, c in pairs:
-            if a in have and c in have:
-                d = U.paired_difference(have[a], have[c], files, b=b)
-                diffs[f"{a} - {c}"] = {**d.as_dict(), "significant": d.significant}
+        diffs = {
+            f"{a} - {c}": difference(have[a], have[c], files, b=b)
+            for a, c in pairs
+            if a in have and c in have
+        }
         out[task] = {"rows": cells, "differences": diffs}
     return out
+
+
+def difference(
+    a: Sequence[float], c: Sequence[float], clusters: Sequence[str] | None, *, b: int = B_DEFAULT
+) -> dict[str, Any]:
+    """The paired difference a - c of two rows on the same examples, as results.json keeps it."""
+    d = U.paired_difference(a, c, clusters, b=b)
+    return {**d.as_dict(), "significant": d.significant}
 
 
 def task_facts(data: Any, spec: Any, *, b: int = B_DEFAULT, with_scores: bool = False) -> dict[str, Any]:

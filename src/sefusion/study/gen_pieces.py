@@ -300,7 +300,7 @@ def score(
     use_threads(inputs.threads)
     t0 = time.perf_counter()
     model = model_of(inputs, spec)
-    chat = spec[0] == "base" and bool(spec[1:] and spec[1])  # the base asked with its chat template
+    chat = spec[0] == "base" and bool(spec[1])  # the base asked with its chat template
     records, spent = {}, {"eval_s": 0.0, "humaneval_s": 0.0}
     for task, split in jobs:
         lm, tok = model(task)

@@ -39,7 +39,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -608,7 +608,7 @@ class GenStudy(TimedSteps):
             rows.append(self._plain_row("multitask_full", self._full_params(), size))
         return rows
 
-    @property
+    @cached_property
     def chat(self) -> bool:
         """The pretrained row asks the base as it answers best: with its chat template where it has one (an
         instruct base given a plain prompt ends its reply at once). Every trained row learned plain
@@ -700,14 +700,11 @@ class GenStudy(TimedSteps):
     def _he_comparisons(self) -> dict[str, Any]:
         """Paired differences of HumanEval pass@1 (per problem, the same resamples) between rows that
         answered the same problems."""
-        from .uncertainty import paired_difference
-
         out: dict[str, Any] = {}
         for a, b in humaneval_pairs(list(self.he_scores)):
             (xa, ids), (xb, ids_b) = self.he_scores[a], self.he_scores[b]
             if list(ids) == list(ids_b) and len(xa):
-                d = paired_difference(xa, xb, ids)
-                out[f"{a} - {b}"] = {**d.as_dict(), "significant": d.significant}
+                out[f"{a} - {b}"] = gains.difference(xa, xb, ids)
         return out
 
     def _results(self, rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
