@@ -1,10 +1,18 @@
-"""Quality of generated code: parse check and ruff findings per category, counted by hand on small cases."""
+"""Quality of generated code: parse check and ruff findings per category, counted by hand on small cases;
+their bootstrap intervals against quality_table run on every resample."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sefusion.gen.quality import Analysis, analyze, category, parses, quality_table
+from sefusion.study import gen_quality as Q
+from sefusion.study import uncertainty as U
 
 PROMPT = "import os\n\n\ndef f(a):\n    '''Doc.'''\n"  # `os` unused: the prompt's, not the model's
 
@@ -50,3 +58,77 @@ def test_whole_functions_without_prompts_and_empty_input() -> None:
         "functions": 1, "parsed": 0, "parse_rate": 0.0, "findings_per_100": {}, "findings_total_per_100": 0.0,
     }  # fmt: skip
     assert analyze([]) == []
+
+
+# ------------------------------------------------- intervals of the quality measures (study.gen_quality)
+
+analyses_st = st.lists(
+    st.builds(
+        Analysis,
+        st.booleans(),
+        st.dictionaries(st.sampled_from(["F401", "E501", "B006"]), st.integers(1, 3), max_size=2),
+    ).map(lambda a: a if a.parses else Analysis(False)),  # ruff reads only what parses
+    min_size=1,
+    max_size=12,
+)
+
+
+def _reference(analyses: list[Analysis], clusters: list[str] | None, b: int) -> dict[str, np.ndarray]:
+    """Each resample's measures from quality_table itself, on the resampled replies: a slow loop."""
+    w = U.resample_weights(len(analyses), clusters, b=b)
+    reps: dict[str, list[float]] = {"parse_rate": [], "findings_total_per_100": []}
+    for row in w:
+        sample = [a for a, k in zip(analyses, row, strict=True) for _ in range(k)]
+        q = quality_table(sample)
+        reps["parse_rate"].append(q["parse_rate"])
+        reps["findings_total_per_100"].append(q["findings_total_per_100"] if q["parsed"] else math.nan)
+    return {k: np.array(v) for k, v in reps.items()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(analyses_st, st.booleans())
+def test_quality_intervals_are_quality_table_on_every_resample(
+    analyses: list[Analysis], by_file: bool
+) -> None:
+    clusters = [f"f{i % 3}.py" for i in range(len(analyses))] if by_file else None
+    got = Q.intervals(analyses, clusters, b=60)
+    table = quality_table(analyses)
+    reps = _reference(analyses, clusters, 60)
+    for key in ("parse_rate", "findings_total_per_100"):
+        iv = got[key]
+        if table["parsed"] or key == "parse_rate":
+            assert iv["estimate"] == pytest.approx(table[key], abs=0.006)  # the table rounds per 100 to 0.01
+        if key != "parse_rate" and (np.isnan(reps[key]).any() or not table["parsed"]):
+            assert iv["low"] is None and iv["high"] is None
+        else:
+            low, high = np.percentile(reps[key], [2.5, 97.5])
+            assert (iv["low"], iv["high"]) == pytest.approx((low, high), abs=0.006)
+
+
+def test_quality_differences_by_hand() -> None:
+    ok = [Analysis(True, {"F401": 2}), Analysis(True), Analysis(True, {"E501": 1}), Analysis(True)]
+    broken = [Analysis(False)] * 4
+    same = Q.difference(ok, ok)
+    assert same["parse_rate"] == {**same["parse_rate"], "estimate": 0.0, "low": 0.0, "high": 0.0}
+    assert not same["parse_rate"]["significant"] and not same["findings_total_per_100"]["significant"]
+    d = Q.difference(ok, broken)
+    assert (d["parse_rate"]["estimate"], d["parse_rate"]["low"], d["parse_rate"]["high"]) == (1.0, 1.0, 1.0)
+    assert d["parse_rate"]["significant"]
+    # nothing of `broken` parses: its findings per 100 parsed functions, and so the difference, is undefined
+    assert d["findings_total_per_100"]["low"] is None and not d["findings_total_per_100"]["significant"]
+    fewer = [Analysis(True)] * 4
+    d = Q.difference(ok, fewer)  # 3 findings in 4 functions against none: 75 per 100
+    assert d["findings_total_per_100"]["estimate"] == pytest.approx(75.0)
+    assert d["findings_total_per_100"]["low"] >= 0.0
+    with pytest.raises(U.UncertaintyError, match="4 and 3"):
+        Q.difference(ok, fewer[:3])
+
+
+def test_one_file_is_one_draw() -> None:
+    """Replies of one source file are drawn together: a single file gives every resample the same value."""
+    analyses = [Analysis(True, {"F401": 1}), Analysis(False), Analysis(True)]
+    got = Q.intervals(analyses, ["a.py"] * 3)
+    assert got["parse_rate"]["low"] == got["parse_rate"]["high"] == pytest.approx(2 / 3)
+    assert (
+        got["findings_total_per_100"]["low"] == got["findings_total_per_100"]["high"] == pytest.approx(50.0)
+    )

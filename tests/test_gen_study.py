@@ -523,7 +523,7 @@ def test_in_process_results_are_what_the_fixture_holds(study):
     (SEFUSION_WRITE_FIXTURE=1) only when the study's output changes on purpose (last: the generate-*
     test split kept its runnable problems beyond the cut; then the pairs against the base and
     multitask_lora, and the HumanEval differences, were added; then the pretrained row asked through the
-    base's chat template; then the budget's full_micro_batch)."""
+    base's chat template; then the budget's full_micro_batch; then the quality measures' intervals)."""
     cfg, results = study
     got = gen_canonical(results, cfg.out)
     if os.environ.get("SEFUSION_WRITE_FIXTURE"):
@@ -549,3 +549,21 @@ def test_the_study_is_three_runs_of_pieces_and_the_bar_total_is_exact(study):
         assert first[k] == (("inputs", f"combine/{row}") if row.startswith("lora_") else ("inputs",))
     assert set(test) == {"inputs", *(f"test/{r}" for r in rows)}
     assert RUNS.total == sum(map(len, RUNS.runs[:3]))
+
+
+def test_committed_generative_reports_are_their_results_rendered():
+    """Each committed results/gen-*/report.md is exactly what its results.json renders (nothing edited by
+    hand), and every quality cell, HumanEval's included, carries its intervals."""
+    from sefusion.study.gen_report import render_gen_markdown
+
+    root = Path(__file__).resolve().parents[1] / "results"
+    cells = []
+    for folder in sorted(p.parent for p in root.glob("gen-*/results.json")):
+        results = json.loads((folder / "results.json").read_text())
+        assert (folder / "report.md").read_text() == render_gen_markdown(results), folder
+        for row in results["rows"]:
+            cells += [
+                *row["quality"].values(),
+                *([row["humaneval"]["quality"]] if row.get("humaneval") else []),
+            ]
+    assert cells and all(set(c["intervals"]) == {"parse_rate", "findings_total_per_100"} for c in cells)

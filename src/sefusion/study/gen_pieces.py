@@ -355,13 +355,10 @@ def test_scores(inputs: GenInputs, lm: Any, tok: Any, task: str, chat: bool = Fa
 def quality(examples: Sequence[Any], kind: str, recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Parse rate and ruff findings per 100 parsed functions of the replies (as whole functions)."""
     from ..gen.quality import quality_table
-    from ..tasks.generative import extract_code, generated_function
+    from .gen_quality import task_analyses
 
-    done = [r for r in recs if "reply" in r]
-    exs = [examples[r["index"]] for r in done]
-    codes = [generated_function(ex, r["reply"]) if kind == "generate" else extract_code(r["reply"])
-             for ex, r in zip(exs, done, strict=True)]  # fmt: skip
-    return quality_table(codes) if codes else {"functions": 0}
+    analyses = task_analyses(examples, kind, recs)
+    return quality_table(analyses) if analyses else {"functions": 0}
 
 
 def humaneval(inputs: GenInputs, lm: Any, tok: Any) -> dict[str, Any]:

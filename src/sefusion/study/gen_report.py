@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .report import _comparisons_section, _fmt, _interval, _mb, _params, _table
+from .uncertainty import format_interval
 
 EXPERT_VS_BASE = "individual - pretrained"
 
@@ -74,14 +75,39 @@ def _quality_table(results: Mapping[str, Any]) -> list[str]:
         cells = []
         for t in cols:
             q = r.get("quality", {}).get(t) or {}
-            rate = q.get("parse_rate")
-            cells.append(
-                f"{_fmt(rate)} / {_fmt(q.get('findings_total_per_100'), 1)}" if rate is not None else "–"
-            )
+            cells.append(_quality_cell(q) if q.get("parse_rate") is not None else "–")
         body.append([r["method"], *cells])
     head = ["## Quality of the generated code", "",
-            "Parse rate / ruff findings per 100 parsed functions of each row's test replies.", ""]  # fmt: skip
+            "Parse rate / ruff findings per 100 parsed functions of each row's test replies, each with its 95% "
+            "cluster-bootstrap interval.", ""]  # fmt: skip
     return head + _table(["row", *cols], body) + [""]
+
+
+def _measure(q: Mapping[str, Any], key: str, digits: int) -> str:
+    """A quality measure with its interval where the results carry one."""
+    iv = (q.get("intervals") or {}).get(key)
+    return format_interval(iv, digits) if iv and iv.get("estimate") is not None else _fmt(q.get(key), digits)
+
+
+def _quality_cell(q: Mapping[str, Any]) -> str:
+    return f"{_measure(q, 'parse_rate', 3)} / {_measure(q, 'findings_total_per_100', 1)}"
+
+
+def _difference(d: Mapping[str, Any], digits: int) -> str:
+    return format_interval(d, digits) + (" *" if d.get("significant") else "")
+
+
+def _humaneval_quality_differences(results: Mapping[str, Any]) -> list[str]:
+    comp = results.get("humaneval_quality_comparisons") or {}
+    if not comp:
+        return []
+    body = [[pair, _difference(d["parse_rate"], 3), _difference(d["findings_total_per_100"], 1)]
+            for pair, d in comp.items()]  # fmt: skip
+    return [
+        "Paired differences of HumanEval's code quality (the same problems, the same resamples); * its "
+        "interval excludes 0.", "",
+        *_table(["a − b", "parse rate", "findings/100"], body), "",
+    ]  # fmt: skip
 
 
 def _humaneval_table(results: Mapping[str, Any]) -> list[str]:
@@ -93,13 +119,14 @@ def _humaneval_table(results: Mapping[str, Any]) -> list[str]:
         he = r["humaneval"]
         q = he.get("quality") or {}
         score = _interval(he["interval"]) if he.get("interval") else _fmt(he["score"])
-        body.append([r["method"], score, he["n"],
-                     _fmt(q.get("parse_rate")), _fmt(q.get("findings_total_per_100"), 1)])  # fmt: skip
+        body.append([r["method"], score, he["n"], _measure(q, "parse_rate", 3),
+                     _measure(q, "findings_total_per_100", 1)])  # fmt: skip
     served = results.get("humaneval_served_by")
     return [
         "## HumanEval pass@1 (held-out)", "",
         f"Rows with one body per task (individual, bundles) answer with {served}'s.", "",
-        *_table(["row", "pass@1 [95%]", "problems", "parse rate", "findings/100"], body), "",
+        *_table(["row", "pass@1 [95%]", "problems", "parse rate [95%]", "findings/100 [95%]"], body), "",
+        *_humaneval_quality_differences(results),
     ]  # fmt: skip
 
 

@@ -192,6 +192,7 @@ class GenStudy(TimedSteps):
         self.scored = 0  # evaluations this run computed (not read from the records)
         self.per_example: dict[str, dict[str, Any]] = {}  # row -> task -> per-example test scores
         self.he_scores: dict[str, tuple[Any, list[str]]] = {}  # row -> (HumanEval passed, task ids)
+        self.he_quality: dict[str, tuple[list[Any], list[str]]] = {}  # row -> (HumanEval analyses, task ids)
 
     def _choose_methods(self) -> None:
         """The data-free fusion methods and LoRA-native rows this study runs (`methods` picks some)."""
@@ -645,7 +646,31 @@ class GenStudy(TimedSteps):
             row["humaneval"] = {k: he[k] for k in ("score", "n", "quality")}
             self.he_scores[method] = (scores.decode_scores(he["per_example"]), he["task_ids"])
         self.per_example[method] = {t: scores.decode_scores(r["per_example"]) for t, r in test.items()}
+        self._quality_intervals(method, row, test, he)
         return row
+
+    def _quality_intervals(self, method: str, row: dict[str, Any], test: Mapping[str, Any],
+                           he: Mapping[str, Any] | None) -> None:  # fmt: skip
+        """Each quality cell gains its intervals, from the replies its record keeps (gen_quality)."""
+        from ..tasks.generative import get_generative
+        from . import gen_quality as Q
+
+        for t, q in row["quality"].items():
+            recs = test[t]["examples"]
+            found = Q.task_analyses(self.test[t], get_generative(t)[0].kind, recs)
+            row["quality"][t] = {**q, "intervals": Q.intervals(found, Q.task_clusters(recs))}
+        if he is not None:
+            found = self._he_analyses(he)
+            self.he_quality[method] = (found, he["task_ids"])
+            row["humaneval"]["quality"] = {**he["quality"], "intervals": Q.intervals(found)}
+
+    def _he_analyses(self, he: Mapping[str, Any]) -> list[Any]:
+        """HumanEval's completions analysed as the evaluation did: each with its problem's prompt."""
+        from ..gen.problems import humaneval_problems
+        from ..gen.quality import analyze
+
+        prompts = {p.task_id: p.prompt for p in (self.problems or humaneval_problems())}
+        return analyze(he["completions"], [prompts[i] for i in he["task_ids"]])
 
     # -------------------------------------------------------------- storage, readings, results
     @property
@@ -707,6 +732,17 @@ class GenStudy(TimedSteps):
                 out[f"{a} - {b}"] = gains.difference(xa, xb, ids)
         return out
 
+    def _he_quality_comparisons(self) -> dict[str, Any]:
+        """Paired differences of HumanEval's parse rate and findings per 100, for the pass@1 pairs."""
+        from . import gen_quality as Q
+
+        out: dict[str, Any] = {}
+        for a, b in humaneval_pairs(list(self.he_quality)):
+            (qa, ids), (qb, ids_b) = self.he_quality[a], self.he_quality[b]
+            if list(ids) == list(ids_b) and qa:
+                out[f"{a} - {b}"] = Q.difference(qa, qb, ids)
+        return out
+
     def _results(self, rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         from ..io.lora import TRAIN_RECORD
         from ..tasks.generative import KIND_METRICS, get_generative
@@ -728,6 +764,7 @@ class GenStudy(TimedSteps):
             "budget_settings": self.budget.to_json(), "seed": self.cfg.seed, "tasks": self.tasks,
             "experts": experts, "data": data, "rows": rows, "skipped": self.skipped,
             "comparisons": comparisons, "humaneval_comparisons": self._he_comparisons(),
+            "humaneval_quality_comparisons": self._he_quality_comparisons(),
             "uncertainty": rigor.about(),
             "selection": "each candidate's mean teacher-forced target loss on validation, divided by the "
             "task's expert's, averaged over tasks: the lowest wins (per-task parameters: each task's lowest)",
