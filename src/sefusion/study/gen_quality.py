@@ -10,6 +10,7 @@ each resample; a resample with no parsed function leaves it undefined, and the i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -52,7 +53,7 @@ def _per_100(findings: np.ndarray, parsed: np.ndarray) -> np.ndarray:
 
 
 def _point_per_100(findings: np.ndarray, parsed: np.ndarray) -> float:
-    return float(_per_100(np.array([findings.sum()]), np.array([parsed.sum()]))[0])
+    return float(100 * findings.sum() / parsed.sum()) if parsed.sum() else math.nan
 
 
 def _interval(point: float, reps: np.ndarray) -> dict[str, Any]:
