@@ -62,26 +62,33 @@ def test_whole_functions_without_prompts_and_empty_input() -> None:
 
 # ------------------------------------------------- intervals of the quality measures (study.gen_quality)
 
-analyses_st = st.lists(
-    st.builds(
-        Analysis,
-        st.booleans(),
-        st.dictionaries(st.sampled_from(["F401", "E501", "B006"]), st.integers(1, 3), max_size=2),
-    ).map(lambda a: a if a.parses else Analysis(False)),  # ruff reads only what parses
-    min_size=1,
-    max_size=12,
-)
+analysis_st = st.builds(
+    Analysis,
+    st.booleans(),
+    st.dictionaries(st.sampled_from(["F401", "E501", "B006"]), st.integers(1, 3), max_size=2),
+).map(lambda a: a if a.parses else Analysis(False))  # ruff reads only what parses
+analyses_st = st.lists(analysis_st, min_size=1, max_size=12)
 
 
-def _reference(analyses: list[Analysis], clusters: list[str] | None, b: int) -> dict[str, np.ndarray]:
-    """Each resample's measures from quality_table itself, on the resampled replies: a slow loop."""
+def _measures(sample: list[Analysis]) -> tuple[float, float]:
+    q = quality_table(sample)
+    return q["parse_rate"], q["findings_total_per_100"] if q["parsed"] else math.nan
+
+
+def _reference(
+    analyses: list[Analysis], clusters: list[str] | None, b: int, other: list[Analysis] | None = None
+) -> dict[str, np.ndarray]:
+    """Each resample's measures (or, with `other`, their differences on the same resample) from
+    quality_table itself, on the resampled replies: a slow loop."""
     w = U.resample_weights(len(analyses), clusters, b=b)
     reps: dict[str, list[float]] = {"parse_rate": [], "findings_total_per_100": []}
     for row in w:
-        sample = [a for a, k in zip(analyses, row, strict=True) for _ in range(k)]
-        q = quality_table(sample)
-        reps["parse_rate"].append(q["parse_rate"])
-        reps["findings_total_per_100"].append(q["findings_total_per_100"] if q["parsed"] else math.nan)
+        rate, per_100 = _measures([a for a, k in zip(analyses, row, strict=True) for _ in range(k)])
+        if other is not None:
+            rate_o, per_100_o = _measures([a for a, k in zip(other, row, strict=True) for _ in range(k)])
+            rate, per_100 = rate - rate_o, per_100 - per_100_o
+        reps["parse_rate"].append(rate)
+        reps["findings_total_per_100"].append(per_100)
     return {k: np.array(v) for k, v in reps.items()}
 
 
@@ -103,6 +110,34 @@ def test_quality_intervals_are_quality_table_on_every_resample(
         else:
             low, high = np.percentile(reps[key], [2.5, 97.5])
             assert (iv["low"], iv["high"]) == pytest.approx((low, high), abs=0.006)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_quality_differences_are_quality_table_differences_on_the_same_resamples(data: st.DataObject) -> None:
+    a = data.draw(analyses_st)
+    other = data.draw(st.lists(analysis_st, min_size=len(a), max_size=len(a)))
+    got = Q.difference(a, other, b=60)
+    reps = _reference(a, None, 60, other)
+    for key in ("parse_rate", "findings_total_per_100"):
+        if np.isnan(reps[key]).any():
+            assert got[key]["low"] is None and not got[key]["significant"]
+        else:
+            low, high = np.percentile(reps[key], [2.5, 97.5])
+            assert (got[key]["low"], got[key]["high"]) == pytest.approx((low, high), abs=0.006)
+            assert got[key]["significant"] == (low > 0 or high < 0)
+
+
+def test_undefined_findings_render_as_a_dash_before_and_after_writing() -> None:
+    """No parsed function: findings per 100 is undefined (NaN in memory, null in results.json): '–'."""
+    from sefusion.study.gen_report import _clean, _difference, _quality_cell
+
+    broken, fine = [Analysis(False)] * 3, [Analysis(True, {"F401": 1})] * 3
+    q = {"parse_rate": 0.0, "findings_total_per_100": 0.0, "intervals": Q.intervals(broken)}
+    d = Q.difference(broken, fine)["findings_total_per_100"]
+    for cell, diff in ((q, d), (_clean(q), _clean(d))):
+        assert _quality_cell(cell) == "0.000 [0.000, 0.000] / –"
+        assert _difference(diff, 1) == "–"
 
 
 def test_quality_differences_by_hand() -> None:

@@ -32,7 +32,7 @@ def task_analyses(examples: Sequence[Any], kind: str, recs: Sequence[Mapping[str
         else extract_code(r["reply"])
         for r in done
     ]
-    return analyze(codes) if codes else []
+    return analyze(codes)
 
 
 def task_clusters(recs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -77,16 +77,16 @@ def intervals(
 
 def difference(
     a: Sequence[Analysis],
-    c: Sequence[Analysis],
+    other: Sequence[Analysis],
     clusters: Sequence[Hashable] | None = None,
     *,
     b: int = U.B_DEFAULT,
 ) -> dict[str, dict[str, Any]]:
-    """Paired differences a - c of both measures, two rows' replies to the same prompts on the same
+    """Paired differences a - other of both measures, two rows' replies to the same prompts on the same
     resamples; `significant` when the interval excludes 0."""
-    if len(a) != len(c):
-        raise U.UncertaintyError(f"the two rows analysed {len(a)} and {len(c)} replies")
-    (pa, fa), (pc, fc) = _vectors(a), _vectors(c)
+    if len(a) != len(other):
+        raise U.UncertaintyError(f"the two rows analysed {len(a)} and {len(other)} replies")
+    (pa, fa), (pc, fc) = _vectors(a), _vectors(other)
     w = U.resample_weights(pa.size, clusters, b=b)
     rate = _interval(float(pa.mean() - pc.mean()), (w @ (pa - pc)) / w.sum(axis=1))
     point = _point_per_100(fa, pa) - _point_per_100(fc, pc)

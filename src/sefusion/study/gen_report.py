@@ -83,10 +83,19 @@ def _quality_table(results: Mapping[str, Any]) -> list[str]:
     return head + _table(["row", *cols], body) + [""]
 
 
+def _defined(d: Mapping[str, Any]) -> bool:
+    """Whether an interval's estimate exists (findings per 100 parsed functions of no parsed function: no;
+    NaN in memory, null once written)."""
+    est = d.get("estimate")
+    return est is not None and est == est
+
+
 def _measure(q: Mapping[str, Any], key: str, digits: int) -> str:
-    """A quality measure with its interval where the results carry one."""
+    """A quality measure with its interval where the results carry one ('–' where it is undefined)."""
     iv = (q.get("intervals") or {}).get(key)
-    return format_interval(iv, digits) if iv and iv.get("estimate") is not None else _fmt(q.get(key), digits)
+    if iv is None:
+        return _fmt(q.get(key), digits)
+    return format_interval(iv, digits) if _defined(iv) else "–"
 
 
 def _quality_cell(q: Mapping[str, Any]) -> str:
@@ -94,6 +103,8 @@ def _quality_cell(q: Mapping[str, Any]) -> str:
 
 
 def _difference(d: Mapping[str, Any], digits: int) -> str:
+    if not _defined(d):
+        return "–"
     return format_interval(d, digits) + (" *" if d.get("significant") else "")
 
 

@@ -657,19 +657,26 @@ class GenStudy(TimedSteps):
 
         for t, q in row["quality"].items():
             recs = test[t]["examples"]
-            found = Q.task_analyses(self.test[t], get_generative(t)[0].kind, recs)
-            row["quality"][t] = {**q, "intervals": Q.intervals(found, Q.task_clusters(recs))}
-        if he is not None:
-            found = self._he_analyses(he)
-            self.he_quality[method] = (found, he["task_ids"])
-            row["humaneval"]["quality"] = {**he["quality"], "intervals": Q.intervals(found)}
+            analyses = Q.task_analyses(self.test[t], get_generative(t)[0].kind, recs)
+            if analyses:  # a generate-* split without a runnable problem generates nothing
+                row["quality"][t] = {**q, "intervals": Q.intervals(analyses, Q.task_clusters(recs))}
+        if he is not None and he["task_ids"]:
+            analyses = self._he_analyses(he)
+            self.he_quality[method] = (analyses, he["task_ids"])
+            row["humaneval"]["quality"] = {**he["quality"], "intervals": Q.intervals(analyses)}
 
     def _he_analyses(self, he: Mapping[str, Any]) -> list[Any]:
         """HumanEval's completions analysed as the evaluation did: each with its problem's prompt."""
         from ..gen.problems import humaneval_problems
         from ..gen.quality import analyze
 
-        prompts = {p.task_id: p.prompt for p in (self.problems or humaneval_problems())}
+        problems = self.problems if self.problems is not None else humaneval_problems()
+        prompts = {p.task_id: p.prompt for p in problems}
+        unknown = [i for i in he["task_ids"] if i not in prompts]
+        if unknown:
+            raise StudyError(
+                f"HumanEval records name problems this study does not have: {', '.join(unknown[:3])}"
+            )
         return analyze(he["completions"], [prompts[i] for i in he["task_ids"]])
 
     # -------------------------------------------------------------- storage, readings, results
