@@ -297,7 +297,11 @@ def score(
     """One model (`spec`, see model_of) scored on each (task, split) of `jobs` ("humaneval", "test":
     HumanEval pass@1): {"records": {record key: record}, seconds spent}. `after`: the results of the
     pieces it waits for (a combined LoRA folder), not read."""
+    import torch
+
     use_threads(inputs.threads)
+    # greedy bf16 generation on the CPU changes with the thread count: each record says how it was made
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
     model = model_of(inputs, spec)
     chat = spec[0] == "base" and bool(spec[1])  # the base asked with its chat template
@@ -305,7 +309,8 @@ def score(
     for task, split in jobs:
         lm, tok = model(task)
         t1 = time.perf_counter()
-        records[EvalRecords.key(row, params, task, split)] = evaluate(inputs, lm, tok, task, split, chat)
+        result = evaluate(inputs, lm, tok, task, split, chat)
+        records[EvalRecords.key(row, params, task, split)] = {**result, "torch_threads": threads}
         spent["humaneval_s" if task == "humaneval" else "eval_s"] += time.perf_counter() - t1
     return {"records": records, **spent, "seconds": time.perf_counter() - t0}
 
