@@ -297,11 +297,8 @@ def score(
     """One model (`spec`, see model_of) scored on each (task, split) of `jobs` ("humaneval", "test":
     HumanEval pass@1): {"records": {record key: record}, seconds spent}. `after`: the results of the
     pieces it waits for (a combined LoRA folder), not read."""
-    import torch
-
-    use_threads(inputs.threads)
     # greedy bf16 generation on the CPU changes with the thread count: each record says how it was made
-    threads = torch.get_num_threads()
+    threads = use_threads(inputs.threads)
     t0 = time.perf_counter()
     model = model_of(inputs, spec)
     chat = spec[0] == "base" and bool(spec[1])  # the base asked with its chat template

@@ -56,10 +56,10 @@ def _point_per_100(findings: np.ndarray, parsed: np.ndarray) -> float:
     return float(100 * findings.sum() / parsed.sum()) if parsed.sum() else math.nan
 
 
-def _interval(point: float, reps: np.ndarray) -> dict[str, Any]:
+def _interval(point: float, reps: np.ndarray) -> U.Interval:
     if not np.isfinite(point) or not np.isfinite(reps).all():
-        return U.Interval(float(point), None, None).as_dict()
-    return U.percentile_interval(point, reps).as_dict()
+        return U.Interval(float(point), None, None)
+    return U.percentile_interval(point, reps)
 
 
 def intervals(
@@ -70,8 +70,8 @@ def intervals(
     w = U.resample_weights(parsed.size, clusters, b=b)
     p, f = w @ parsed, w @ findings
     return {
-        "parse_rate": _interval(float(parsed.mean()), p / w.sum(axis=1)),
-        "findings_total_per_100": _interval(_point_per_100(findings, parsed), _per_100(f, p)),
+        "parse_rate": _interval(float(parsed.mean()), p / w.sum(axis=1)).as_dict(),
+        "findings_total_per_100": _interval(_point_per_100(findings, parsed), _per_100(f, p)).as_dict(),
     }
 
 
@@ -91,10 +91,8 @@ def difference(
     rate = _interval(float(pa.mean() - pc.mean()), (w @ (pa - pc)) / w.sum(axis=1))
     point = _point_per_100(fa, pa) - _point_per_100(fc, pc)
     per_100 = _interval(point, _per_100(w @ fa, w @ pa) - _per_100(w @ fc, w @ pc))
-    out = {"parse_rate": rate, "findings_total_per_100": per_100}
-    for d in out.values():
-        d["significant"] = U.Interval(d["estimate"], d["low"], d["high"]).significant
-    return out
+    return {k: {**iv.as_dict(), "significant": iv.significant}
+            for k, iv in (("parse_rate", rate), ("findings_total_per_100", per_100))}  # fmt: skip
 
 
 __all__ = ["difference", "intervals", "task_analyses", "task_clusters"]

@@ -53,15 +53,16 @@ def models_api(ref: Any) -> Any:
     return importlib.import_module(ref) if isinstance(ref, str) else ref
 
 
-def use_threads(n: int | None) -> None:
-    """A piece on Ray computes with its own CPUs (`num_cpus`), whatever the worker inherited."""
-    if n is None:
-        return
+def use_threads(n: int | None) -> int:
+    """A piece on Ray computes with its own CPUs (`num_cpus`), whatever the worker inherited; returns the
+    torch threads in effect (None: the process's own)."""
     import torch
 
-    os.environ["SEFUSION_THREADS"] = str(n)  # the models API's thread setup reads it, in this worker only
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    if n is not None:
+        os.environ["SEFUSION_THREADS"] = str(n)  # the models API's thread setup reads it, in this worker only
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def record_of(res: Mapping[str, Any]) -> dict[str, Any]:
