@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from sefusion.cli import main
 from sefusion.errors import CheckpointError
 from sefusion.study import scores
-from sefusion.study.gen_lora import combine, dense_updates
+from sefusion.io.lora import dense_updates
+from sefusion.study.gen_lora import combine
 from sefusion.study.gen_report import _experts_table
 from sefusion.study.gen_scenarios import GEN_SCENARIOS, GenBudget
 from sefusion.study.gen_study import (
@@ -36,7 +37,7 @@ from sefusion.study.runner import EvalRecords
 from sefusion.tasks.generative import GenExample, GenSplits
 from test_generative import problems  # noqa: F401 - a fixture
 from test_study_pieces import Recording
-from tiny_causal import make_causal, pairs
+from tiny_causal import make_causal, pairs, random_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -363,19 +364,6 @@ def test_select_by_loss_by_hand():
     )
 
 
-def _random_adapter(base: Path, out: Path, r: int, alpha: int, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    lora = LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
-    )
-    get_peft_model(model, lora).save_pretrained(out)
-    return out
-
-
 def _factors(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """{module: (A, B, alpha / r)} read from the adapter's own files, in float64."""
     cfg = json.loads((folder / "adapter_config.json").read_text())
@@ -391,7 +379,7 @@ def _factors(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]
 
 def test_lora_cat_is_the_exact_sum_of_the_updates_and_linear_sums_the_factors(tiny, tmp_path):
     ads = [
-        _random_adapter(tiny, tmp_path / f"a{i}", r, alpha, i)
+        random_adapter(tiny, tmp_path / f"a{i}", r, alpha, i)
         for i, (r, alpha) in enumerate([(4, 8), (2, 7)])
     ]
     cat = dense_updates(combine(tiny, ads, "cat", tmp_path / "cat"), tiny)
@@ -401,7 +389,7 @@ def test_lora_cat_is_the_exact_sum_of_the_updates_and_linear_sums_the_factors(ti
         want = sum(s * (b @ a) for a, b, s in (f[module] for f in facts))
         got = cat[f"{module}.weight"].double()
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), module
-    same = [_random_adapter(tiny, tmp_path / f"s{i}", 4, 4 + 4 * i, 10 + i) for i in range(2)]
+    same = [random_adapter(tiny, tmp_path / f"s{i}", 4, 4 + 4 * i, 10 + i) for i in range(2)]
     lin = dense_updates(combine(tiny, same, "linear", tmp_path / "lin"), tiny)
     facts = [_factors(a) for a in same]
     for module in facts[0]:

@@ -585,7 +585,8 @@ class GramAccumulator(_LinearHooks):
     """G = sum over every input row x (token) of x x^T, per nn.Linear: the RegMean statistics.
 
     For y = x W^T + b with W (out, in), G is (in, in) and keyed by the weight's name. Accumulated in
-    `dtype` (float64 by default: see the module docstring).
+    `dtype` (float64 by default: see the module docstring); each forward pass's own product X^T X is
+    computed in `product_dtype` (default: `dtype`) before it is added.
     Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models" (RegMean),
     https://arxiv.org/abs/2212.09849
     """
@@ -596,15 +597,17 @@ class GramAccumulator(_LinearHooks):
         *,
         rename: Mapping[str, str] | Callable[[str], str | None] | None = None,
         dtype: Any = None,
+        product_dtype: Any = None,
     ) -> None:
         self.dtype = dtype if dtype is not None else torch.float64
+        self.product_dtype = product_dtype if product_dtype is not None else self.dtype
         self._grams: dict[str, Tensor] = {}
         self.rows: dict[str, int] = {}
         super().__init__(module, rename=rename)
 
     def _on_rows(self, key: str, rows: Tensor) -> None:
-        x = rows.to(self.dtype)  # (n, in)
-        g = x.T @ x  # (in, in)
+        x = rows.to(self.product_dtype)  # (n, in)
+        g = (x.T @ x).to(self.dtype)  # (in, in)
         if key in self._grams:
             self._grams[key].add_(g)
         else:

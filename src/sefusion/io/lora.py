@@ -350,3 +350,14 @@ class LoraReader(ModelReader):
 
     def close(self) -> None:
         self._adapter.close()  # the base belongs to whoever opened it
+
+
+def dense_updates(adapter: str | Path, base: str | Path) -> dict[str, torch.Tensor]:
+    """{base tensor name: ΔW (float32)} of every tensor a LoRA adapter folder changes on `base` (an adapter
+    of another base is refused)."""
+    with open_model(Path(base)) as base_reader:
+        reader = LoraReader(Path(adapter), base_reader)
+        try:
+            return {n: reader.delta(n) for n in reader.adapted()}
+        finally:
+            reader.close()

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -56,6 +56,7 @@ __all__ = [
     "statistics_for",
 ]
 
+T = TypeVar("T")
 FORMAT = 1  # bump when the pass changes what a key produces
 
 
@@ -78,7 +79,8 @@ def _fingerprint(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
-def _sample(examples: Sequence[Example], n: int, seed: int, what: str) -> list[Example]:
+def sample_examples(examples: Sequence[T], n: int, seed: int, what: str) -> list[T]:
+    """A seeded sample of `n` of `examples`, in their order (too few: an error naming `what`)."""
     if n < 1:
         raise StatisticsError(f"examples must be >= 1, got {n}")
     if len(examples) < n:
@@ -143,7 +145,7 @@ def load_stats_data(
                 "give the data of the task it was fine-tuned on"
             )
         pool = built.splits.get(split) or []
-        chosen = _sample(pool, examples, seed, built.task)
+        chosen = sample_examples(pool, examples, seed, built.task)
         return StatsData(built.task, kind, chosen, built.task, _fingerprint(chosen))
     path = Path(data)
     if not path.is_file():
@@ -160,7 +162,7 @@ def load_stats_data(
             f"{path}: the expert has no classification head, so the data is retrieval (query, code): every "
             "line needs 'text' and 'text_pair'"
         )
-    chosen = _sample(rows, examples, seed, str(path))
+    chosen = sample_examples(rows, examples, seed, str(path))
     task = have[0] if have else path.stem
     return StatsData(task, kind, chosen, str(path), _fingerprint(chosen))
 
@@ -377,7 +379,7 @@ def pleas_items(
     out: list[dict[str, list[int]]] = []
     share = [examples // len(datas) + (1 if i < examples % len(datas) else 0) for i in range(len(datas))]
     for d, k in zip(datas, share, strict=True):
-        chosen = _sample(d.splits.get("train") or [], k, seed, d.task)
+        chosen = sample_examples(d.splits.get("train") or [], k, seed, d.task)
         if get_task(d.task)[0].head == CLASSIFY:
             out += _items(enc, chosen, max_length)
         else:

@@ -1,6 +1,6 @@
 """LoRA experts as dense updates, and the LoRA-native merges of the generative study.
 
-- `dense_updates`: each adapted tensor's ΔW = scale·B·A in float32 (io.lora.LoraReader's reading);
+- `dense_updates` (io.lora): each adapted tensor's ΔW = scale·B·A in float32;
 - `combine`: PEFT's `add_weighted_adapter` on the experts' factors, saved as one adapter folder:
   `cat` concatenates them (rank summed; ΔW = Σ_t ΔW_t exactly), `linear` sums the factors scaled by
   √(w·scale_t) (cross terms B_s·A_t included: not the sum of the updates).
@@ -19,19 +19,6 @@ from typing import Any
 from .scenarios import StudyError
 
 COMBINATIONS = ("cat", "linear")
-
-
-def dense_updates(adapter: Path, base: Path) -> dict[str, Any]:
-    """{base tensor name: ΔW (float32)} of a LoRA adapter folder on `base` (refused on another base)."""
-    from ..io import open_model
-    from ..io.lora import LoraReader
-
-    with open_model(base) as base_reader:
-        reader = LoraReader(Path(adapter), base_reader)
-        try:
-            return {n: reader.delta(n) for n in reader.adapted()}
-        finally:
-            reader.close()
 
 
 def adapted_sizes(adapters: Sequence[Path], base: Path) -> dict[str, int]:

@@ -139,7 +139,7 @@ def _dtype(inputs: GenInputs) -> Any:
 
 def _load(inputs: GenInputs) -> Loaded:
     from ..models.causal import load_causal
-    from .gen_lora import dense_updates
+    from ..io.lora import dense_updates
 
     lm, tok = load_causal(inputs.base, dtype=_dtype(inputs))
     params = dict(lm.named_parameters())
@@ -279,7 +279,7 @@ def _whole_model(inputs: GenInputs, folder: Path) -> Callable[[str], Model]:
 
 
 def _delta(state: Loaded, inputs: GenInputs, folder: Path) -> dict[str, Any]:
-    from .gen_lora import dense_updates
+    from ..io.lora import dense_updates
 
     if str(folder) not in state.deltas:
         state.deltas.clear()  # the last folder's only: each is as large as an expert's dense updates

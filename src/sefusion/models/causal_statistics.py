@@ -1,0 +1,168 @@
+"""The statistics pass of a causal LM's LoRA expert, for `fisher` and `regmean` in the generative study.
+
+The expert is its base plus the adapter's dense updates (what the study fuses), in float32, run over a
+seeded sample of `examples` of its own (prompt, target) training pairs, each encoded as training saw it
+(`encode_pair`: the prompt, the target and EOS; one pair a pass, so nothing is padded). Statistics are
+kept for the adapted tensors only: the others are the base's in every expert, so any weighted average of
+them is the base itself.
+
+* ``fisher``: the empirical diagonal Fisher of the sequence log-likelihood, (d log p(target | prompt) /
+  d theta)^2 averaged over the pairs (the exact expectation over every possible target is out of reach
+  on a 150k-token vocabulary). The loss is the summed cross-entropy of the target tokens, with the
+  vocabulary head run at those positions only (`target_loss`).
+* ``gram``: G = X^T X over every token of the pair (prompt and target) at each adapted nn.Linear's
+  input. Each pass's product is taken in float32 and summed in float64: on a 4864-wide input a float64
+  product costs several times the forward pass on a CPU, while one pass's ~500 rows lose ~1e-7 of G
+  relatively; RegMean's shrinkage (alpha < 1 keeps the diagonal whole) bounds how much a solve can
+  amplify that.
+
+Written once per (base, adapter, sampled pairs, kinds, length, seed) under ``CACHE/stats/`` and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..stats import FISHER, GRAM, KINDS, Statistics, StatisticsError, cache_key
+
+__all__ = ["causal_statistics", "causal_statistics_for", "causal_stats_folder"]
+
+FORMAT = 1  # bump when the pass changes what a key produces
+Pair = tuple[str, str]
+
+
+def _fingerprint(pairs: Sequence[Pair]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps(list(p), ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _kinds(kinds: Iterable[str]) -> list[str]:
+    chosen = sorted(set(kinds))
+    if not chosen or set(chosen) - set(KINDS):
+        raise StatisticsError(f"statistics kinds must be some of {', '.join(KINDS)}, got {chosen}")
+    return chosen
+
+
+def causal_statistics(
+    lm: Any,
+    tok: Any,
+    pairs: Sequence[Pair],
+    kinds: Iterable[str],
+    names: Sequence[str],
+    *,
+    max_len: int,
+    chat: bool = False,
+    quiet: bool = True,
+    **meta: Any,
+) -> Statistics:
+    """`kinds` of the statistics of `lm` (the expert, loaded) over `pairs`, for its parameters `names`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..stats import FisherAccumulator, GramAccumulator
+    from .causal_train import collate, encode_pair, target_loss
+
+    kinds = _kinds(kinds)
+    params = dict(lm.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise StatisticsError(f"the model has no parameter '{missing[0]}' (and {len(missing) - 1} more)")
+    wanted = set(names)
+    grads = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():
+        p.requires_grad_(FISHER in kinds and n in wanted)
+    fisher = FisherAccumulator((n, params[n]) for n in names) if FISHER in kinds else None
+    gram = (
+        GramAccumulator(lm, rename=lambda n: n if n in wanted else None, product_dtype=torch.float32)
+        if GRAM in kinds
+        else None
+    )
+    was_training = lm.training
+    lm.eval()  # no dropout: the statistics of the expert itself
+    try:
+        for prompt, target in tqdm(pairs, desc="statistics", unit="pair", disable=quiet, leave=False):
+            batch = collate([encode_pair(tok, prompt, target, max_len, chat)], tok.pad_token_id)
+            batch = {k: v.to(lm.device) for k, v in batch.items()}
+            with torch.set_grad_enabled(fisher is not None):
+                total, _ = target_loss(lm, batch)  # -log p(target | prompt)
+            if fisher is not None:
+                fisher.add_empirical(total.reshape(1))
+            if gram is not None:
+                gram.add_examples(1)
+    finally:
+        if gram is not None:
+            gram.close()
+        for n, p in params.items():
+            p.requires_grad_(grads[n])
+        lm.train(was_training)
+    return Statistics.collect(examples=len(pairs), fisher=fisher, gram=gram, kind="lm", **meta)
+
+
+def causal_stats_folder(
+    cache: Path, task: str, adapter_sha256: str, base_sha256: str, pairs: Sequence[Pair], *,
+    examples: int, kinds: Iterable[str], max_len: int, chat: bool = False, seed: int = 0,
+) -> tuple[Path, list[Pair]]:  # fmt: skip
+    """(the cache folder of these statistics, the pairs they are computed on: a seeded sample)."""
+    from .statistics import sample_examples
+
+    chosen = sample_examples(list(pairs), examples, seed, task)
+    key = cache_key(
+        expert_sha256=adapter_sha256, task=task, data=_fingerprint(chosen), examples=examples,
+        kinds=_kinds(kinds), base=base_sha256, max_len=max_len, chat=chat, seed=seed, causal=FORMAT,
+    )  # fmt: skip
+    return Path(cache) / "stats" / f"{task}-{key}", chosen
+
+
+def causal_statistics_for(
+    base: str | Path,
+    adapter: str | Path,
+    pairs: Sequence[Pair],
+    *,
+    task: str,
+    examples: int,
+    kinds: Iterable[str] = KINDS,
+    max_len: int = 512,
+    chat: bool = False,
+    seed: int = 0,
+    cache: str | Path | None = None,
+    quiet: bool = True,
+) -> Path:
+    """The folder of the statistics of the LoRA expert `adapter` on `base` over `examples` of `pairs` (its
+    task's training pairs): computed once, then read from the cache (a sefusion.stats store)."""
+    import torch
+
+    from ..io.lora import check_adapter_base, dense_updates
+    from ..io.util import weights_sha256
+    from .causal import load_causal
+    from .config import default_cache
+    from .train import base_sha256
+
+    base, adapter = Path(base), Path(adapter)
+    check_adapter_base(adapter, base)
+    sha = weights_sha256(sorted(adapter.glob("adapter_model.*")))
+    folder, chosen = causal_stats_folder(
+        Path(cache) if cache is not None else default_cache(), task, sha, base_sha256(base), pairs,
+        examples=examples, kinds=kinds, max_len=max_len, chat=chat, seed=seed,
+    )  # fmt: skip
+    if (folder / "stats.json").is_file():
+        return folder
+    lm, tok = load_causal(base, dtype=torch.float32)
+    delta = dense_updates(adapter, base)
+    params = dict(lm.named_parameters())
+    with torch.no_grad():
+        for n, d in delta.items():
+            params[n].add_(d.to(params[n].device))
+    stats = causal_statistics(
+        lm, tok, chosen, kinds, sorted(delta), max_len=max_len, chat=chat, quiet=quiet, task=task,
+        data=f"{task} train ({examples} pairs)", expert_path=str(adapter), expert_sha256=sha,
+    )  # fmt: skip
+    del lm, delta, params
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(folder, overwrite=True)
+    return folder
