@@ -20,18 +20,18 @@ from safetensors.torch import load_file
 
 from sefusion.cli import main
 from sefusion.errors import CheckpointError
-from sefusion.study import scores
 from sefusion.io.lora import dense_updates
+from sefusion.study import scores
 from sefusion.study.gen_lora import combine
 from sefusion.study.gen_report import _experts_table
 from sefusion.study.gen_scenarios import GEN_SCENARIOS, GenBudget
 from sefusion.study.gen_study import (
     GenStudy,
     GenStudyConfig,
-    data_free_methods,
     gen_pairs,
     humaneval_pairs,
     select_by_loss,
+    study_methods,
 )
 from sefusion.study.runner import EvalRecords
 from sefusion.tasks.generative import GenExample, GenSplits
@@ -46,7 +46,7 @@ TASKS_KEYS = tuple(f"expert/{t}" for t in TASKS)
 TINY = GenBudget(
     "tiny", steps=2, batch=2, micro_batch=1, max_len=64, grid="tiny", val_limit=3, test_limit=4,
     humaneval_limit=2, humaneval_tokens=4, max_new_tokens=4, full_steps=1, train_precision="fp32",
-    eval_precision="fp32", eval_batch=4,
+    eval_precision="fp32", eval_batch=4, stats_examples=3,
 )  # fmt: skip
 RUNS = Recording()  # the in-process executor of the `study` fixture, recording its runs of pieces
 PROBLEMS: list[GenExample] = []  # generate-python's examples (test_generative's module), set by `study`
@@ -112,7 +112,7 @@ def _row(results, method):
 
 def test_every_row_and_the_report(study):
     cfg, results = study
-    methods, skipped = data_free_methods()
+    methods, skipped = study_methods()
     want = [
         "pretrained",
         "individual",
@@ -123,8 +123,10 @@ def test_every_row_and_the_report(study):
         "multitask_full",
     ]
     assert [r["method"] for r in results["rows"]] == want
-    assert set(skipped) == {"fisher", "regmean", "pleas"} and set(skipped) <= set(results["skipped"])
-    assert "do not yet extend to causal LMs" in results["skipped"]["fisher"]
+    assert {"fisher", "regmean"} <= set(methods)  # their statistics: each expert's, on its training pairs
+    assert set(skipped) == {"pleas"} and set(skipped) <= set(results["skipped"])
+    for row in ("fisher", "regmean"):
+        assert _row(results, row)["params"]["examples"] == TINY.stats_examples
     assert "CUDA" in results["skipped"]["multitask_qlora"]
     # generate-python: of the first 4 test problems (the cut), `wrong` fails its own doctest and `plain` has
     # none; `twice`, beyond the cut, runs and is kept
@@ -248,6 +250,30 @@ def test_a_fresh_cache_reads_multitask_full_from_the_records(study, tmp_path):
         third = GenStudy(replace(cfg, out=out, cache=tmp_path / "cache2"), builder=builder).run()
     assert third["trained_this_run"] == ["multitask_full"] and third["evaluations_this_run"] == 1
     assert _row(third, "multitask_full")["test"] == _row(results, "multitask_full")["test"]
+
+
+def test_the_statistics_rows_rebuild_on_a_fresh_cache_computing_statistics_only_when_scored(study, tmp_path):
+    """Each expert's statistics live in the cache, not in <out>. A fresh cache with every record computes
+    none; with fisher's and regmean's test records dropped (what the rebuild test does), the test run
+    computes them first and the two rows score as before."""
+    cfg, results = study
+    assert all((cfg.cache / "gen-study").glob(f"*/stats/{t}-*/stats.json") for t in TASKS)
+    out = tmp_path / "out"
+    shutil.copytree(cfg.out, out)
+    again = GenStudy(replace(cfg, out=out, cache=tmp_path / "cache"), builder=builder).run()
+    assert again["evaluations_this_run"] == 0 and not list((tmp_path / "cache").glob("gen-study/*/stats"))
+    lines = (out / "records.jsonl").read_text().splitlines()
+    dropped = [x for x in lines if x.startswith(('{"key": "fisher|', '{"key": "regmean|')) and '|test"' in x]
+    (out / "records.jsonl").write_text("".join(x + "\n" for x in lines if x not in dropped))
+    ex = Recording()
+    with one_thread():
+        third = GenStudy(replace(cfg, out=out, cache=tmp_path / "cache2"), builder=builder, executor=ex).run()
+    assert third["evaluations_this_run"] == len(dropped) == 2 * (len(TASKS) + 1)
+    first, test = (dict(run) for run in ex.runs[1:3])
+    assert test["test/fisher"] == ("inputs", *(f"stats/{t}" for t in TASKS))
+    assert len(list((tmp_path / "cache2").glob("gen-study/*/stats/*/stats.json"))) == len(TASKS)
+    for row in ("fisher", "regmean"):
+        assert _row(third, row)["test"] == _row(results, row)["test"]
 
 
 def test_the_pretrained_row_asks_a_base_through_its_chat_template_where_it_has_one(
@@ -379,8 +405,7 @@ def _factors(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]
 
 def test_lora_cat_is_the_exact_sum_of_the_updates_and_linear_sums_the_factors(tiny, tmp_path):
     ads = [
-        random_adapter(tiny, tmp_path / f"a{i}", r, alpha, i)
-        for i, (r, alpha) in enumerate([(4, 8), (2, 7)])
+        random_adapter(tiny, tmp_path / f"a{i}", r, alpha, i) for i, (r, alpha) in enumerate([(4, 8), (2, 7)])
     ]
     cat = dense_updates(combine(tiny, ads, "cat", tmp_path / "cat"), tiny)
     facts = [_factors(a) for a in ads]
@@ -536,16 +561,21 @@ def test_the_study_is_three_runs_of_pieces_and_the_bar_total_is_exact(study):
     training, first, test = (dict(run) for run in RUNS.runs[:3])
     assert set(training) == {*TASKS_KEYS, "multitask_lora", "multitask_full"}
     assert not any(training.values())
-    methods, _ = data_free_methods()
+    methods, _ = study_methods()
     rows = [*methods, "lora_cat", "lora_linear"]
     cands = {k for k in first if k.startswith("cand/")}
     assert {k.split("/")[1] for k in cands} == set(rows)
-    assert set(first) - cands == {"inputs", "pretrained", "individual", "combine/lora_cat",
-                                  "combine/lora_linear", "multitask_lora", "multitask_full"}  # fmt: skip
+    stats = tuple(f"stats/{t}" for t in TASKS)
+    prereq = {"combine/lora_cat", "combine/lora_linear", *stats}
+    assert set(first) - cands == {"inputs", "pretrained", "individual", "multitask_lora", "multitask_full",
+                                  *prereq}  # fmt: skip
     for k in cands:
         row = k.split("/")[1]
-        assert first[k] == (("inputs", f"combine/{row}") if row.startswith("lora_") else ("inputs",))
-    assert set(test) == {"inputs", *(f"test/{r}" for r in rows)}
+        need = (
+            (f"combine/{row}",) if row.startswith("lora_") else stats if row in ("fisher", "regmean") else ()
+        )
+        assert first[k] == ("inputs", *need)
+    assert set(test) == {"inputs", *(f"test/{r}" for r in rows), *prereq}
     assert RUNS.total == sum(map(len, RUNS.runs[:3]))
 
 

@@ -358,6 +358,6 @@ def dense_updates(adapter: str | Path, base: str | Path) -> dict[str, torch.Tens
     with open_model(Path(base)) as base_reader:
         reader = LoraReader(Path(adapter), base_reader)
         try:
-            return {n: reader.delta(n) for n in reader.adapted()}
+            return {n: d for n in reader.adapted() if (d := reader.delta(n)) is not None}
         finally:
             reader.close()

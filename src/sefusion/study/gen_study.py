@@ -1,5 +1,5 @@
-"""Run one generative scenario: LoRA experts of a causal code LM, fused by every data-free method,
-against the pretrained base, the experts themselves, multi-task LoRA and full fine-tuning.
+"""Run one generative scenario: LoRA experts of a causal code LM, fused by every fusion method of the
+registry that merges updates, against the pretrained base, the experts themselves, multi-task LoRA and full fine-tuning.
 
 The flow, for tasks t = 1..T:
 1. data: each task built (cached) and split by source file; validation and test cut to the budget (a
@@ -9,7 +9,7 @@ The flow, for tasks t = 1..T:
    and the multi-task models: pieces of one run (sefusion.study.executor: in process, or side by side
    on a Ray cluster), all trained before any row is scored;
 3. rows, each scored on test once: `pretrained` (the base, asked through its chat template where it has
-   one), `individual` (the normalizer), every data-free fusion
+   one), `individual` (the normalizer), every fusion
    method applied to the experts' dense updates ΔW_t = scale·B_t·A_t (each candidate of the method's grid
    scored on VALIDATION by the mean target loss, teacher-forced, relative to each task's expert; the
    lowest chosen), the LoRA-native rows `lora_cat` (PEFT `cat`: the exact sum of the updates) and
@@ -24,8 +24,8 @@ The flow, for tasks t = 1..T:
 Every evaluation is appended to `<out>/records.jsonl` by this process (the driver) when the piece that
 made it finishes (keyed by row, parameters, task and split; refused when the base, budget, seed or data
 differ), so a run resumes where it stopped, on one machine or a cluster, and a fresh clone with the committed adapters and records rebuilds every row without training or scoring.
-Fisher and RegMean are not run: their statistics (sefusion.models.statistics) are computed for the
-encoder study's classification/retrieval models, not yet for causal LMs' LoRA experts.
+Fisher and RegMean read each expert's statistics on `stats_examples` of its own training pairs
+(sefusion.models.causal_statistics: a piece per expert, kept in the cache, before their candidates).
 """
 
 from __future__ import annotations
@@ -59,10 +59,6 @@ MANIFEST = "gen-study.json"
 COMPUTE_LOG = "compute.jsonl"  # each finished piece's seconds, over every run of an <out>
 LORA_ROWS = ("lora_cat", "lora_linear")
 MULTITASK_ROWS = ("multitask_lora", "multitask_full")
-NOT_CAUSAL_YET = (
-    "its statistics (sefusion.models.statistics) are computed for the encoder study's classification and "
-    "retrieval models; they do not yet extend to causal LMs' LoRA experts"
-)
 NO_QLORA = (
     "QLoRA (`sefusion train --mode qlora`) quantizes the base with bitsandbytes, which runs on CUDA only "
     "(offline, its CPU path has no kernels); no CUDA machine was at hand to build and measure this row"
@@ -96,7 +92,7 @@ class GenStudyConfig:
     base: str | Path = "qwen2.5-coder-0.5b"
     cache: Path | None = None
     seed: int = 0
-    methods: Sequence[str] | None = None  # None: every data-free fusion method of the registry
+    methods: Sequence[str] | None = None  # None: every fusion method of the registry that merges updates
     humaneval_limit: int | None = -1  # -1: the budget's
     tasks: Sequence[str] | None = None  # None: the scenario's tasks at this budget
     dirs: Mapping[str, Path] = field(default_factory=dict)  # a source tree or JSONL data set per language
@@ -119,14 +115,12 @@ def default_builder(task: str, budget: GenBudget, seed: int, cache: Path, dirs: 
     return build_generative(task, sizes=budget.sizes or None, seed=seed, cache=cache, dirs=dirs)
 
 
-def data_free_methods() -> tuple[list[str], dict[str, str]]:
+def study_methods() -> tuple[list[str], dict[str, str]]:
     """(the registry's study methods this study runs, {skipped method: why})."""
     run, skipped = [], {}
     for name in grids.FUSION:
         spec = METHODS.get(name)
-        if spec.statistics:
-            skipped[name] = NOT_CAUSAL_YET
-        elif spec.kind == "whole_model":
+        if spec.kind == "whole_model":
             skipped[name] = (
                 "merges whole models with their activations (the encoder study's API), not updates"
             )
@@ -195,9 +189,9 @@ class GenStudy(TimedSteps):
         self.he_quality: dict[str, tuple[list[Any], list[str]]] = {}  # row -> (HumanEval analyses, task ids)
 
     def _choose_methods(self) -> None:
-        """The data-free fusion methods and LoRA-native rows this study runs (`methods` picks some)."""
+        """The fusion methods and LoRA-native rows this study runs (`methods` picks some)."""
         chosen = self.cfg.methods
-        methods, self.skipped = data_free_methods()
+        methods, self.skipped = study_methods()
         self.skipped["multitask_qlora"] = NO_QLORA
         if chosen is not None:
             unknown = [m for m in chosen if m not in methods and m not in LORA_ROWS]
@@ -236,10 +230,9 @@ class GenStudy(TimedSteps):
         the LoRA combinations and the multitask models; the inputs and each chosen candidate on test."""
         rows = [*self.methods, *self.lora_rows]
         trained = len(self.tasks) + 1 + bool(self._full_budgeted)
-        first = (
-            1 + 2 + sum(len(self._grid(r)) for r in rows) + len(self.lora_rows) + trained - len(self.tasks)
-        )
-        return trained + first + 1 + len(rows)
+        prereq = len(self.lora_rows) + len(self.tasks) * bool(self._stats_rows)  # in both runs of scoring
+        first = 1 + 2 + sum(len(self._grid(r)) for r in rows) + prereq + trained - len(self.tasks)
+        return trained + first + 1 + prereq + len(rows)
 
     @property
     def _full_budgeted(self) -> bool:
@@ -387,7 +380,7 @@ class GenStudy(TimedSteps):
 
     def _open_records(self) -> None:
         key = _sha({
-            "base_sha256": self.base_sha, "budget": self.budget.to_json(), "seed": self.cfg.seed,
+            "base_sha256": self.base_sha, "budget": self.budget.study_json(), "seed": self.cfg.seed,
             "tasks": {t: self.data[t].fingerprint or _sha([(e.prompt, e.target) for s in ("train", "validation",
                       "test") for e in self.data[t].split(s)]) for t in self.tasks},
             "v": 2,  # 2: a generate-* test split adds the runnable problems beyond its limit
@@ -413,7 +406,7 @@ class GenStudy(TimedSteps):
         grid = {r: self._grid(r) for r in [*self.methods, *self.lora_rows]}
         self._progress(f"{sum(map(len, grid.values()))} candidates of {len(grid)} rows on validation, "
                        "the baselines and the multitask models")  # fmt: skip
-        self._score("scoring", self._first_jobs(grid), *self._combinations())
+        self._score("scoring", self._first_jobs(grid))
         self.ref_val = {t: self._rec("individual", {}, t, "validation")["score"] for t in self.tasks}
         chosen = {r: self._choose(r, grid[r]) for r in grid}
         self._progress(f"the {len(chosen)} chosen candidates on test")
@@ -427,7 +420,7 @@ class GenStudy(TimedSteps):
             base=self.base, adapters=dict(self.adapters), tasks=tuple(self.tasks), val=self.val, test=self.test,
             shas=tuple(adapter_sha256(self.adapters[t]) for t in self.tasks), budget=self.budget,
             seed=self.cfg.seed, he_task=self._he_task(), runner=self.runner, problems=self.problems,
-            threads=self.threads,
+            threads=self.threads, stats=self.stats_folders,
         )  # fmt: skip
 
     def _grid(self, row: str) -> list[dict[str, Any]]:
@@ -437,9 +430,15 @@ class GenStudy(TimedSteps):
             return [{"weight": 1.0}]
         if row == "lora_linear":
             return [{"weight": w} for w in (LAMBDA_FULL if self.budget.grid == "full" else LAMBDA_QUICK)]
-        study = METHODS.get(row).study
-        assert study is not None
-        return study.candidates(self.budget.grid)
+        spec = METHODS.get(row)
+        assert spec.study is not None
+        extra = {"examples": self.budget.stats_examples} if spec.statistics else {}
+        return [{**c, **extra} for c in spec.study.candidates(self.budget.grid)]
+
+    @property
+    def _stats_rows(self) -> list[str]:
+        """The rows that read each expert's statistics (fisher, regmean)."""
+        return [m for m in self.methods if METHODS.get(m).statistics]
 
     def _spec(self, row: str, params: Mapping[str, Any]) -> tuple[Any, ...]:
         """The model a candidate of `row` scores (gen_pieces.model_of)."""
@@ -477,13 +476,14 @@ class GenStudy(TimedSteps):
     def _full_params(self) -> dict[str, Any]:
         return {"steps": f"{self.budget.full_steps} full steps a task, mixed"}
 
-    def _combinations(self) -> tuple[list[Piece], dict[str, Any]]:
-        """A piece per LoRA-native row combining the experts' factors (PEFT), and its answer where the
-        combination of these experts is there already."""
-        sha = _sha([adapter_sha256(self.adapters[t]) for t in self.tasks])
+    def _prerequisites(self) -> tuple[list[Piece], dict[str, Any]]:
+        """The pieces some rows' models need first, and the answer of each whose output is there already:
+        the experts' factors combined by PEFT (a LoRA-native row) and each expert's statistics (fisher,
+        regmean), in the cache."""
         quiet = self.cfg.quiet or self.threads is not None
-        adapters = [self.adapters[t] for t in self.tasks]
         todo, answers = [], {}
+        sha = _sha([adapter_sha256(self.adapters[t]) for t in self.tasks])
+        adapters = [self.adapters[t] for t in self.tasks]
         for row in self.lora_rows:
             key, folder = f"combine/{row}", self._combined(row)
             stamp = folder / "inputs.sha"
@@ -491,20 +491,50 @@ class GenStudy(TimedSteps):
             answers[key] = {"folder": folder, "seconds": 0.0} if same else None
             todo.append(self._piece(key, gen_pieces.combine, self.base, adapters, row.removeprefix("lora_"),
                                     folder, sha, quiet, self.threads))  # fmt: skip
+        for t, folder in self.stats_folders.items():
+            key = f"stats/{t}"
+            answers[key] = {"folder": folder, "seconds": 0.0} if (folder / "stats.json").is_file() else None
+            todo.append(self._piece(key, gen_pieces.statistics, self.base, self.adapters[t], self._pairs(t), t,
+                                    self.budget.stats_examples, self.budget.max_len, self.cfg.seed, self._work,
+                                    quiet, self.threads))  # fmt: skip
         return todo, answers
 
-    def _score(
-        self, what: str, jobs: Mapping[str, Job], combine: Sequence[Piece] = (),
-        answers: Mapping[str, Any] | None = None,
-    ) -> None:  # fmt: skip
+    @cached_property
+    def stats_folders(self) -> dict[str, Path]:
+        """{task: the cache folder of its expert's statistics} where a row reads them (else empty)."""
+        from ..models.causal_statistics import causal_stats_folder
+        from ..stats import KINDS
+
+        if not self._stats_rows:
+            return {}
+        b = self.budget
+        return {t: causal_stats_folder(self._work, t, adapter_sha256(self.adapters[t]), self.base_sha, self._pairs(t),
+                                       examples=b.stats_examples, kinds=KINDS, max_len=b.max_len,
+                                       seed=self.cfg.seed)[0]
+                for t in self.tasks}  # fmt: skip
+
+    def _needs(self, row: str) -> list[str]:
+        """The prerequisite pieces a row's model is built from."""
+        if row in LORA_ROWS:
+            return [f"combine/{row}"]
+        return [f"stats/{t}" for t in self.tasks] if row in self._stats_rows else []
+
+    def _score(self, what: str, jobs: Mapping[str, Job]) -> None:
         """Each job's model scored, as a piece, on the evaluations the records lack (a job with none
-        lacking is not run); this process records what each piece returns as it finishes."""
+        lacking is not run), after the prerequisites it needs; this process records what each piece
+        returns as it finishes."""
         lacking = {k: [(t, s) for t, s in pairs if self.records.get(EvalRecords.key(row, params, t, s)) is None]
                    for k, (row, params, _, pairs) in jobs.items()}  # fmt: skip
-        answers = answers or {}
-        after = lambda row: (f"combine/{row}",) if f"combine/{row}" in answers else ()  # noqa: E731
-        todo = [Piece(INPUTS, pieces.given, (INPUTS,)), *combine]
-        todo += [self._piece(k, gen_pieces.score, row, params, spec, lacking[k], deps=(INPUTS, *after(row)))
+        prereq, answers = self._prerequisites()
+        # statistics are computed only for a job that runs (minutes an expert); a LoRA combination (seconds)
+        # whenever it is missing: the row's storage reads its folder
+        needed = {d for k, (row, *_) in jobs.items() if lacking[k] for d in self._needs(row)}
+        answers = {
+            k: a if k in needed or k.startswith("combine/") else {"seconds": 0.0} for k, a in answers.items()
+        }
+        todo = [Piece(INPUTS, pieces.given, (INPUTS,)), *prereq]
+        todo += [self._piece(k, gen_pieces.score, row, params, spec, lacking[k],
+                             deps=(INPUTS, *(self._needs(row) if lacking[k] else ())))
                  for k, (row, params, spec, _) in jobs.items()]  # fmt: skip
 
         def done(key: str) -> Any:
@@ -521,7 +551,9 @@ class GenStudy(TimedSteps):
             self.scored += 1
         if result.get("seconds"):
             self._log_compute("scoring", key, result["seconds"])
-        row = jobs[key][0] if key in jobs else key.removeprefix("combine/")
+        row = (
+            jobs[key][0] if key in jobs else "statistics" if key.startswith("stats/") else key.split("/")[-1]
+        )
         for what, s in ((row, "seconds"), ("evaluation", "eval_s"), ("humaneval", "humaneval_s")):
             if result.get(s):
                 self.timings[what] = self.timings.get(what, 0.0) + result[s]
@@ -818,4 +850,4 @@ def run_gen_study(cfg: GenStudyConfig, **kwargs: Any) -> dict[str, Any]:
     return GenStudy(cfg, **kwargs).run()
 
 
-__all__ = ["GenStudy", "GenStudyConfig", "data_free_methods", "run_gen_study", "select_by_loss"]
+__all__ = ["GenStudy", "GenStudyConfig", "run_gen_study", "select_by_loss", "study_methods"]
