@@ -5,7 +5,8 @@ again on test, and each test score equals the committed one exactly. Nothing is 
 What is kept of the committed records: validation (the selection, so the same candidate is chosen),
 HumanEval (164 generations a row: hours), the rows whose model is not committed (`multitask_full`, a
 whole model) and the two rows that fuse nothing (`pretrained`, `individual`; see KEEP_ROWS). Every row
-fused from the committed adapters is scored again on test. Slow (minutes a row); needs the base
+fused from the committed adapters is scored again on test; fisher's and regmean's statistics (gigabytes
+an expert, not committed) are computed again from the adapters and the training pairs. Slow (minutes a row); needs the base
 (`sefusion base fetch NAME` once). SEFUSION_REBUILD=FOLDER,... checks other study folders too (e.g. a
 quick run's `--out`).
 """
@@ -25,7 +26,7 @@ NOT_COMMITTED = ("multitask_full",)  # its weights are not committed: its record
 # torch thread count, and gen-tasks scored these two early, partly at two threads (individual's
 # summarize-python BLEU-4 is 0.15909 at one thread, 0.15845 at two: the committed value; pretrained's
 # 0.07247 and 0.07138 against the committed 0.07269, whose conditions are not known). Every row fused from
-# the committed adapters was scored at one thread, and is scored again.
+# the committed adapters is scored again, at the thread count its test records state (`scored_threads`).
 KEEP_ROWS = (*NOT_COMMITTED, "pretrained", "individual")
 
 
@@ -42,6 +43,18 @@ def kept(line: str) -> bool:
     row = rec["key"].split("|", 1)[0]
     task, split = rec["key"].rsplit("|", 2)[1:]
     return split != "test" or task == "humaneval" or row in KEEP_ROWS
+
+
+def scored_threads(folder: Path) -> int:
+    """The torch threads the committed fused rows were scored at on test (their records say; gen-tasks's
+    records predate the field and were all scored at one thread): the rebuild scores at the same count."""
+    counts = set()
+    for line in (folder / "records.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "key" in rec and not kept(line):
+            counts.add(rec["result"].get("torch_threads", 1) if isinstance(rec["result"], dict) else 1)
+    assert len(counts) <= 1, (folder, counts)  # one count for every rescored record
+    return counts.pop() if counts else 1
 
 
 def rebuild(folder: Path, out: Path) -> dict:
@@ -62,9 +75,18 @@ def rebuild(folder: Path, out: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", folders(), ids=lambda p: p.name)
-def test_the_committed_adapters_rebuild_every_row_on_test(folder: Path, tmp_path: Path) -> None:
+def test_the_committed_adapters_rebuild_every_row_on_test(folder: Path, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
     committed = json.loads((folder / "results.json").read_text())
-    again = rebuild(folder, tmp_path / "out")
+    threads = scored_threads(folder)
+    monkeypatch.setenv("SEFUSION_THREADS", str(threads))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        again = rebuild(folder, tmp_path / "out")
+    finally:
+        torch.set_num_threads(before)
     assert again["trained_this_run"] == []
     rows = {r["method"]: r for r in again["rows"]}
     for row in committed["rows"]:
