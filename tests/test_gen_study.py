@@ -266,11 +266,19 @@ def test_the_statistics_rows_rebuild_on_a_fresh_cache_computing_statistics_only_
     dropped = [x for x in lines if x.startswith(('{"key": "fisher|', '{"key": "regmean|')) and '|test"' in x]
     (out / "records.jsonl").write_text("".join(x + "\n" for x in lines if x not in dropped))
     ex = Recording()
+    logged = len((out / "compute.jsonl").read_text().splitlines())
     with one_thread():
         third = GenStudy(replace(cfg, out=out, cache=tmp_path / "cache2"), builder=builder, executor=ex).run()
     assert third["evaluations_this_run"] == len(dropped) == 2 * (len(TASKS) + 1)
-    first, test = (dict(run) for run in ex.runs[1:3])
+    test = dict(ex.runs[2])
     assert test["test/fisher"] == ("inputs", *(f"stats/{t}" for t in TASKS))
+    # what ran, in order: the first scoring run only the LoRA combinations (always remade: the storage
+    # reads them); the test run the statistics, then the two rows
+    ran = [json.loads(x)["piece"] for x in (out / "compute.jsonl").read_text().splitlines()[logged:]]
+    assert sorted(ran[:2]) == ["combine/lora_cat", "combine/lora_linear"]
+    ran = ran[2:]
+    assert sorted(ran[: len(TASKS)]) == [f"stats/{t}" for t in sorted(TASKS)]
+    assert sorted(ran[len(TASKS) :]) == ["test/fisher", "test/regmean"]
     assert len(list((tmp_path / "cache2").glob("gen-study/*/stats/*/stats.json"))) == len(TASKS)
     for row in ("fisher", "regmean"):
         assert _row(third, row)["test"] == _row(results, row)["test"]

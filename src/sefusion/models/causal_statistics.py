@@ -1,6 +1,7 @@
 """The statistics pass of a causal LM's LoRA expert, for `fisher` and `regmean` in the generative study.
 
-The expert is its base plus the adapter's dense updates (what the study fuses), in float32, run over a
+The expert is its base plus the adapter's dense updates (what the study fuses), in float32 (its matrix
+products in bfloat16 autocast with `precision="bf16"`, as LoRA training runs them), run over a
 seeded sample of `examples` of its own (prompt, target) training pairs, each encoded as training saw it
 (`encode_pair`: the prompt, the target and EOS; one pair a pass, so nothing is padded). Statistics are
 kept for the adapted tensors only: the others are the base's in every expert, so any weighted average of
@@ -32,6 +33,7 @@ from ..stats import FISHER, GRAM, KINDS, Statistics, StatisticsError, cache_key
 __all__ = ["causal_statistics", "causal_statistics_for", "causal_stats_folder"]
 
 FORMAT = 1  # bump when the pass changes what a key produces
+PRECISIONS = ("fp32", "bf16")
 Pair = tuple[str, str]
 
 
@@ -58,6 +60,7 @@ def causal_statistics(
     *,
     max_len: int,
     chat: bool = False,
+    precision: str = "fp32",
     quiet: bool = True,
     **meta: Any,
 ) -> Statistics:
@@ -75,21 +78,22 @@ def causal_statistics(
         raise StatisticsError(f"the model has no parameter '{missing[0]}' (and {len(missing) - 1} more)")
     wanted = set(names)
     grads = {n: p.requires_grad for n, p in params.items()}
-    for n, p in params.items():
-        p.requires_grad_(FISHER in kinds and n in wanted)
-    fisher = FisherAccumulator((n, params[n]) for n in names) if FISHER in kinds else None
-    gram = (
-        GramAccumulator(lm, rename=lambda n: n if n in wanted else None, product_dtype=torch.float32)
-        if GRAM in kinds
-        else None
-    )
     was_training = lm.training
-    lm.eval()  # no dropout: the statistics of the expert itself
+    fisher = gram = None
     try:
+        for n, p in params.items():
+            p.requires_grad_(FISHER in kinds and n in wanted)
+        if FISHER in kinds:
+            fisher = FisherAccumulator((n, params[n]) for n in names)
+        if GRAM in kinds:
+            gram = GramAccumulator(
+                lm, rename=lambda n: n if n in wanted else None, product_dtype=torch.float32
+            )
+        lm.eval()  # no dropout: the statistics of the expert itself
         for prompt, target in tqdm(pairs, desc="statistics", unit="pair", disable=quiet, leave=False):
             batch = collate([encode_pair(tok, prompt, target, max_len, chat)], tok.pad_token_id)
             batch = {k: v.to(lm.device) for k, v in batch.items()}
-            with torch.set_grad_enabled(fisher is not None):
+            with torch.set_grad_enabled(fisher is not None), _autocast(precision, lm.device):
                 total, _ = target_loss(lm, batch)  # -log p(target | prompt)
             if fisher is not None:
                 fisher.add_empirical(total.reshape(1))
@@ -104,9 +108,23 @@ def causal_statistics(
     return Statistics.collect(examples=len(pairs), fisher=fisher, gram=gram, kind="lm", **meta)
 
 
+def _precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise StatisticsError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    return precision
+
+
+def _autocast(precision: str, device: Any) -> Any:
+    import torch
+
+    enabled = _precision(precision) == "bf16"
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def causal_stats_folder(
     cache: Path, task: str, adapter_sha256: str, base_sha256: str, pairs: Sequence[Pair], *,
     examples: int, kinds: Iterable[str], max_len: int, chat: bool = False, seed: int = 0,
+    precision: str = "fp32",
 ) -> tuple[Path, list[Pair]]:  # fmt: skip
     """(the cache folder of these statistics, the pairs they are computed on: a seeded sample)."""
     from .statistics import sample_examples
@@ -115,6 +133,7 @@ def causal_stats_folder(
     key = cache_key(
         expert_sha256=adapter_sha256, task=task, data=_fingerprint(chosen), examples=examples,
         kinds=_kinds(kinds), base=base_sha256, max_len=max_len, chat=chat, seed=seed, causal=FORMAT,
+        precision=_precision(precision),
     )  # fmt: skip
     return Path(cache) / "stats" / f"{task}-{key}", chosen
 
@@ -130,6 +149,7 @@ def causal_statistics_for(
     max_len: int = 512,
     chat: bool = False,
     seed: int = 0,
+    precision: str = "fp32",
     cache: str | Path | None = None,
     quiet: bool = True,
 ) -> Path:
@@ -148,21 +168,28 @@ def causal_statistics_for(
     sha = weights_sha256(sorted(adapter.glob("adapter_model.*")))
     folder, chosen = causal_stats_folder(
         Path(cache) if cache is not None else default_cache(), task, sha, base_sha256(base), pairs,
-        examples=examples, kinds=kinds, max_len=max_len, chat=chat, seed=seed,
+        examples=examples, kinds=kinds, max_len=max_len, chat=chat, seed=seed, precision=precision,
     )  # fmt: skip
     if (folder / "stats.json").is_file():
         return folder
     lm, tok = load_causal(base, dtype=torch.float32)
     delta = dense_updates(adapter, base)
     params = dict(lm.named_parameters())
+    names = sorted(delta)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise StatisticsError(
+            f"adapter {adapter} changes '{missing[0]}', which the model of {base} does not have"
+        )
     with torch.no_grad():
-        for n, d in delta.items():
-            params[n].add_(d.to(params[n].device))
+        for n in names:
+            params[n].add_(delta.pop(n).to(params[n].device))  # each update freed once added: the expert
+    del params
     stats = causal_statistics(
-        lm, tok, chosen, kinds, sorted(delta), max_len=max_len, chat=chat, quiet=quiet, task=task,
+        lm, tok, chosen, kinds, names, max_len=max_len, chat=chat, precision=precision, quiet=quiet, task=task,
         data=f"{task} train ({examples} pairs)", expert_path=str(adapter), expert_sha256=sha,
     )  # fmt: skip
-    del lm, delta, params
+    del lm
     folder.parent.mkdir(parents=True, exist_ok=True)
     stats.save(folder, overwrite=True)
     return folder

@@ -102,9 +102,10 @@ def combine(
 
 def statistics(
     base: Path, adapter: Path, pairs: Sequence[tuple[str, str]], task: str, examples: int, max_len: int,
-    seed: int, work: Path, quiet: bool, threads: int | None,
+    precision: str, seed: int, work: Path, quiet: bool, threads: int | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """An expert's Fisher and Gram statistics on `examples` of its training pairs, in `work`'s cache."""
+    """An expert's Fisher and Gram statistics on `examples` of its training pairs, in `work`'s cache
+    (matrix products in `precision`, the experts' training precision)."""
     from ..models.causal_statistics import causal_statistics_for
 
     use_threads(threads)
@@ -113,7 +114,7 @@ def statistics(
         log.info(f"statistics of the {task} expert ({examples} training pairs)")
     t0 = time.perf_counter()
     folder = causal_statistics_for(base, adapter, pairs, task=task, examples=examples, max_len=max_len, seed=seed,
-                                   cache=work, quiet=quiet)  # fmt: skip
+                                   precision=precision, cache=work, quiet=quiet)  # fmt: skip
     return {"folder": folder, "seconds": time.perf_counter() - t0}
 
 
