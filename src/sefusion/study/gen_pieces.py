@@ -102,10 +102,9 @@ def combine(
 
 def statistics(
     base: Path, adapter: Path, pairs: Sequence[tuple[str, str]], task: str, examples: int, max_len: int,
-    precision: str, seed: int, work: Path, quiet: bool, threads: int | None,
+    seed: int, work: Path, quiet: bool, threads: int | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """An expert's Fisher and Gram statistics on `examples` of its training pairs, in `work`'s cache
-    (matrix products in `precision`, the experts' training precision)."""
+    """An expert's Fisher and Gram statistics on `examples` of its training pairs, in `work`'s cache."""
     from ..models.causal_statistics import causal_statistics_for
 
     use_threads(threads)
@@ -114,7 +113,7 @@ def statistics(
         log.info(f"statistics of the {task} expert ({examples} training pairs)")
     t0 = time.perf_counter()
     folder = causal_statistics_for(base, adapter, pairs, task=task, examples=examples, max_len=max_len, seed=seed,
-                                   precision=precision, cache=work, quiet=quiet)  # fmt: skip
+                                   cache=work, quiet=quiet)  # fmt: skip
     return {"folder": folder, "seconds": time.perf_counter() - t0}
 
 

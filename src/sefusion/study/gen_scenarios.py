@@ -55,7 +55,7 @@ class GenBudget:
     eval_batch: int = 8
     sizes: dict[str, int] = field(default_factory=dict)  # build sizes per split (empty: the task's own)
     # each expert's training pairs that fisher's and regmean's statistics run over (in their rows' params)
-    stats_examples: int = 64
+    stats_examples: int = 32
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,10 +78,10 @@ BUDGETS = {
     # every task; 50 LoRA steps of 8 a task (400 examples, where the seed study saw experts learn;
     # multitask: 50 x T), 10 full fine-tuning steps a task; 24 validation and 40 test examples a task; the
     # registry's full grids; all 164 HumanEval problems, 256 new tokens (the base's measured run);
-    # statistics over 64 training pairs an expert
+    # statistics over 32 training pairs an expert (about 7 minutes an expert on 2 cores)
     "full": GenBudget(
         "full", steps=50, batch=8, micro_batch=4, max_len=512, grid="full", val_limit=24, test_limit=40,
-        humaneval_limit=None, humaneval_tokens=256, full_steps=10,
+        humaneval_limit=None, humaneval_tokens=256, full_steps=10, stats_examples=32,
     ),
 }  # fmt: skip
 

@@ -495,8 +495,7 @@ class GenStudy(TimedSteps):
             key = f"stats/{t}"
             answers[key] = {"folder": folder, "seconds": 0.0} if (folder / "stats.json").is_file() else None
             todo.append(self._piece(key, gen_pieces.statistics, self.base, self.adapters[t], self._pairs(t), t,
-                                    self.budget.stats_examples, self.budget.max_len, self.budget.train_precision,
-                                    self.cfg.seed, self._work, quiet, self.threads))  # fmt: skip
+                                    self.budget.stats_examples, self.budget.max_len, self.cfg.seed, self._work, quiet, self.threads))  # fmt: skip
         return todo, answers
 
     @cached_property
@@ -510,7 +509,7 @@ class GenStudy(TimedSteps):
         b = self.budget
         return {t: causal_stats_folder(self._work, t, adapter_sha256(self.adapters[t]), self.base_sha, self._pairs(t),
                                        examples=b.stats_examples, kinds=KINDS, max_len=b.max_len,
-                                       seed=self.cfg.seed, precision=b.train_precision)[0]
+                                       seed=self.cfg.seed)[0]
                 for t in self.tasks}  # fmt: skip
 
     def _needs(self, row: str) -> list[str]:
