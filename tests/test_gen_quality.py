@@ -167,3 +167,28 @@ def test_one_file_is_one_draw() -> None:
     assert (
         got["findings_total_per_100"]["low"] == got["findings_total_per_100"]["high"] == pytest.approx(50.0)
     )
+
+
+def test_code_in_another_language_gets_a_parse_rate_and_no_findings() -> None:
+    """A JavaScript repair reply is not read as Python: tree-sitter says whether it parses, and ruff's
+    findings are not measured (None), shown as a dash with no interval; Python replies keep theirs."""
+    from sefusion.tasks.generative import GenExample
+
+    js = [
+        "function f(a) {\n  return a + 1;\n}",
+        "function f(a) {\n  return a +;\n}",
+        "```js\nconst g = (x) => x;\n```",
+    ]
+    examples = [GenExample("fix", "", {"file": f"f{i}.js", "language": "javascript"}) for i in range(3)]
+    recs = [{"index": i, "reply": r, "file": f"f{i}.js"} for i, r in enumerate(js)]
+    analyses = Q.task_analyses(examples, "repair", recs)
+    assert [a.parses for a in analyses] == [True, False, True]
+    assert all(a.findings is None for a in analyses)
+    table = quality_table(analyses)
+    assert table["parse_rate"] == pytest.approx(2 / 3) and table["findings_total_per_100"] is None
+    iv = Q.intervals(analyses, Q.task_clusters(recs), b=200)
+    assert iv["parse_rate"]["low"] is not None and iv["findings_total_per_100"]["low"] is None
+    assert math.isnan(iv["findings_total_per_100"]["estimate"])
+    py = [GenExample("fix", "", {"file": "a.py", "language": "python"})]
+    (one,) = Q.task_analyses(py, "repair", [{"index": 0, "reply": "def f(l):\n    return l", "file": "a.py"}])
+    assert one.parses and one.findings == {"E741": 1}

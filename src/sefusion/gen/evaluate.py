@@ -103,7 +103,7 @@ def score(
 
 def _result(task_id: str, sample: int, outcome: Outcome, analysis: Analysis) -> Result:
     return Result(
-        task_id, sample, outcome.status, outcome.passed, outcome.detail, analysis.parses, analysis.findings,
+        task_id, sample, outcome.status, outcome.passed, outcome.detail, analysis.parses, analysis.findings or {},
         round(outcome.wall_s, 3),
     )  # fmt: skip
 

@@ -4,7 +4,9 @@ Every generation is written to its own file in a temporary folder and ruff check
 with a fixed rule selection (no configuration file is read). Findings are counted per rule category
 (the code's selected prefix: F401 -> F, PLR0912 -> PLR) and reported per 100 generated functions that
 parse. When a generation continues a prompt (HumanEval: signature and docstring), the prompt is
-analysed with it, so names resolve, but only findings on the generated lines count.
+analysed with it, so names resolve, but only findings on the generated lines count. ruff reads Python
+only: code in another language gets its parse rate (tree-sitter, `analyze_language`) and no findings
+(None: not measured, never 0).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ IGNORE = ("W292",)  # no newline at end of file: an artefact of cutting the gene
 @dataclass(frozen=True)
 class Analysis:
     parses: bool
-    findings: dict[str, int] = field(default_factory=dict)  # rule code -> count on the generated lines
+    # rule code -> count on the generated lines; None: no analyzer for the code's language
+    findings: dict[str, int] | None = field(default_factory=dict)
 
 
 def parses(code: str) -> bool:
@@ -92,21 +95,34 @@ def analyze(codes: Sequence[str], prompts: Sequence[str] | None = None) -> list[
     return [Analysis(p, dict(sorted(c.items()))) for p, c in zip(ok, counts, strict=True)]
 
 
+def analyze_language(codes: Sequence[str], lang: str) -> list[Analysis]:
+    """`analyze` for Python; for another language, whether each code parses (tree-sitter) and no
+    findings (ruff reads Python only)."""
+    if lang == "python":
+        return analyze(codes)
+    from ..tasks.generative import parses as parses_in
+
+    return [Analysis(parses_in(c, lang), None) for c in codes]
+
+
 def quality_table(codes: Sequence[str] | Sequence[Analysis], prompts: Sequence[str] | None = None) -> dict:
-    """{functions, parsed, parse_rate, findings_per_100: {category: findings per 100 parsed functions}}."""
+    """{functions, parsed, parse_rate, findings_per_100: {category: findings per 100 parsed functions}};
+    the findings are None where the code's language has no analyzer."""
     analyses = [c if isinstance(c, Analysis) else None for c in codes]
     if not all(analyses):
         analyses = analyze(codes, prompts)  # type: ignore[arg-type]
     parsed = sum(a.parses for a in analyses)
-    by_category: Counter = Counter()
-    for a in analyses:
-        for code, n in a.findings.items():
-            by_category[category(code)] += n
-    per_100 = {c: round(100 * n / parsed, 2) for c, n in sorted(by_category.items())} if parsed else {}
-    return {
+    table = {
         "functions": len(analyses),
         "parsed": parsed,
         "parse_rate": parsed / len(analyses) if analyses else 0.0,
-        "findings_per_100": per_100,
-        "findings_total_per_100": round(100 * sum(by_category.values()) / parsed, 2) if parsed else 0.0,
     }
+    if any(a.findings is None for a in analyses):
+        return {**table, "findings_per_100": None, "findings_total_per_100": None}
+    by_category: Counter = Counter()
+    for a in analyses:
+        for code, n in (a.findings or {}).items():
+            by_category[category(code)] += n
+    per_100 = {c: round(100 * n / parsed, 2) for c, n in sorted(by_category.items())} if parsed else {}
+    total = round(100 * sum(by_category.values()) / parsed, 2) if parsed else 0.0
+    return {**table, "findings_per_100": per_100, "findings_total_per_100": total}

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ..gen.quality import Analysis, analyze
+from ..gen.quality import Analysis, analyze_language
 from . import uncertainty as U
 
 
 def task_analyses(examples: Sequence[Any], kind: str, recs: Sequence[Mapping[str, Any]]) -> list[Analysis]:
     """Each reply's analysis, as whole functions (generate: the example's signature + the reply's body;
-    repair: the reply's code)."""
+    repair: the reply's code), in the task's language (ruff's findings for Python only)."""
     from ..tasks.generative import extract_code, generated_function
 
     done = [r for r in recs if "reply" in r]
@@ -32,7 +32,8 @@ def task_analyses(examples: Sequence[Any], kind: str, recs: Sequence[Mapping[str
         else extract_code(r["reply"])
         for r in done
     ]
-    return analyze(codes)
+    lang = examples[0].meta.get("language", "python") if examples else "python"
+    return analyze_language(codes, lang)
 
 
 def task_clusters(recs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -42,7 +43,9 @@ def task_clusters(recs: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _vectors(analyses: Sequence[Analysis]) -> tuple[np.ndarray, np.ndarray]:
     parsed = np.array([float(a.parses) for a in analyses])
-    findings = np.array([float(sum(a.findings.values())) for a in analyses])
+    findings = np.array(
+        [float(sum(a.findings.values())) if a.findings is not None else np.nan for a in analyses]
+    )
     return parsed, findings
 
 

@@ -79,7 +79,8 @@ def _quality_table(results: Mapping[str, Any]) -> list[str]:
         body.append([r["method"], *cells])
     head = ["## Quality of the generated code", "",
             "Parse rate / ruff findings per 100 parsed functions of each row's test replies, each with its 95% "
-            "cluster-bootstrap interval.", ""]  # fmt: skip
+            "cluster-bootstrap interval. ruff reads Python only: code in another language gets its parse "
+            "rate from tree-sitter and no findings (–).", ""]  # fmt: skip
     return head + _table(["row", *cols], body) + [""]
 
 

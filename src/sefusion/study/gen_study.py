@@ -682,15 +682,18 @@ class GenStudy(TimedSteps):
 
     def _quality_intervals(self, method: str, row: dict[str, Any], test: Mapping[str, Any],
                            he: Mapping[str, Any] | None) -> None:  # fmt: skip
-        """Each quality cell gains its intervals, from the replies its record keeps (gen_quality)."""
+        """Each quality cell recomputed, with its intervals, from the replies its record keeps (gen_quality):
+        a record made before a measure changed (non-Python code was once read as Python) reads right."""
+        from ..gen.quality import quality_table
         from ..tasks.generative import get_generative
         from . import gen_quality as Q
 
-        for t, q in row["quality"].items():
+        for t in row["quality"]:
             recs = test[t]["examples"]
             analyses = Q.task_analyses(self.test[t], get_generative(t)[0].kind, recs)
             if analyses:  # a generate-* split without a runnable problem generates nothing
-                row["quality"][t] = {**q, "intervals": Q.intervals(analyses, Q.task_clusters(recs))}
+                cell = {**quality_table(analyses), "intervals": Q.intervals(analyses, Q.task_clusters(recs))}
+                row["quality"][t] = cell
         if he is not None and he["task_ids"]:
             analyses = self._he_analyses(he)
             self.he_quality[method] = (analyses, he["task_ids"])
