@@ -412,7 +412,15 @@ class GenStudy(TimedSteps):
         self._progress(f"the {len(chosen)} chosen candidates on test")
         test = self._test_pairs()
         self._score("test", {f"test/{r}": (r, p, self._spec(r, p), test) for r, (p, _, _) in chosen.items()})
+        self._drop_statistics()
         return self._rows(grid, chosen)
+
+    def _drop_statistics(self) -> None:
+        """Every row is recorded now: the experts' statistics (about 7 GB each on a 0.5B base) leave the
+        cache. A later run needs them only where records are missing, and recomputes them then."""
+        for folder in self.stats_folders.values():
+            if folder.is_dir():
+                shutil.rmtree(folder)
 
     def inputs(self) -> GenInputs:
         """What every scoring piece takes (once trained: the experts' adapters are named by their sha256)."""
