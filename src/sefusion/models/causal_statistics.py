@@ -20,7 +20,8 @@ Measured on Qwen2.5-Coder-0.5B, 2 CPU threads: 13.2 s a pair for both kinds (Fis
 alone 6.4 s), 12.5 GB peak, about 7 GB written. bf16 autocast was slower (16.3 s a pair) and moved
 some layers' Grams by up to 18%, so the pass stays in float32.
 
-Written once per (base, adapter, sampled pairs, kinds, length, seed) under ``CACHE/stats/`` and reused.
+Written once per (base, adapter, sampled pairs, kinds, length, seed) under ``CACHE/stats/`` and reused
+while there (the study removes its own once the rows that read them are recorded).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ Every evaluation is appended to `<out>/records.jsonl` by this process (the drive
 made it finishes (keyed by row, parameters, task and split; refused when the base, budget, seed or data
 differ), so a run resumes where it stopped, on one machine or a cluster, and a fresh clone with the committed adapters and records rebuilds every row without training or scoring.
 Fisher and RegMean read each expert's statistics on `stats_examples` of its own training pairs
-(sefusion.models.causal_statistics: a piece per expert, kept in the cache, before their candidates).
+(sefusion.models.causal_statistics: a piece per expert, in the cache, before their candidates; removed
+once both rows are recorded).
 """
 
 from __future__ import annotations
@@ -416,8 +417,12 @@ class GenStudy(TimedSteps):
         return self._rows(grid, chosen)
 
     def _drop_statistics(self) -> None:
-        """Every row is recorded now: the experts' statistics (about 7 GB each on a 0.5B base) leave the
-        cache. A later run needs them only where records are missing, and recomputes them then."""
+        """Once every row that reads the experts' statistics is recorded (a run of them all, not one
+        `--methods` picked), they leave the cache (about 7 GB an expert on a 0.5B base): a later run needs
+        them only where records are missing, and recomputes them then."""
+        every = {m for m in study_methods()[0] if METHODS.get(m).statistics}
+        if set(self._stats_rows) != every:
+            return
         for folder in self.stats_folders.values():
             if folder.is_dir():
                 shutil.rmtree(folder)
