@@ -17,6 +17,7 @@ from ..errors import SefusionError
 from ..recipe import Recipe
 from ..registry import MethodSpec
 from .plan import Plan, target_dtype
+from .stream import tensor_meta
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -199,7 +200,8 @@ class MemorySink:
     ) -> None:
         self.bundle = spec.kind == "bundle"
         self.count = len(experts)
-        self.shapes = {k: tuple(experts[0][k].shape) for k in names}
+        meta = {k: tensor_meta(experts[0], k) for k in names}
+        self.shapes = {k: m[0] for k, m in meta.items()}
         self.out: dict[str, Any] = {}
         for k in names:
             n = math.prod(self.shapes[k])
@@ -210,7 +212,7 @@ class MemorySink:
                     None,
                 ]
             else:
-                self.out[k] = torch.empty(n, dtype=experts[0][k].dtype)
+                self.out[k] = torch.empty(n, dtype=meta[k][1])
 
     def write(self, name: str, start: int, stop: int, result: Any) -> None:
         if not self.bundle:
