@@ -4,8 +4,6 @@ float32 code (tests/float32_oracle.py), for every method the engine streams."""
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -304,47 +302,3 @@ def test_ties_top_k_falls_back_to_radix_when_the_bracket_misses(monkeypatch):
     assert counts[-1] == (20, 4 + 20 + 2 * 20 + 20)  # sample, band (missed), radix x2, merge
     whole = run(monkeypatch, "ties", {"density": 0.2}, base, experts, [1.0, 1.0, 1.0], chunk=1 << 30)
     same(chunked["v"], whole["v"], "v")
-
-
-class _Built(Mapping):
-    """Tensors built on access (as the generative study's experts are), counting each build; `meta`
-    describes them without building."""
-
-    def __init__(self, tensors):
-        self.tensors, self.builds = tensors, Counter()
-
-    def __getitem__(self, name):
-        self.builds[name] += 1
-        return self.tensors[name].clone()
-
-    def __contains__(self, name):
-        return name in self.tensors
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self):
-        return len(self.tensors)
-
-    def meta(self, name):
-        return tuple(self.tensors[name].shape), self.tensors[name].dtype
-
-
-@pytest.mark.parametrize("method", ["ties", "tall_masks", "task_arithmetic"])
-def test_merge_tensors_reads_mappings_built_on_access_a_tensor_at_a_time(method):
-    """The same merge as over plain dicts, each expert's tensor built once (these methods make one pass;
-    without `meta`, describing the tensors built each one 7-8 times)."""
-    from sefusion.engine import merge_tensors
-
-    g = torch.Generator().manual_seed(0)
-    base = {f"w{i}": torch.randn(6, 5, generator=g) for i in range(4)}
-    plain = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
-    built = [_Built(e) for e in plain]
-    kw = {"ties": {"density": 0.5}, "tall_masks": {}, "task_arithmetic": {}}[method]
-    want = merge_tensors(method, base, plain, **kw)
-    got = merge_tensors(method, base, built, **kw)
-    for k, v in want.items():
-        a, b = (v.vector, got[k].vector) if method == "tall_masks" else (v, got[k])
-        assert torch.equal(a, b), k
-    for b in built:
-        assert b.builds == dict.fromkeys(base, 1)

@@ -26,7 +26,7 @@ from ..registry import METHODS, MethodSpec
 from .plan import Plan, check_device, check_output, make_plan, open_inputs, refuse_whole_model
 from .sinks import BundleSink, MemorySink, ModelSink, Sink
 from .statistics import ComputeStats, StatsFeed, close_statistics, open_statistics, recipe_statistics
-from .stream import Job, MemoryReader, Streamer, tensor_meta
+from .stream import Job, MemoryReader, Streamer
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -273,10 +273,10 @@ def _check_memory(
         for k in keys:
             if k not in ex:
                 raise CheckpointError(f"tensor '{k}' is missing from expert '{names[i]}'")
-            shape, want = tensor_meta(ex, k)[0], tensor_meta(experts[0], k)[0]
-            if shape != want:
+            if tuple(ex[k].shape) != tuple(experts[0][k].shape):
                 raise CheckpointError(
-                    f"tensor '{k}' has shape {shape} in expert '{names[i]}' but {want} in expert '{names[0]}'"
+                    f"tensor '{k}' has shape {tuple(ex[k].shape)} in expert '{names[i]}' but "
+                    f"{tuple(experts[0][k].shape)} in expert '{names[0]}'"
                 )
         if base is not None and k not in base:
             raise CheckpointError(f"tensor '{k}' is missing from the base")

@@ -17,7 +17,6 @@ from ..errors import SefusionError
 from ..recipe import Recipe
 from ..registry import MethodSpec
 from .plan import Plan, target_dtype
-from .stream import tensor_meta
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -200,8 +199,7 @@ class MemorySink:
     ) -> None:
         self.bundle = spec.kind == "bundle"
         self.count = len(experts)
-        meta = {k: tensor_meta(experts[0], k) for k in names}
-        self.shapes = {k: m[0] for k, m in meta.items()}
+        self.shapes = {k: tuple(experts[0][k].shape) for k in names}
         self.out: dict[str, Any] = {}
         for k in names:
             n = math.prod(self.shapes[k])
@@ -212,7 +210,7 @@ class MemorySink:
                     None,
                 ]
             else:
-                self.out[k] = torch.empty(n, dtype=meta[k][1])
+                self.out[k] = torch.empty(n, dtype=experts[0][k].dtype)
 
     def write(self, name: str, start: int, stop: int, result: Any) -> None:
         if not self.bundle:

@@ -272,48 +272,30 @@ def run_jobs(jobs: Sequence[Job], workers: int) -> None:
 Job = Callable[[Callable[[], bool]], None]
 
 
-def tensor_meta(tensors: Mapping[str, Tensor], name: str) -> tuple[tuple[int, ...], Any]:
-    """(shape, dtype) of `tensors[name]`, from the mapping's own `meta(name)` where it has one: a mapping
-    that builds its values on access (the generative study's experts) is described without building."""
-    meta = getattr(tensors, "meta", None)
-    if meta is not None:
-        shape, dtype = meta(name)
-        return tuple(shape), dtype
-    t = tensors[name]
-    return tuple(t.shape), t.dtype
-
-
 class MemoryReader:
     """In-memory tensors ({name: tensor}) behind the part of the ModelReader interface the stream reads,
-    so that merge_tensors runs the very loop that merges files. A tensor is read from the mapping when
-    the stream asks for it (the last one is kept), so a mapping that builds its values on access (the
-    generative study's experts: base + a LoRA update) never holds them all at once."""
+    so that merge_tensors runs the very loop that merges files."""
 
     path = None
 
     def __init__(self, tensors: Mapping[str, Tensor]) -> None:
-        self._tensors = tensors
-        self._last: tuple[str, Tensor] | None = None
-
-    def _get(self, name: str) -> Tensor:
-        if self._last is None or self._last[0] != name:
-            self._last = (name, self._tensors[name].detach().to("cpu"))
-        return self._last[1]
+        self._flat = {k: v.detach().to("cpu").reshape(-1) for k, v in tensors.items()}
+        self._shape = {k: tuple(v.shape) for k, v in tensors.items()}
 
     def names(self) -> list[str]:
-        return list(self._tensors)
+        return list(self._flat)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tensors
+        return name in self._flat
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tensor_meta(self._tensors, name)[0]
+        return self._shape[name]
 
-    def dtype(self, name: str) -> Any:  # asked at every chunk, tensors interleaved: never builds one
-        return tensor_meta(self._tensors, name)[1]
+    def dtype(self, name: str) -> Any:
+        return self._flat[name].dtype
 
     def open_tensor(self, name: str) -> MemoryReader._Range:
-        return MemoryReader._Range(self._get(name).reshape(-1))
+        return MemoryReader._Range(self._flat[name])
 
     class _Range:
         def __init__(self, flat: Tensor) -> None:

@@ -123,46 +123,15 @@ def statistics(
 @dataclass
 class Loaded:
     """The base in the eval precision, the fp32 base values the experts change, each expert's body over
-    them (built when read: `ExpertBody`), the readers those read from, and which body the LM holds now
-    (`current`, a tag)."""
+    them, and which body the LM holds now (`current`, a tag)."""
 
     lm: Any
     tok: Any
     params: dict[str, Any]
     base_body: dict[str, Any]
-    experts: dict[str, Mapping[str, Any]]
-    readers: list[Any] = field(default_factory=list)  # the base's and the adapters', closed by `forget`
+    experts: dict[str, dict[str, Any]]
     current: Any = None
     deltas: dict[str, dict[str, Any]] = field(default_factory=dict)  # the last LoRA folder's updates
-
-
-class ExpertBody(Mapping[str, Any]):
-    """An expert's body over the adapted tensors, base + its LoRA update (float32), built when a tensor is
-    read: T experts cost their factors, not T dense copies (1.4 GB each on the 0.5B base). A tensor the
-    adapter leaves alone is a copy of the base's."""
-
-    def __init__(self, base: Mapping[str, Any], reader: Any) -> None:
-        self.base, self.reader = base, reader
-
-    def __getitem__(self, name: str) -> Any:
-        b = self.base[name]
-        d = self.reader.delta(name)
-        return b + d if d is not None else b + 0.0
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.base  # without building the tensor
-
-    def meta(self, name: str) -> tuple[tuple[int, ...], Any]:
-        """(shape, dtype) without building the tensor (engine.stream.MemoryReader reads it)."""
-        import torch
-
-        return tuple(self.base[name].shape), torch.float32
-
-    def __iter__(self) -> Any:
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
 
 
 _LOADED: dict[tuple[Any, ...], Loaded] = {}  # at most one: the last study's (a worker runs many pieces)
@@ -172,16 +141,13 @@ def loaded(inputs: GenInputs) -> Loaded:
     key = (str(inputs.base), inputs.shas, tuple(str(inputs.adapters[t]) for t in inputs.tasks),
            inputs.budget.eval_precision)  # fmt: skip
     if key not in _LOADED:
-        forget()
+        _LOADED.clear()
         _LOADED[key] = _load(inputs)
     return _LOADED[key]
 
 
 def forget() -> None:
     """Drop the models `loaded` keeps (the driver, once its study is done)."""
-    for state in _LOADED.values():
-        for r in state.readers:
-            r.close()
     _LOADED.clear()
 
 
@@ -192,29 +158,30 @@ def _dtype(inputs: GenInputs) -> Any:
 
 
 def _load(inputs: GenInputs) -> Loaded:
-    from ..io import open_model
-    from ..io.lora import LoraReader
+    from ..io.lora import dense_updates
     from ..models.causal import load_causal
 
     lm, tok = load_causal(inputs.base, dtype=_dtype(inputs))
     params = dict(lm.named_parameters())
-    readers: list[Any] = [open_model(Path(inputs.base))]
-    try:
-        adapters = {t: LoraReader(Path(inputs.adapters[t]), readers[0]) for t in inputs.tasks}
-        readers += adapters.values()
-        names = sorted({n for r in adapters.values() for n in r.adapted()})
-        missing = [n for n in names if n not in params]
+    base_body: dict[str, Any] = {}
+    experts: dict[str, dict[str, Any]] = {}
+    for t in inputs.tasks:  # one expert's updates at a time: never all T sets of updates beside the bodies
+        delta = dense_updates(inputs.adapters[t], inputs.base)
+        missing = [n for n in delta if n not in params]
         if missing:
             raise StudyError(
                 f"adapted tensors the loaded base has no parameter for: {', '.join(missing[:5])}"
             )
-    except BaseException:
-        for r in readers:
-            r.close()
-        raise
-    base_body = {n: params[n].detach().float().clone() for n in names}
-    experts: dict[str, Mapping[str, Any]] = {t: ExpertBody(base_body, r) for t, r in adapters.items()}
-    return Loaded(lm, tok, params, base_body, experts, readers)
+        for n in delta:
+            if n not in base_body:
+                base_body[n] = params[n].detach().float().clone()
+        experts[t] = {n: base_body[n] + d for n, d in delta.items()}
+        del delta
+    names = sorted(base_body)
+    base_body = {n: base_body[n] for n in names}
+    # each expert as a dense body over every adapted tensor, in one order (what the fusion methods read)
+    experts = {t: {n: e[n] if n in e else base_body[n] + 0.0 for n in names} for t, e in experts.items()}
+    return Loaded(lm, tok, params, base_body, experts)
 
 
 def set_body(state: Loaded, body: Mapping[str, Any] | None, tag: Any) -> Model:
