@@ -605,3 +605,18 @@ def test_committed_generative_reports_are_their_results_rendered():
                 *([row["humaneval"]["quality"]] if row.get("humaneval") else []),
             ]
     assert cells and all(set(c["intervals"]) == {"parse_rate", "findings_total_per_100"} for c in cells)
+
+
+def test_expert_bodies_are_mapped_from_an_unlinked_file_with_the_same_values(tmp_path, monkeypatch):
+    import torch
+
+    from sefusion.study.gen_pieces import _file_backed
+
+    monkeypatch.setenv("SEFUSION_CACHE", str(tmp_path))
+    held = {"w": torch.randn(64, 32), "b": torch.randn(7, dtype=torch.float64)}
+    mapped = _file_backed(held)
+    assert all(torch.equal(mapped[k], v) and mapped[k].dtype == v.dtype for k, v in held.items())
+    assert not any((tmp_path / "gen-study").iterdir())  # nothing left behind on disk
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the tensors read an (unlinked) file's pages, not the heap
+        assert str(tmp_path / "gen-study") in maps.read_text()

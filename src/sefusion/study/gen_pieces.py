@@ -175,13 +175,36 @@ def _load(inputs: GenInputs) -> Loaded:
         for n in delta:
             if n not in base_body:
                 base_body[n] = params[n].detach().float().clone()
-        experts[t] = {n: base_body[n] + d for n, d in delta.items()}
+        experts[t] = _file_backed({n: base_body[n] + d for n, d in delta.items()})
         del delta
     names = sorted(base_body)
-    base_body = {n: base_body[n] for n in names}
+    base_body = _file_backed({n: base_body[n] for n in names})
     # each expert as a dense body over every adapted tensor, in one order (what the fusion methods read)
     experts = {t: {n: e[n] if n in e else base_body[n] + 0.0 for n in names} for t, e in experts.items()}
     return Loaded(lm, tok, params, base_body, experts)
+
+
+def _file_backed(tensors: dict[str, Any]) -> dict[str, Any]:
+    """The same tensors, bit for bit, mapped from a file instead of held on the heap: the kernel can drop
+    their pages and read them again, so T experts' dense bodies (1.4 GB each on the 0.5B base) do not
+    count against the memory that scoring and merging need. The file is unlinked at once; the mapping
+    keeps its data until the tensors are released."""
+    import os
+    import tempfile
+
+    import torch
+
+    from ..models.config import default_cache
+
+    folder = default_cache() / "gen-study"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(tensors, f)
+        return torch.load(name, mmap=True, weights_only=True)
+    finally:
+        os.unlink(name)
 
 
 def set_body(state: Loaded, body: Mapping[str, Any] | None, tag: Any) -> Model:
