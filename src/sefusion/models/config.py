@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import SefusionError
+from ..tasks.corpus import default_cache_dir
 
 PRECISIONS = ("fp32", "bf16")  # of training (TrainConfig.precision) and of scoring (Budget.eval_precision)
 
@@ -178,8 +178,8 @@ def get_budget(name: str) -> Budget:
 
 
 def default_cache() -> Path:
-    """$SEFUSION_CACHE, else ~/.cache/sefusion (the corpus cache's convention); models go in models/."""
-    return Path(os.environ.get("SEFUSION_CACHE") or Path.home() / ".cache" / "sefusion").expanduser()
+    """The corpus cache's folder ($SEFUSION_CACHE, else ~/.cache/sefusion); models go in models/."""
+    return default_cache_dir()
 
 
 def default_base() -> Path:
