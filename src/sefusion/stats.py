@@ -80,6 +80,7 @@ __all__ = [
     "StatsStore",
     "TensorStats",
     "cache_key",
+    "check_kinds",
     "check_examples",
     "expert_stats",
     "open_stats",
@@ -337,6 +338,14 @@ class StatsStore(_StatsSource):
 
 def open_stats(folder: str | Path) -> StatsStore:
     return StatsStore(folder)
+
+
+def check_kinds(kinds: Iterable[str]) -> list[str]:
+    """The statistics kinds asked for, sorted; none or an unknown one is refused."""
+    chosen = sorted(set(kinds))
+    if not chosen or set(chosen) - set(KINDS):
+        raise StatisticsError(f"statistics kinds must be some of {', '.join(KINDS)}, got {chosen}")
+    return chosen
 
 
 def cache_key(

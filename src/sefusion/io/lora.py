@@ -38,6 +38,11 @@ _UNSUPPORTED = {
 TRAIN_RECORD = "sefusion-train.json"
 
 
+def adapter_sha256(folder: str | Path) -> str:
+    """The sha256 of an adapter folder's weight files (adapter_model.*): what names a trained expert."""
+    return weights_sha256(sorted(Path(folder).glob("adapter_model.*")))
+
+
 def check_adapter_base(adapter: str | Path, base: str | Path | ModelReader) -> None:
     """Raise if `adapter` records a base whose weights (sha256) differ from `base`'s; an adapter trained
     elsewhere records no base hash and passes."""

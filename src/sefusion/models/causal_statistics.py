@@ -26,32 +26,16 @@ while there (the study removes its own once the rows that read them are recorded
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..stats import FISHER, GRAM, KINDS, Statistics, StatisticsError, cache_key
+from ..stats import FISHER, GRAM, KINDS, Statistics, StatisticsError, cache_key, check_kinds
 
 __all__ = ["causal_statistics", "causal_statistics_for", "causal_stats_folder"]
 
 FORMAT = 1  # bump when the pass changes what a key produces
 Pair = tuple[str, str]
-
-
-def _fingerprint(pairs: Sequence[Pair]) -> str:
-    h = hashlib.sha256()
-    for p in pairs:
-        h.update(json.dumps(list(p), ensure_ascii=False).encode() + b"\n")
-    return h.hexdigest()
-
-
-def _kinds(kinds: Iterable[str]) -> list[str]:
-    chosen = sorted(set(kinds))
-    if not chosen or set(chosen) - set(KINDS):
-        raise StatisticsError(f"statistics kinds must be some of {', '.join(KINDS)}, got {chosen}")
-    return chosen
 
 
 def causal_statistics(
@@ -73,7 +57,7 @@ def causal_statistics(
     from ..stats import FisherAccumulator, GramAccumulator
     from .causal_train import collate, encode_pair, target_loss
 
-    kinds = _kinds(kinds)
+    kinds = check_kinds(kinds)
     params = dict(lm.named_parameters())
     missing = [n for n in names if n not in params]
     if missing:
@@ -115,12 +99,13 @@ def causal_stats_folder(
     examples: int, kinds: Iterable[str], max_len: int, chat: bool = False, seed: int = 0,
 ) -> tuple[Path, list[Pair]]:  # fmt: skip
     """(the cache folder of these statistics, the pairs they are computed on: a seeded sample)."""
+    from .causal_train import pairs_fingerprint  # torch: imported only when asked
     from .statistics import sample_examples
 
     chosen = sample_examples(list(pairs), examples, seed, task)
     key = cache_key(
-        expert_sha256=adapter_sha256, task=task, data=_fingerprint(chosen), examples=examples,
-        kinds=_kinds(kinds), base=base_sha256, max_len=max_len, chat=chat, seed=seed, causal=FORMAT,
+        expert_sha256=adapter_sha256, task=task, data=pairs_fingerprint({task: chosen}), examples=examples,
+        kinds=check_kinds(kinds), base=base_sha256, max_len=max_len, chat=chat, seed=seed, causal=FORMAT,
     )  # fmt: skip
     return Path(cache) / "stats" / f"{task}-{key}", chosen
 
@@ -143,15 +128,14 @@ def causal_statistics_for(
     task's training pairs): computed once, then read from the cache (a sefusion.stats store)."""
     import torch
 
-    from ..io.lora import check_adapter_base, dense_updates
-    from ..io.util import weights_sha256
+    from ..io.lora import adapter_sha256, check_adapter_base, dense_updates
     from .causal import load_causal
     from .config import default_cache
     from .train import base_sha256
 
     base, adapter = Path(base), Path(adapter)
     check_adapter_base(adapter, base)
-    sha = weights_sha256(sorted(adapter.glob("adapter_model.*")))
+    sha = adapter_sha256(adapter)
     folder, chosen = causal_stats_folder(
         Path(cache) if cache is not None else default_cache(), task, sha, base_sha256(base), pairs,
         examples=examples, kinds=kinds, max_len=max_len, chat=chat, seed=seed,

@@ -167,7 +167,8 @@ def _as_tasks(data: Sequence[Pair] | Mapping[str, Sequence[Pair]]) -> dict[str, 
     return tasks
 
 
-def _fingerprint(tasks: Mapping[str, Sequence[Pair]]) -> str:
+def pairs_fingerprint(tasks: Mapping[str, Sequence[Pair]]) -> str:
+    """The sha256 of {task: (prompt, target) pairs}: what names a run's (or a statistics pass's) data."""
     h = hashlib.sha256()
     for name in sorted(tasks):
         h.update(name.encode() + b"\x00")
@@ -374,7 +375,7 @@ def train_causal(
     run = {
         "base_sha256": base_sha256(base),
         "config": config.to_json(),
-        "data_sha256": _fingerprint(tasks),
+        "data_sha256": pairs_fingerprint(tasks),
         "tasks": sizes,
     }
     encoded = {

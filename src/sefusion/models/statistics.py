@@ -41,6 +41,7 @@ from ..stats import (
     Statistics,
     StatisticsError,
     cache_key,
+    check_kinds,
 )
 from .encoder import Encoder
 from .heads import CLASSIFY, RETRIEVAL, classify_logits, cosine_matrix, get_head, head_tasks
@@ -199,10 +200,7 @@ def collect_statistics(
     """
     from tqdm.auto import tqdm
 
-    kinds = set(kinds)
-    unknown = kinds - set(KINDS)
-    if unknown or not kinds:
-        raise StatisticsError(f"statistics kinds must be some of {', '.join(KINDS)}, got {sorted(kinds)}")
+    kinds = set(check_kinds(kinds))
     names = {key: name for name, key in enc.name_map.items()}  # model key -> checkpoint name
     fisher = None
     if FISHER in kinds:

@@ -134,12 +134,6 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def adapter_sha256(folder: Path) -> str:
-    from ..io.util import weights_sha256
-
-    return weights_sha256(sorted(Path(folder).glob("adapter_model.*")))
-
-
 def model_bytes(folder: Path) -> int:
     """Bytes of a model folder's weight files (what serving it costs)."""
     from ..io import open_model
@@ -362,7 +356,7 @@ class GenStudy(TimedSteps):
         """`folder` when its train record names this base, data and config; None when it is not trained
         yet; refused when it was trained otherwise."""
         from ..io.lora import TRAIN_RECORD, check_adapter_base
-        from ..models.causal_train import _as_tasks, _fingerprint
+        from ..models.causal_train import _as_tasks, pairs_fingerprint
 
         record = folder / TRAIN_RECORD
         if not record.is_file():
@@ -370,7 +364,7 @@ class GenStudy(TimedSteps):
         check_adapter_base(folder, self.base)  # an adapter of another base: refused in one line
         meta = json.loads(record.read_text())
         if (
-            meta.get("data_sha256") == _fingerprint(_as_tasks(data))
+            meta.get("data_sha256") == pairs_fingerprint(_as_tasks(data))
             and meta.get("config") == config.to_json()
         ):
             return {"folder": folder, "seconds": 0.0}
@@ -390,6 +384,8 @@ class GenStudy(TimedSteps):
 
     def _check_models(self) -> None:
         """The records refuse models other than the ones they scored (each model's sha256)."""
+        from ..io.lora import adapter_sha256  # torch: not at the CLI's start-up
+
         for t in self.tasks:
             self.records.check_model(f"expert {t}", adapter_sha256(self.adapters[t]))
         self.records.check_model("multitask_lora", adapter_sha256(self.mt_lora))
@@ -429,6 +425,8 @@ class GenStudy(TimedSteps):
 
     def inputs(self) -> GenInputs:
         """What every scoring piece takes (once trained: the experts' adapters are named by their sha256)."""
+        from ..io.lora import adapter_sha256  # torch: not at the CLI's start-up
+
         return GenInputs(
             base=self.base, adapters=dict(self.adapters), tasks=tuple(self.tasks), val=self.val, test=self.test,
             shas=tuple(adapter_sha256(self.adapters[t]) for t in self.tasks), budget=self.budget,
@@ -493,6 +491,8 @@ class GenStudy(TimedSteps):
         """The pieces some rows' models need first, and the answer of each whose output is there already:
         the experts' factors combined by PEFT (a LoRA-native row) and each expert's statistics (fisher,
         regmean), in the cache."""
+        from ..io.lora import adapter_sha256  # torch: not at the CLI's start-up
+
         quiet = self.cfg.quiet or self.threads is not None
         todo, answers = [], {}
         sha = _sha([adapter_sha256(self.adapters[t]) for t in self.tasks])
@@ -514,6 +514,7 @@ class GenStudy(TimedSteps):
     @cached_property
     def stats_folders(self) -> dict[str, Path]:
         """{task: the cache folder of its expert's statistics} where a row reads them (else empty)."""
+        from ..io.lora import adapter_sha256
         from ..models.causal_statistics import causal_stats_folder
         from ..stats import KINDS
 
