@@ -487,14 +487,15 @@ class GenStudy(TimedSteps):
     def _full_params(self) -> dict[str, Any]:
         return {"steps": f"{self.budget.full_steps} full steps a task, mixed"}
 
-    def _prerequisites(self) -> tuple[list[Piece], dict[str, Any]]:
-        """The pieces some rows' models need first, and the answer of each whose output is there already:
-        the experts' factors combined by PEFT (a LoRA-native row) and each expert's statistics (fisher,
-        regmean), in the cache."""
+    def _prerequisites(self) -> tuple[list[Piece], dict[str, Any], set[str]]:
+        """The pieces some rows' models need first, the answer of each whose output is there already, and
+        those run only for a scoring job that runs: the experts' factors combined by PEFT (a LoRA-native
+        row; seconds, and always made: the row's storage reads the folder) and each expert's statistics
+        (fisher, regmean; minutes an expert), in the cache."""
         from ..io.lora import adapter_sha256  # torch: not at the CLI's start-up
 
         quiet = self.cfg.quiet or self.threads is not None
-        todo, answers = [], {}
+        todo, answers, on_demand = [], {}, set()
         sha = _sha([adapter_sha256(self.adapters[t]) for t in self.tasks])
         adapters = [self.adapters[t] for t in self.tasks]
         for row in self.lora_rows:
@@ -506,10 +507,11 @@ class GenStudy(TimedSteps):
                                     folder, sha, quiet, self.threads))  # fmt: skip
         for t, folder in self.stats_folders.items():
             key = f"stats/{t}"
+            on_demand.add(key)
             answers[key] = {"folder": folder, "seconds": 0.0} if (folder / "stats.json").is_file() else None
             todo.append(self._piece(key, gen_pieces.statistics, self.base, self.adapters[t], self._pairs(t), t,
                                     self.budget.stats_examples, self.budget.max_len, self.cfg.seed, self._work, quiet, self.threads))  # fmt: skip
-        return todo, answers
+        return todo, answers, on_demand
 
     @cached_property
     def stats_folders(self) -> dict[str, Path]:
@@ -538,12 +540,10 @@ class GenStudy(TimedSteps):
         returns as it finishes."""
         lacking = {k: [(t, s) for t, s in pairs if self.records.get(EvalRecords.key(row, params, t, s)) is None]
                    for k, (row, params, _, pairs) in jobs.items()}  # fmt: skip
-        prereq, answers = self._prerequisites()
-        # statistics are computed only for a job that runs (minutes an expert); a LoRA combination (seconds)
-        # whenever it is missing: the row's storage reads its folder
+        prereq, answers, on_demand = self._prerequisites()
         needed = {d for k, (row, *_) in jobs.items() if lacking[k] for d in self._needs(row)}
         answers = {
-            k: a if k in needed or k.startswith("combine/") else {"seconds": 0.0} for k, a in answers.items()
+            k: a if k in needed or k not in on_demand else {"seconds": 0.0} for k, a in answers.items()
         }
         todo = [Piece(INPUTS, pieces.given, (INPUTS,)), *prereq]
         todo += [self._piece(k, gen_pieces.score, row, params, spec, lacking[k],
