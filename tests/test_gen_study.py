@@ -607,16 +607,40 @@ def test_committed_generative_reports_are_their_results_rendered():
     assert cells and all(set(c["intervals"]) == {"parse_rate", "findings_total_per_100"} for c in cells)
 
 
-def test_expert_bodies_are_mapped_from_an_unlinked_file_with_the_same_values(tmp_path, monkeypatch):
+def _mapped_from(folder: Path) -> list[tuple[int, int]]:
+    """The address ranges this process maps from files in `folder` (Linux's /proc/self/maps)."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if str(folder) in line:
+            lo, hi = line.split()[0].split("-")
+            spans.append((int(lo, 16), int(hi, 16)))
+    return spans
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_expert_bodies_are_mapped_from_an_unlinked_file_with_the_same_values(tmp_path):
     import torch
 
     from sefusion.study.gen_pieces import _file_backed
 
-    monkeypatch.setenv("SEFUSION_CACHE", str(tmp_path))
     held = {"w": torch.randn(64, 32), "b": torch.randn(7, dtype=torch.float64)}
-    mapped = _file_backed(held)
+    mapped = _file_backed(held, tmp_path / "scratch")
     assert all(torch.equal(mapped[k], v) and mapped[k].dtype == v.dtype for k, v in held.items())
-    assert not any((tmp_path / "gen-study").iterdir())  # nothing left behind on disk
-    maps = Path("/proc/self/maps")
-    if maps.exists():  # Linux: the tensors read an (unlinked) file's pages, not the heap
-        assert str(tmp_path / "gen-study") in maps.read_text()
+    assert not any((tmp_path / "scratch").iterdir())  # nothing left behind on disk
+    spans = _mapped_from(tmp_path / "scratch")
+    for t in mapped.values():  # each tensor reads the (unlinked) file's pages, not the heap
+        assert any(lo <= t.data_ptr() < hi for lo, hi in spans)
+
+
+def test_bodies_stay_on_the_heap_where_no_file_can_be_written(tmp_path, caplog):
+    import torch
+
+    from sefusion.study.gen_pieces import _file_backed
+
+    held = {"w": torch.randn(4, 4)}
+    assert _file_backed(held, None) is held
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with caplog.at_level("WARNING", logger="sefusion"):
+        assert _file_backed(held, blocker / "scratch") is held  # a folder under a file: cannot be made
+    assert "stay in memory" in caplog.text and str(blocker) in caplog.text

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SefusionError
-from ..tasks.corpus import default_cache_dir
 
 PRECISIONS = ("fp32", "bf16")  # of training (TrainConfig.precision) and of scoring (Budget.eval_precision)
 
@@ -179,6 +178,8 @@ def get_budget(name: str) -> Budget:
 
 def default_cache() -> Path:
     """The corpus cache's folder ($SEFUSION_CACHE, else ~/.cache/sefusion); models go in models/."""
+    from ..tasks.corpus import default_cache_dir  # the corpus modules: not at `import sefusion.models`
+
     return default_cache_dir()
 
 

@@ -54,6 +54,7 @@ class GenInputs:
     stats: Mapping[str, Path] = field(
         default_factory=dict
     )  # each expert's statistics folder (fisher, regmean)
+    scratch: Path | None = None  # where the loaded bodies are file-mapped (None: they stay on the heap)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -175,36 +176,45 @@ def _load(inputs: GenInputs) -> Loaded:
         for n in delta:
             if n not in base_body:
                 base_body[n] = params[n].detach().float().clone()
-        experts[t] = _file_backed({n: base_body[n] + d for n, d in delta.items()})
+        experts[t] = _file_backed({n: base_body[n] + d for n, d in delta.items()}, inputs.scratch)
         del delta
     names = sorted(base_body)
-    base_body = _file_backed({n: base_body[n] for n in names})
+    base_body = _file_backed({n: base_body[n] for n in names}, inputs.scratch)
     # each expert as a dense body over every adapted tensor, in one order (what the fusion methods read)
     experts = {t: {n: e[n] if n in e else base_body[n] + 0.0 for n in names} for t, e in experts.items()}
     return Loaded(lm, tok, params, base_body, experts)
 
 
-def _file_backed(tensors: dict[str, Any]) -> dict[str, Any]:
-    """The same tensors, bit for bit, mapped from a file instead of held on the heap: the kernel can drop
-    their pages and read them again, so T experts' dense bodies (1.4 GB each on the 0.5B base) do not
-    count against the memory that scoring and merging need. The file is unlinked at once; the mapping
-    keeps its data until the tensors are released."""
+def _file_backed(tensors: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+    """The same tensors, bit for bit, mapped from a file in `folder` instead of held on the heap: the
+    kernel can drop their pages and read them again, so T experts' dense bodies (1.4 GB each on the 0.5B
+    base) do not count against the memory that scoring and merging need. The file is unlinked at once;
+    the mapping keeps its data until the tensors are released. Where the file cannot be written (no
+    folder, no space, no rights) they stay on the heap, as before: slower to fail than to run."""
+    import contextlib
     import os
     import tempfile
 
     import torch
 
-    from ..models.config import default_cache
-
-    folder = default_cache() / "gen-study"
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(suffix=".pt", dir=folder)
+    if folder is None:
+        return tensors
+    name = None
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(suffix=".pt", dir=folder)
         with os.fdopen(fd, "wb") as f:
             torch.save(tensors, f)
+            f.flush()
+            os.fsync(f.fileno())  # a late write error would otherwise surface as a bad page when reread
         return torch.load(name, mmap=True, weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        log.warning("the loaded bodies stay in memory: cannot map them from %s (%s)", folder, exc)
+        return tensors
     finally:
-        os.unlink(name)
+        if name is not None:
+            with contextlib.suppress(OSError):  # Windows refuses to unlink a mapped file: left to the cache
+                os.unlink(name)
 
 
 def set_body(state: Loaded, body: Mapping[str, Any] | None, tag: Any) -> Model:

@@ -431,7 +431,7 @@ class GenStudy(TimedSteps):
             base=self.base, adapters=dict(self.adapters), tasks=tuple(self.tasks), val=self.val, test=self.test,
             shas=tuple(adapter_sha256(self.adapters[t]) for t in self.tasks), budget=self.budget,
             seed=self.cfg.seed, he_task=self._he_task(), runner=self.runner, problems=self.problems,
-            threads=self.threads, stats=self.stats_folders,
+            threads=self.threads, stats=self.stats_folders, scratch=self.cache / "gen-study",
         )  # fmt: skip
 
     def _grid(self, row: str) -> list[dict[str, Any]]:
