@@ -137,3 +137,73 @@ def test_a_failed_pass_leaves_the_model_as_it_was(expert):
     with pytest.raises(StatisticsError):
         causal_statistics(lm, tok, pairs(2), ("fisher", "gram"), [], max_len=64)
     assert {n: p.requires_grad for n, p in lm.named_parameters()} == before and lm.training
+
+
+def _merged_reference(method, base, adapters, stats):
+    """The merged adapted tensors by METHODS.md's formulas in float64 (fisher: floor 1e-6, normalized;
+    regmean: alpha 0.95), from base + each adapter's dense update and its statistics folder."""
+    from sefusion.io.lora import dense_updates
+
+    thetas = []
+    for a in adapters:
+        sd = {k: v.double() for k, v in load_causal(base, dtype=torch.float32)[0].state_dict().items()}
+        thetas.append({n: sd[n] + d.double() for n, d in dense_updates(a, base).items()})
+    names = sorted(thetas[0])
+    out = {}
+    if method == "fisher":
+        f = [{n: s.fisher(n).double() for n in names} for s in stats]
+        norms = [torch.sqrt(sum((fi[n] ** 2).sum() for n in names)) for fi in f]
+        for n in names:
+            w = [fi[n].clamp_min(1e-6) / norm for fi, norm in zip(f, norms, strict=True)]
+            out[n] = sum(wi * t[n] for wi, t in zip(w, thetas, strict=True)) / sum(w)
+        return out
+    for n in names:
+        g = [s.gram(n).double() for s in stats]
+        g = [0.95 * gi + 0.05 * torch.diag(torch.diag(gi)) for gi in g]
+        rhs = sum(gi @ t[n].T for gi, t in zip(g, thetas, strict=True))
+        out[n] = torch.linalg.solve(sum(g), rhs).T
+    return out
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_merge_computes_lora_experts_statistics_from_data_and_copies_what_no_adapter_changes(
+    method, expert, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    from sefusion.cli import main
+
+    base, first = expert
+    second = random_adapter(base, tmp_path / "second", r=4, alpha=8, seed=5)
+    monkeypatch.setenv("SEFUSION_CACHE", str(tmp_path / "cache"))
+    models = []
+    for i, a in enumerate((first, second)):
+        data = tmp_path / f"d{i}.jsonl"
+        data.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in pairs(6, seed=i)))
+        models.append({"path": str(a), "name": f"t{i}", "data": str(data), "examples": 4})
+    (tmp_path / "r.yaml").write_text(json.dumps({"method": method, "base": str(base), "models": models}))
+    assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "-q"]) == 0
+
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    held = load_file(base / "model.safetensors")
+    stats = [
+        open_stats(causal_statistics_for(base, a, pairs(6, seed=i), task=f"t{i}", examples=4))
+        for i, a in enumerate((first, second))
+    ]  # read back from the cache the merge filled: the same folders
+    ref = _merged_reference(method, base, (first, second), stats)
+    for n, v in ref.items():
+        torch.testing.assert_close(merged[n].double(), v, rtol=1e-5, atol=1e-6, msg=n)
+    untouched = [n for n in held if n not in ref]
+    assert untouched and all(torch.equal(merged[n], held[n]) for n in untouched)  # copied, bit for bit
+
+
+def test_a_lora_expert_given_an_encoder_task_as_data_is_one_clear_error(expert, tmp_path, capsys):
+    from sefusion.cli import main
+
+    base, adapter = expert
+    models = [{"path": str(adapter), "name": "t0", "data": "defect-python"}]
+    (tmp_path / "r.yaml").write_text(json.dumps({"method": "fisher", "base": str(base), "models": models}))
+    assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "-q"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expert 't0'" in err[0] and "defect-python" in err[0], err
+    assert not (tmp_path / "out").exists()

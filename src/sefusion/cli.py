@@ -207,18 +207,34 @@ def _keep_freed_memory() -> None:
 
 def _stats_pass(recipe: Any, quiet: bool) -> Any:
     """compute(entry, examples, kinds) for `recipe_statistics`: a model's statistics on its `data:`, computed
-    once and then read from the cache (sefusion.models.statistics.statistics_for)."""
+    once and then read from the cache (sefusion.models.statistics.statistics_for; for a LoRA adapter,
+    sefusion.models.causal_statistics.causal_statistics_for)."""
 
     def compute(entry: Any, examples: int, kinds: frozenset[str]) -> Path:
+        from .io.reader import ADAPTER_CONFIG
         from .models.statistics import statistics_for
 
         log.info("statistics of %s on %s (%d examples)", entry.task_name, entry.data, examples)
+        if (Path(entry.path) / ADAPTER_CONFIG).is_file():
+            return _adapter_stats(recipe, entry, examples, kinds, quiet)
         return statistics_for(
             entry.path, data=entry.data, examples=examples, kinds=kinds, base=recipe.base, cache=None,
             quiet=quiet,
         )  # fmt: skip
 
     return compute
+
+
+def _adapter_stats(recipe: Any, entry: Any, examples: int, kinds: frozenset[str], quiet: bool) -> Path:
+    """A causal LM's LoRA expert's statistics on its `data:`: a .jsonl file of {"prompt", "target"} lines
+    or a generative task's name (its train split), at the length and chat template it was trained with."""
+    from .models.causal_cli import read_pairs, task_pairs
+    from .models.causal_statistics import causal_statistics_for
+
+    pairs = read_pairs(Path(entry.data)) if entry.data_is_file else task_pairs(entry.data)
+    return causal_statistics_for(
+        recipe.base, entry.path, pairs, task=entry.task_name, examples=examples, kinds=kinds, quiet=quiet
+    )
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

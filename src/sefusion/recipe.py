@@ -431,7 +431,8 @@ def check_params(recipe: Recipe, where: str = "recipe") -> None:
 
 
 def _check_data_ref(data: str, place: str, where: str) -> None:
-    """`data:` is an existing .jsonl file or a registered task name (sefusion.tasks)."""
+    """`data:` is an existing .jsonl file or a registered task name (sefusion.tasks; a generative one for
+    a causal LM's LoRA expert)."""
     if is_data_path(data):
         p = Path(data).expanduser()
         if not p.exists():
@@ -442,7 +443,10 @@ def _check_data_ref(data: str, place: str, where: str) -> None:
             raise RecipeError(f"{where}: {place}: `data: {data}` is not a .jsonl file or a task name")
         return
     from .tasks.base import TaskError, get_task
+    from .tasks.generative import generative_task_names
 
+    if data in generative_task_names():  # a causal LoRA expert's data (sefusion.models.causal_statistics)
+        return
     try:
         get_task(data)
     except TaskError as exc:

@@ -63,7 +63,7 @@ def make_plan(
     merged: list[str] = []
     from_base: list[str] = []
     for name in ref_names:
-        if recipe.is_excluded(name) or not is_float(ref.dtype(name)):
+        if recipe.is_excluded(name) or not is_float(ref.dtype(name)) or _left_alone(base, experts, name):
             from_base.append(name)
             continue
         for task, ex in zip(task_names, experts, strict=True):
@@ -104,6 +104,15 @@ def make_plan(
     # Excluded tensors that the reference also holds are per-task in a bundle as long as every expert has them.
     per_task = [n for n in excluded_in_ref if all(n in e for e in experts)] + per_task
     return Plan(merged=merged, from_base=from_base, per_task=per_task)
+
+
+def _left_alone(base: ModelReader | None, experts: Sequence[ModelReader], name: str) -> bool:
+    """Every expert is a LoRA adapter of `base` that leaves `name` as it is: each expert's tensor is the
+    base's, so every method's merge of them is the base's too; copied, it is exactly so (merged, a
+    weighted average of T equal values may round), and a data-aware method needs no statistics for it."""
+    return base is not None and all(
+        getattr(ex, "leaves_alone", None) is not None and ex.leaves_alone(name) for ex in experts
+    )
 
 
 def check_output(out: Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:

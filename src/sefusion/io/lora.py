@@ -43,16 +43,24 @@ def adapter_sha256(folder: str | Path) -> str:
     return weights_sha256(sorted(Path(folder).glob("adapter_model.*")))
 
 
+def train_record(adapter: str | Path) -> dict[str, Any]:
+    """The run record `sefusion train` left beside `adapter` ({} for an adapter trained elsewhere)."""
+    record = Path(adapter) / TRAIN_RECORD
+    if not record.is_file():
+        return {}
+    try:
+        doc = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {record}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"cannot read {record}: not a JSON object")
+    return doc
+
+
 def check_adapter_base(adapter: str | Path, base: str | Path | ModelReader) -> None:
     """Raise if `adapter` records a base whose weights (sha256) differ from `base`'s; an adapter trained
     elsewhere records no base hash and passes."""
-    record = Path(adapter) / TRAIN_RECORD
-    if not record.is_file():
-        return
-    try:
-        want = json.loads(record.read_text(encoding="utf-8")).get("base_sha256")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read {record}: {exc}") from None
+    want = train_record(adapter).get("base_sha256")
     if not want:
         return
     where = base.path if isinstance(base, ModelReader) else base
@@ -333,6 +341,10 @@ class LoraReader(ModelReader):
     def adapted(self) -> list[str]:
         """The base tensors this adapter changes by a low-rank update (or a bias), sorted."""
         return sorted(self._deltas)
+
+    def leaves_alone(self, name: str) -> bool:
+        """Whether base tensor `name` is read unchanged (no update, no saved copy): the base's, exactly."""
+        return name in self.base and name not in self._deltas and name not in self._full
 
     def delta(self, name: str) -> torch.Tensor | None:
         """ΔW of tensor `name` in float32 (scale included), None where the adapter leaves it alone."""

@@ -118,23 +118,28 @@ def causal_statistics_for(
     task: str,
     examples: int,
     kinds: Iterable[str] = KINDS,
-    max_len: int = 512,
-    chat: bool = False,
+    max_len: int | None = None,
+    chat: bool | None = None,
     seed: int = 0,
     cache: str | Path | None = None,
     quiet: bool = True,
 ) -> Path:
     """The folder of the statistics of the LoRA expert `adapter` on `base` over `examples` of `pairs` (its
-    task's training pairs): computed once, then read from the cache (a sefusion.stats store)."""
+    task's training pairs): computed once, then read from the cache (a sefusion.stats store). `max_len`
+    and `chat` default to what the adapter was trained with (its `sefusion train` record; else 512 and
+    no chat template)."""
     import torch
 
-    from ..io.lora import adapter_sha256, check_adapter_base, dense_updates
+    from ..io.lora import adapter_sha256, check_adapter_base, dense_updates, train_record
     from .causal import load_causal
     from .config import default_cache
     from .train import base_sha256
 
     base, adapter = Path(base), Path(adapter)
     check_adapter_base(adapter, base)
+    trained = train_record(adapter).get("config") or {}
+    max_len = int(trained.get("max_len", 512)) if max_len is None else max_len
+    chat = bool(trained.get("chat", False)) if chat is None else chat
     sha = adapter_sha256(adapter)
     folder, chosen = causal_stats_folder(
         Path(cache) if cache is not None else default_cache(), task, sha, base_sha256(base), pairs,
