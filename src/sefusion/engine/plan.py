@@ -110,9 +110,7 @@ def _left_alone(base: ModelReader | None, experts: Sequence[ModelReader], name: 
     """Every expert is a LoRA adapter of `base` that leaves `name` as it is: each expert's tensor is the
     base's, so every method's merge of them is the base's too; copied, it is exactly so (merged, a
     weighted average of T equal values may round), and a data-aware method needs no statistics for it."""
-    return base is not None and all(
-        getattr(ex, "leaves_alone", None) is not None and ex.leaves_alone(name) for ex in experts
-    )
+    return base is not None and all(ex.leaves_alone(name) for ex in experts)
 
 
 def check_output(out: Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:

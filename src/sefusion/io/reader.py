@@ -77,6 +77,11 @@ class ModelReader(ABC):
     def names(self) -> list[str]:
         """Every tensor name, sorted."""
 
+    def leaves_alone(self, name: str) -> bool:
+        """Whether tensor `name` is known to be the base's, unchanged (a LoRA adapter's view says so; a
+        whole checkpoint cannot)."""
+        return False
+
     @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]: ...
 
