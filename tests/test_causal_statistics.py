@@ -139,16 +139,13 @@ def test_a_failed_pass_leaves_the_model_as_it_was(expert):
     assert {n: p.requires_grad for n, p in lm.named_parameters()} == before and lm.training
 
 
-def _merged_reference(method, base, adapters, stats):
-    """The merged adapted tensors by METHODS.md's formulas in float64 (fisher: floor 1e-6, normalized;
-    regmean: alpha 0.95), from base + each adapter's dense update and its statistics folder."""
-    from sefusion.io.lora import dense_updates
-
+def _merged_reference(method, base, adapters, stats, names):
+    """The merged `names` by METHODS.md's formulas in float64 (fisher: floor 1e-6, normalized; regmean:
+    alpha 0.95), from each expert as PEFT merges it (not LoraReader's updates) and its statistics."""
     thetas = []
     for a in adapters:
-        sd = {k: v.double() for k, v in load_causal(base, dtype=torch.float32)[0].state_dict().items()}
-        thetas.append({n: sd[n] + d.double() for n, d in dense_updates(a, base).items()})
-    names = sorted(thetas[0])
+        sd = dict(load_causal(a, base=base, dtype=torch.float32)[0].named_parameters())
+        thetas.append({n: sd[n].detach().double() for n in names})
     out = {}
     if method == "fisher":
         f = [{n: s.fisher(n).double() for n in names} for s in stats]
@@ -169,12 +166,14 @@ def _merged_reference(method, base, adapters, stats):
 def test_merge_computes_lora_experts_statistics_from_data_and_copies_what_no_adapter_changes(
     method, expert, tmp_path, monkeypatch
 ):
+    """Two adapters on different tensors (q, v, down; q, up): each one's statistics cover both's."""
     from safetensors.torch import load_file
 
     from sefusion.cli import main
+    from sefusion.io.lora import dense_updates
 
     base, first = expert
-    second = random_adapter(base, tmp_path / "second", r=4, alpha=8, seed=5)
+    second = random_adapter(base, tmp_path / "second", r=4, alpha=8, seed=5, targets=("q_proj", "up_proj"))
     monkeypatch.setenv("SEFUSION_CACHE", str(tmp_path / "cache"))
     models = []
     for i, a in enumerate((first, second)):
@@ -184,16 +183,19 @@ def test_merge_computes_lora_experts_statistics_from_data_and_copies_what_no_ada
     (tmp_path / "r.yaml").write_text(json.dumps({"method": method, "base": str(base), "models": models}))
     assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "-q"]) == 0
 
-    merged = load_file(tmp_path / "out" / "model.safetensors")
-    held = load_file(base / "model.safetensors")
+    names = sorted({*dense_updates(first, base), *dense_updates(second, base)})
+    assert any("up_proj" in n for n in names) and any("down_proj" in n for n in names)
+    kind = "fisher" if method == "fisher" else "gram"
     stats = [
-        open_stats(causal_statistics_for(base, a, pairs(6, seed=i), task=f"t{i}", examples=4))
+        open_stats(causal_statistics_for(base, a, pairs(6, seed=i), task=f"t{i}", examples=4, kinds=[kind],
+                                         names=names))
         for i, a in enumerate((first, second))
-    ]  # read back from the cache the merge filled: the same folders
-    ref = _merged_reference(method, base, (first, second), stats)
-    for n, v in ref.items():
+    ]  # fmt: skip
+    assert len(list((tmp_path / "cache" / "stats").iterdir())) == 2  # the very folders the merge wrote
+    merged, held = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
+    for n, v in _merged_reference(method, base, (first, second), stats, names).items():
         torch.testing.assert_close(merged[n].double(), v, rtol=1e-5, atol=1e-6, msg=n)
-    untouched = [n for n in held if n not in ref]
+    untouched = [n for n in held if n not in names]
     assert untouched and all(torch.equal(merged[n], held[n]) for n in untouched)  # copied, bit for bit
 
 
@@ -207,3 +209,20 @@ def test_a_lora_expert_given_an_encoder_task_as_data_is_one_clear_error(expert, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "expert 't0'" in err[0] and "defect-python" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_data_free_merge_of_lora_experts_still_merges_every_tensor(expert, tmp_path):
+    """linear without normalizing is the weighted sum, not an average: a tensor no adapter changes is then
+    not the base's, so only the data-aware methods copy such tensors."""
+    from safetensors.torch import load_file
+
+    from sefusion.cli import main
+
+    base, first = expert
+    models = [{"path": str(first), "name": "a"}, {"path": str(first), "name": "b"}]
+    recipe = {"method": "linear", "base": str(base), "models": models, "params": {"normalize": False}}
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "-q"]) == 0
+    merged, held = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
+    norm = next(n for n in held if n.endswith("norm.weight"))
+    torch.testing.assert_close(merged[norm], 2 * held[norm])

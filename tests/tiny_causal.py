@@ -78,14 +78,19 @@ def pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def random_adapter(base: Path, out: Path, r: int, alpha: int, seed: int) -> Path:
-    """A PEFT LoRA adapter of `base` with random A and B (not PEFT's zero B) on q, v and down."""
+def random_adapter(
+    base: Path,
+    out: Path,
+    r: int,
+    alpha: int,
+    seed: int,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+) -> Path:
+    """A PEFT LoRA adapter of `base` with random A and B (not PEFT's zero B) on `targets`."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
-    lora = LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
-    )
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(out)
     return out

@@ -209,6 +209,7 @@ def _stats_pass(recipe: Any, quiet: bool) -> Any:
     """compute(entry, examples, kinds) for `recipe_statistics`: a model's statistics on its `data:`, computed
     once and then read from the cache (sefusion.models.statistics.statistics_for; for a LoRA adapter,
     sefusion.models.causal_statistics.causal_statistics_for)."""
+    changed: list[list[str]] = []  # every tensor the recipe's adapters change, found once
 
     def compute(entry: Any, examples: int, kinds: frozenset[str]) -> Path:
         from .io.reader import ADAPTER_CONFIG
@@ -216,7 +217,9 @@ def _stats_pass(recipe: Any, quiet: bool) -> Any:
 
         log.info("statistics of %s on %s (%d examples)", entry.task_name, entry.data, examples)
         if (Path(entry.path) / ADAPTER_CONFIG).is_file():
-            return _adapter_stats(recipe, entry, examples, kinds, quiet)
+            if not changed:
+                changed.append(_adapters_change(recipe))
+            return _adapter_stats(recipe, entry, examples, kinds, quiet, changed[0])
         return statistics_for(
             entry.path, data=entry.data, examples=examples, kinds=kinds, base=recipe.base, cache=None,
             quiet=quiet,
@@ -225,16 +228,34 @@ def _stats_pass(recipe: Any, quiet: bool) -> Any:
     return compute
 
 
-def _adapter_stats(recipe: Any, entry: Any, examples: int, kinds: frozenset[str], quiet: bool) -> Path:
+def _adapters_change(recipe: Any) -> list[str]:
+    """The tensors that some LoRA adapter of the recipe changes (what their merge reads statistics of)."""
+    from .io import open_model
+    from .io.lora import LoraReader
+
+    names: set[str] = set()
+    with open_model(recipe.base) as base:
+        for m in recipe.models:
+            with open_model(m.path, base=base) as r:
+                if isinstance(r, LoraReader):
+                    names.update(n for n in r.names() if not r.leaves_alone(n))
+    return sorted(names)
+
+
+def _adapter_stats(
+    recipe: Any, entry: Any, examples: int, kinds: frozenset[str], quiet: bool, names: list[str]
+) -> Path:
     """A causal LM's LoRA expert's statistics on its `data:`: a .jsonl file of {"prompt", "target"} lines
-    or a generative task's name (its train split), at the length and chat template it was trained with."""
+    or a generative task's name (its train split), at the length and chat template it was trained with,
+    over `names`: every tensor the recipe's adapters change, this one's or not."""
     from .models.causal_cli import read_pairs, task_pairs
     from .models.causal_statistics import causal_statistics_for
 
     pairs = read_pairs(Path(entry.data)) if entry.data_is_file else task_pairs(entry.data)
     return causal_statistics_for(
-        recipe.base, entry.path, pairs, task=entry.task_name, examples=examples, kinds=kinds, quiet=quiet
-    )
+        recipe.base, entry.path, pairs, task=entry.task_name, examples=examples, kinds=kinds, quiet=quiet,
+        names=names,
+    )  # fmt: skip
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

@@ -172,7 +172,9 @@ def _merge_files(
     task_names = recipe.task_names
     base, experts = open_inputs(recipe, spec)
     try:
-        plan = make_plan(recipe, base, experts, task_names)
+        # a data-aware merge reads statistics only where some adapter acts (Fisher and RegMean of T equal
+        # tensors are that tensor); a data-free one merges every tensor, as mergekit does
+        plan = make_plan(recipe, base, experts, task_names, copy_untouched=bool(spec.statistics))
         check_inputs(
             recipe, base or experts[0], experts, plan.merged, configs_of_experts=spec.kind == "bundle"
         )

@@ -53,9 +53,12 @@ def open_inputs(recipe: Recipe, spec: MethodSpec) -> tuple[ModelReader | None, l
 
 
 def make_plan(
-    recipe: Recipe, base: ModelReader | None, experts: Sequence[ModelReader], task_names: Sequence[str]
-) -> Plan:
-    """Decide per tensor name: merged, copied from the base, or kept per task. Mismatches are errors."""
+    recipe: Recipe, base: ModelReader | None, experts: Sequence[ModelReader], task_names: Sequence[str],
+    *, copy_untouched: bool = False,
+) -> Plan:  # fmt: skip
+    """Decide per tensor name: merged, copied from the base, or kept per task. Mismatches are errors.
+    `copy_untouched`: a tensor every expert reads unchanged from the base (LoRA adapters that leave it
+    alone) is copied from it, for a method whose merge of T equal tensors is that tensor."""
     ref = base if base is not None else experts[0]
     ref_label = "the base" if base is not None else f"expert '{task_names[0]}'"
     ref_names = ref.names()
@@ -63,7 +66,8 @@ def make_plan(
     merged: list[str] = []
     from_base: list[str] = []
     for name in ref_names:
-        if recipe.is_excluded(name) or not is_float(ref.dtype(name)) or _left_alone(base, experts, name):
+        untouched = copy_untouched and _left_alone(base, experts, name)
+        if recipe.is_excluded(name) or not is_float(ref.dtype(name)) or untouched:
             from_base.append(name)
             continue
         for task, ex in zip(task_names, experts, strict=True):
@@ -108,8 +112,8 @@ def make_plan(
 
 def _left_alone(base: ModelReader | None, experts: Sequence[ModelReader], name: str) -> bool:
     """Every expert is a LoRA adapter of `base` that leaves `name` as it is: each expert's tensor is the
-    base's, so every method's merge of them is the base's too; copied, it is exactly so (merged, a
-    weighted average of T equal values may round), and a data-aware method needs no statistics for it."""
+    base's, so Fisher's and RegMean's merges of them are the base's too; copied, it is exactly so (a
+    weighted average of T equal values may round), and needs no statistics."""
     return base is not None and all(ex.leaves_alone(name) for ex in experts)
 
 

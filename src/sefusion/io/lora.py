@@ -342,6 +342,10 @@ class LoraReader(ModelReader):
         """The base tensors this adapter changes by a low-rank update (or a bias), sorted."""
         return sorted(self._deltas)
 
+    def saved(self) -> list[str]:
+        """The tensors the adapter saved whole (replacing the base's, or added to it), sorted."""
+        return sorted(self._full)
+
     def leaves_alone(self, name: str) -> bool:
         """Whether base tensor `name` is read unchanged (no update, no saved copy): the base's, exactly."""
         return name in self.base and name not in self._deltas and name not in self._full
@@ -367,6 +371,17 @@ class LoraReader(ModelReader):
 
     def close(self) -> None:
         self._adapter.close()  # the base belongs to whoever opened it
+
+
+def saved_copies(adapter: str | Path, base: str | Path) -> dict[str, torch.Tensor]:
+    """{tensor name: its copy (float32)} of every whole tensor a LoRA adapter folder saved
+    (`modules_to_save`, trained biases), which replaces the base's."""
+    with open_model(Path(base)) as base_reader:
+        reader = LoraReader(Path(adapter), base_reader)
+        try:
+            return {n: reader.get(n).float() for n in reader.saved()}
+        finally:
+            reader.close()
 
 
 def dense_updates(adapter: str | Path, base: str | Path) -> dict[str, torch.Tensor]:

@@ -97,6 +97,7 @@ def causal_statistics(
 def causal_stats_folder(
     cache: Path, task: str, adapter_sha256: str, base_sha256: str, pairs: Sequence[Pair], *,
     examples: int, kinds: Iterable[str], max_len: int, chat: bool = False, seed: int = 0,
+    names: Sequence[str] | None = None,
 ) -> tuple[Path, list[Pair]]:  # fmt: skip
     """(the cache folder of these statistics, the pairs they are computed on: a seeded sample)."""
     from .causal_train import pairs_fingerprint  # torch: imported only when asked
@@ -106,6 +107,7 @@ def causal_stats_folder(
     key = cache_key(
         expert_sha256=adapter_sha256, task=task, data=pairs_fingerprint({task: chosen}), examples=examples,
         kinds=check_kinds(kinds), base=base_sha256, max_len=max_len, chat=chat, seed=seed, causal=FORMAT,
+        **({"tensors": sorted(names)} if names is not None else {}),  # default: the adapter's own
     )  # fmt: skip
     return Path(cache) / "stats" / f"{task}-{key}", chosen
 
@@ -123,15 +125,15 @@ def causal_statistics_for(
     seed: int = 0,
     cache: str | Path | None = None,
     quiet: bool = True,
+    names: Sequence[str] | None = None,
 ) -> Path:
     """The folder of the statistics of the LoRA expert `adapter` on `base` over `examples` of `pairs` (its
     task's training pairs): computed once, then read from the cache (a sefusion.stats store). `max_len`
     and `chat` default to what the adapter was trained with (its `sefusion train` record; else 512 and
-    no chat template)."""
-    import torch
+    no chat template). `names`: the tensors covered (default: those the adapter changes; a merge of
+    adapters that change different tensors needs each one's statistics on all of them)."""
 
-    from ..io.lora import adapter_sha256, check_adapter_base, dense_updates, train_record
-    from .causal import load_causal
+    from ..io.lora import adapter_sha256, check_adapter_base, train_record
     from .config import default_cache
     from .train import base_sha256
 
@@ -143,28 +145,46 @@ def causal_statistics_for(
     sha = adapter_sha256(adapter)
     folder, chosen = causal_stats_folder(
         Path(cache) if cache is not None else default_cache(), task, sha, base_sha256(base), pairs,
-        examples=examples, kinds=kinds, max_len=max_len, chat=chat, seed=seed,
+        examples=examples, kinds=kinds, max_len=max_len, chat=chat, seed=seed, names=names,
     )  # fmt: skip
     if (folder / "stats.json").is_file():
         return folder
-    lm, tok = load_causal(base, dtype=torch.float32)
-    delta = dense_updates(adapter, base)
-    params = dict(lm.named_parameters())
-    names = sorted(delta)
-    missing = [n for n in names if n not in params]
+    lm, tok, changed = _expert_model(base, adapter)
+    cover = sorted(names) if names is not None else changed
+    params = {n for n, _ in lm.named_parameters()}
+    missing = [n for n in cover if n not in params]
     if missing:
-        raise StatisticsError(
-            f"adapter {adapter} changes '{missing[0]}', which the model of {base} does not have"
-        )
-    with torch.no_grad():
-        for n in names:
-            params[n].add_(delta.pop(n).to(params[n].device))  # each update freed once added: the expert
-    del params
+        raise StatisticsError(f"statistics asked for '{missing[0]}', which the model of {base} does not have")
     stats = causal_statistics(
-        lm, tok, chosen, kinds, names, max_len=max_len, chat=chat, quiet=quiet, task=task,
+        lm, tok, chosen, kinds, cover, max_len=max_len, chat=chat, quiet=quiet, task=task,
         data=f"{task} train ({examples} pairs)", expert_path=str(adapter), expert_sha256=sha,
     )  # fmt: skip
     del lm
     folder.parent.mkdir(parents=True, exist_ok=True)
     stats.save(folder, overwrite=True)
     return folder
+
+
+def _expert_model(base: Path, adapter: Path) -> tuple[Any, Any, list[str]]:
+    """(the base in float32 made into the expert: its saved copies in place, each low-rank update added;
+    its tokenizer; the names of the tensors the adapter changes)."""
+    import torch
+
+    from ..io.lora import dense_updates, saved_copies
+    from .causal import load_causal
+
+    lm, tok = load_causal(base, dtype=torch.float32)
+    delta, saved = dense_updates(adapter, base), saved_copies(adapter, base)
+    params = dict(lm.named_parameters())
+    changed = sorted({*delta, *saved})
+    missing = [n for n in changed if n not in params]
+    if missing:
+        raise StatisticsError(
+            f"adapter {adapter} changes '{missing[0]}', which the model of {base} does not have"
+        )
+    with torch.no_grad():
+        for n in list(saved):
+            params[n].copy_(saved.pop(n))
+        for n in list(delta):
+            params[n].add_(delta.pop(n).to(params[n].device))  # each update freed once added: the expert
+    return lm, tok, changed
