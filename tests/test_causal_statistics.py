@@ -73,7 +73,7 @@ def test_fisher_and_gram_match_the_reference(expert, tmp_path):
         assert sorted(chosen_fisher) == sorted(got.gram_names())
         assert len(chosen_fisher) == 2 * len(ADAPTED)  # two layers; only the adapted weights
         assert got.examples == 5 and got.meta.fisher_type == "empirical"
-        same, chosen = causal_stats_folder(tmp_path, "rev", got.meta.expert_sha256, base_sha256(base), data,
+        same, chosen = causal_stats_folder(tmp_path, "rev", adapter, base_sha256(base), data,
                                            examples=5, kinds=("fisher", "gram"), max_len=64)  # fmt: skip
         assert same == folder and len(chosen) == 5
         ref_f, ref_g = reference(base, adapter, chosen)
@@ -105,7 +105,12 @@ def test_statistics_are_computed_once_and_keyed_by_what_makes_them(expert, tmp_p
         causal_statistics_for(base, adapter, data, examples=3, seed=1, **kw),
         causal_statistics_for(base, adapter, pairs(8, seed=2), examples=3, **kw),
     }
-    assert first not in others and len(others) == 3
+    rescaled = tmp_path / "rescaled"  # the same weights, another lora_alpha: every update scaled
+    shutil.copytree(adapter, rescaled)
+    cfg = json.loads((rescaled / "adapter_config.json").read_text())
+    (rescaled / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 2 * cfg["lora_alpha"]}))
+    others.add(causal_statistics_for(base, rescaled, data, examples=3, **kw))
+    assert first not in others and len(others) == 4
     with open_stats(first) as only_gram:
         assert only_gram.fisher_names() == [] and only_gram.gram_names()
 

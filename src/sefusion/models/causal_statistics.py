@@ -95,17 +95,21 @@ def causal_statistics(
 
 
 def causal_stats_folder(
-    cache: Path, task: str, adapter_sha256: str, base_sha256: str, pairs: Sequence[Pair], *,
+    cache: Path, task: str, adapter: Path, base_sha256: str, pairs: Sequence[Pair], *,
     examples: int, kinds: Iterable[str], max_len: int, chat: bool = False, seed: int = 0,
     names: Sequence[str] | None = None,
 ) -> tuple[Path, list[Pair]]:  # fmt: skip
-    """(the cache folder of these statistics, the pairs they are computed on: a seeded sample)."""
+    """(the cache folder of these statistics, the pairs they are computed on: a seeded sample), keyed by
+    the adapter's weights and its config (a changed lora_alpha scales every update)."""
+    from ..io.lora import adapter_sha256
+    from ..io.reader import ADAPTER_CONFIG
+    from ..io.util import file_sha256
     from .causal_train import pairs_fingerprint  # torch: imported only when asked
     from .statistics import sample_examples
 
     chosen = sample_examples(list(pairs), examples, seed, task)
     key = cache_key(
-        expert_sha256=adapter_sha256, task=task, data=pairs_fingerprint({task: chosen}), examples=examples,
+        expert_sha256=adapter_sha256(adapter), adapter_config=file_sha256(Path(adapter) / ADAPTER_CONFIG), task=task, data=pairs_fingerprint({task: chosen}), examples=examples,
         kinds=check_kinds(kinds), base=base_sha256, max_len=max_len, chat=chat, seed=seed, causal=FORMAT,
         **({"tensors": sorted(names)} if names is not None else {}),  # default: the adapter's own
     )  # fmt: skip
@@ -144,7 +148,7 @@ def causal_statistics_for(
     chat = bool(trained.get("chat", False)) if chat is None else chat
     sha = adapter_sha256(adapter)
     folder, chosen = causal_stats_folder(
-        Path(cache) if cache is not None else default_cache(), task, sha, base_sha256(base), pairs,
+        Path(cache) if cache is not None else default_cache(), task, adapter, base_sha256(base), pairs,
         examples=examples, kinds=kinds, max_len=max_len, chat=chat, seed=seed, names=names,
     )  # fmt: skip
     if (folder / "stats.json").is_file():

@@ -516,14 +516,13 @@ class GenStudy(TimedSteps):
     @cached_property
     def stats_folders(self) -> dict[str, Path]:
         """{task: the cache folder of its expert's statistics} where a row reads them (else empty)."""
-        from ..io.lora import adapter_sha256
         from ..models.causal_statistics import causal_stats_folder
         from ..stats import KINDS
 
         if not self._stats_rows:
             return {}
         b = self.budget
-        return {t: causal_stats_folder(self._work, t, adapter_sha256(self.adapters[t]), self.base_sha, self._pairs(t),
+        return {t: causal_stats_folder(self._work, t, self.adapters[t], self.base_sha, self._pairs(t),
                                        examples=b.stats_examples, kinds=KINDS, max_len=b.max_len,
                                        seed=self.cfg.seed)[0]
                 for t in self.tasks}  # fmt: skip
