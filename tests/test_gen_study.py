@@ -23,7 +23,7 @@ from sefusion.errors import CheckpointError
 from sefusion.io.lora import dense_updates
 from sefusion.study import scores
 from sefusion.study.gen_lora import combine
-from sefusion.study.gen_report import _experts_table
+from sefusion.study.gen_report import PLOTS, _experts_table
 from sefusion.study.gen_scenarios import GEN_SCENARIOS, GenBudget
 from sefusion.study.gen_study import (
     GenStudy,
@@ -148,6 +148,8 @@ def test_every_row_and_the_report(study):
     report = (cfg.out / "report.md").read_text()
     assert "## HumanEval pass@1" in report and "## Serving every task" in report and "lora_cat" in report
     assert "## Experts against the base" in report and "## Paired differences" in report
+    for png in PLOTS:  # drawn, and shown by the report
+        assert (cfg.out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"![{png}]({png})" in report
     for t in TASKS:
         assert {"individual - pretrained", "ties - multitask_lora", "multitask_full - multitask_lora"} <= set(
             results["comparisons"][t]

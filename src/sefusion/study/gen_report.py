@@ -1,4 +1,5 @@
-"""The generative study's report: results.json, scores.json and report.md in the scenario's folder."""
+"""The generative study's report: results.json, scores.json, report.md and its plots in the scenario's
+folder."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import _comparisons_section, _fmt, _interval, _mb, _params, _table
+from .report import _comparisons_section, _fmt, _interval, _mb, _params, _pyplot, _table, plot_normalized
 from .uncertainty import format_interval
 
 EXPERT_VS_BASE = "individual - pretrained"
+PLOTS = ("normalized.png", "storage.png")  # what write_gen_report draws; report.md shows them
 
 
 def _write(path: Path, text: str) -> None:
@@ -35,7 +37,29 @@ def write_gen_report(results: Mapping[str, Any], scores_document: Any, out: Path
     _write(out / "results.json", json.dumps(_clean(results), indent=1) + "\n")
     if scores_document is not None:
         _write(out / "scores.json", json.dumps(_clean(scores_document)) + "\n")
+    plot_normalized(results, out)
+    plot_storage(results, out)
     _write(out / "report.md", render_gen_markdown(results))
+
+
+def plot_storage(results: Mapping[str, Any], out: Path) -> str:
+    """storage.png: each row's average normalized test score against the bytes that serve every task
+    with it (one model, a bundle, or the base with its adapters)."""
+    plt = _pyplot()
+    rows = [r for r in results["rows"] if r.get("storage_bytes") and r.get("avg_normalized") is not None]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        x, y = r["storage_bytes"] / 1e6, r["avg_normalized"]
+        ax.scatter([x], [y], s=18)
+        ax.annotate(r["method"], (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("MB to serve every task")
+    ax.set_ylabel("average normalized test score")
+    ax.set_title(f"{results['scenario']}: score against storage ({results['budget']} budget)")
+    fig.tight_layout()
+    fig.savefig(out / "storage.png", dpi=110)
+    plt.close(fig)
+    return "storage.png"
 
 
 def _reading_cell(row: Mapping[str, Any], task: str) -> str:
@@ -207,4 +231,5 @@ def render_gen_markdown(results: Mapping[str, Any]) -> str:
     if results["skipped"]:
         lines += ["## Rows not run", ""] + [f"- {k}: {v}" for k, v in results["skipped"].items()] + [""]
     lines += ["## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()), ""]
+    lines += ["## Plots", "", *[f"![{p}]({p})" for p in PLOTS], ""]
     return "\n".join(lines)

@@ -437,20 +437,30 @@ def _provenance_line(prov: Mapping[str, Any]) -> str:
 
 def plot(results: Mapping[str, Any], out: Path) -> list[str]:
     """normalized.png (score per task per method) and magnitudes.png (‖τ_t‖/‖θ0‖ per layer)."""
+    return [plot_normalized(results, out), _plot_magnitudes(results, out)]
+
+
+def _pyplot() -> Any:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display on a server or in CI
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_normalized(results: Mapping[str, Any], out: Path) -> str:
+    """normalized.png: each row's test score per task over the task's expert's (± sd over seeds)."""
+    plt = _pyplot()
     tasks, rows = results["tasks"], results["rows"]
-    files = []
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows) + 2), 4.5))
     width = 0.8 / len(tasks)
     for i, t in enumerate(tasks):
         xs = [j + (i - (len(tasks) - 1) / 2) * width for j in range(len(rows))]
         sds = [(((r.get("over_seeds") or {}).get("normalized") or {}).get(t) or {}).get("sd") for r in rows]
         yerr = [sd or 0.0 for sd in sds] if any(sd is not None for sd in sds) else None  # ± sd over seeds
-        ax.bar(xs, [_point(r, "normalized")[t] for r in rows], width, yerr=yerr, capsize=2, label=t)
+        ys = [_point(r, "normalized")[t] for r in rows]
+        ax.bar(xs, [math.nan if y is None else y for y in ys], width, yerr=yerr, capsize=2, label=t)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=35, ha="right")
     ax.set_ylabel("normalized test score")
@@ -460,9 +470,12 @@ def plot(results: Mapping[str, Any], out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "normalized.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    files.append("normalized.png")
+    return "normalized.png"
 
-    mags = results["magnitudes"]
+
+def _plot_magnitudes(results: Mapping[str, Any], out: Path) -> str:
+    plt = _pyplot()
+    tasks, mags = results["tasks"], results["magnitudes"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for t in tasks:
         ax.plot(
@@ -479,8 +492,7 @@ def plot(results: Mapping[str, Any], out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "magnitudes.png", dpi=110)
     plt.close(fig)
-    files.append("magnitudes.png")
-    return files
+    return "magnitudes.png"
 
 
 DEGRADED = 0.9  # a task "degrades" under fusion when it keeps less than this share of its expert's score
