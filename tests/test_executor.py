@@ -226,3 +226,18 @@ def test_plan_in_any_completion_order_starts_pieces_only_after_their_inputs(dag,
         assert sum(plan.counts()) == len(pieces)
     assert sorted(started) == sorted(set(ref) - set(recorded))
     assert plan.ordered() == {p.key: ref[p.key] for p in pieces}
+
+
+def test_the_heap_is_trimmed_after_each_piece_before_the_next_starts(monkeypatch):
+    from sefusion.study import executor
+
+    events: list[str] = []
+    monkeypatch.setattr(executor, "release_freed_memory", lambda: events.append("trim"))
+
+    def note(key, *deps):
+        events.append(key)
+        return key
+
+    run_local([Piece("a", note, ("a",)), Piece("b", note, ("b",), deps=("a",))])
+    assert events == ["a", "trim", "b", "trim"]
+    assert executor._call(note, ("c",), {}) == "c" and events[-2:] == ["c", "trim"]  # a Ray worker's piece

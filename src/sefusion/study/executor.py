@@ -13,12 +13,17 @@ executors share one contract:
 - `run()` returns every piece's result (the skipped ones included) in the order the pieces were given, so
   the results do not depend on the executor or on the order pieces happened to finish.
 - A piece that raises fails the run with that exception, on Ray as in process (not a Ray stack dump).
+- The heap's freed pages go back to the system after each piece (`release_freed_memory`), so a piece
+  starts from what the process still holds, not from the peak of the one before.
 
 Ray is imported by RayExecutor only: without it nothing here needs more than the standard library and tqdm.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import heapq
 import logging
 import socket
@@ -33,6 +38,17 @@ log = logging.getLogger(__name__)
 
 Done = Callable[[str], Any]
 OnDone = Callable[[str, Any], None]
+
+
+def release_freed_memory() -> None:
+    """Return the heap's freed pages to the system (glibc's malloc_trim; a no-op elsewhere). `sefusion`
+    raises glibc's trim threshold so that a merge keeps its freed pages for its next chunk; between pieces
+    that keeps the last piece's peak in the process: freed 1-8 MB tensors stayed resident (13.3 GB of
+    them, 0.4 GB after a trim, measured), and a statistics pass after a LoRA training started 9 GB higher
+    than alone."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS)
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 class PieceLostError(SefusionError):
@@ -231,6 +247,7 @@ class LocalExecutor(_Bars):
                 [piece] = plan.pop_ready(limit=1)  # one at a time: the first ready one in the given order
                 progress.show()
                 result = piece(*(plan.results[d] for d in piece.deps))
+                release_freed_memory()
                 plan.finish(piece.key, result)
                 if on_done is not None:
                     on_done(piece.key, result)
@@ -253,7 +270,10 @@ def make_executor(ray: str | bool | None = None, *, quiet: bool = False) -> Exec
 
 def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], *deps: Any) -> Any:
     """What a Ray worker runs for a piece (module level, so workers import it rather than unpickle code)."""
-    return fn(*args, *deps, **kwargs)
+    try:
+        return fn(*args, *deps, **kwargs)
+    finally:
+        release_freed_memory()
 
 
 @dataclass
