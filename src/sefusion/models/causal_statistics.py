@@ -109,8 +109,9 @@ def causal_stats_folder(
 
     chosen = sample_examples(list(pairs), examples, seed, task)
     key = cache_key(
-        expert_sha256=adapter_sha256(adapter), adapter_config=file_sha256(Path(adapter) / ADAPTER_CONFIG), task=task, data=pairs_fingerprint({task: chosen}), examples=examples,
-        kinds=check_kinds(kinds), base=base_sha256, max_len=max_len, chat=chat, seed=seed, causal=FORMAT,
+        expert_sha256=adapter_sha256(adapter), adapter_config=file_sha256(Path(adapter) / ADAPTER_CONFIG),
+        task=task, data=pairs_fingerprint({task: chosen}), examples=examples, kinds=check_kinds(kinds),
+        base=base_sha256, max_len=max_len, chat=chat, seed=seed, causal=FORMAT,
         **({"tensors": sorted(names)} if names is not None else {}),  # default: the adapter's own
     )  # fmt: skip
     return Path(cache) / "stats" / f"{task}-{key}", chosen
