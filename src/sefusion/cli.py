@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,40 +206,23 @@ def _keep_freed_memory() -> None:
 
 
 def _stats_pass(recipe: Any, quiet: bool) -> Any:
-    """compute(entry, examples, kinds) for `recipe_statistics`: a model's statistics on its `data:`, computed
-    once and then read from the cache (sefusion.models.statistics.statistics_for; for a LoRA adapter,
-    sefusion.models.causal_statistics.causal_statistics_for)."""
-    changed: list[list[str]] = []  # every tensor the recipe's adapters change, found once
+    """compute(entry, examples, kinds, names) for `recipe_statistics`: a model's statistics on its `data:`,
+    computed once and then read from the cache (sefusion.models.statistics.statistics_for; for a LoRA
+    adapter, sefusion.models.causal_statistics.causal_statistics_for over `names`, the merged tensors)."""
 
-    def compute(entry: Any, examples: int, kinds: frozenset[str]) -> Path:
+    def compute(entry: Any, examples: int, kinds: frozenset[str], names: Sequence[str]) -> Path:
         from .io.reader import ADAPTER_CONFIG
         from .models.statistics import statistics_for
 
         log.info("statistics of %s on %s (%d examples)", entry.task_name, entry.data, examples)
         if (Path(entry.path) / ADAPTER_CONFIG).is_file():
-            if not changed:
-                changed.append(_adapters_change(recipe))
-            return _adapter_stats(recipe, entry, examples, kinds, quiet, changed[0])
+            return _adapter_stats(recipe, entry, examples, kinds, quiet, sorted(names))
         return statistics_for(
             entry.path, data=entry.data, examples=examples, kinds=kinds, base=recipe.base, cache=None,
             quiet=quiet,
         )  # fmt: skip
 
     return compute
-
-
-def _adapters_change(recipe: Any) -> list[str]:
-    """The tensors that some LoRA adapter of the recipe changes (what their merge reads statistics of)."""
-    from .io import open_model
-    from .io.lora import LoraReader
-
-    names: set[str] = set()
-    with open_model(recipe.base) as base:
-        for m in recipe.models:
-            with open_model(m.path, base=base) as r:
-                if isinstance(r, LoraReader):
-                    names.update(n for n in r.names() if not r.leaves_alone(n))
-    return sorted(names)
 
 
 def _adapter_stats(

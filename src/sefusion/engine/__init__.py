@@ -119,7 +119,8 @@ def merge(
     Reads one tensor at a time; nothing is written to OUT unless the whole merge succeeds. A data-aware
     method (`fisher`, `regmean`) reads `stats`, one source per model in recipe order (sefusion.stats:
     Statistics or open_stats(folder)); without it, the models' `stats:` folders are opened, and `data:`
-    goes through compute_stats(entry, examples, kinds) (`sefusion merge` passes one that computes them).
+    goes through compute_stats(entry, examples, kinds, names) once the plan knows the merged tensors
+    (`names`; `sefusion merge` passes one that computes them).
     """
     from ..io import parse_size
 
@@ -133,11 +134,11 @@ def merge(
     size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     dev = check_device(device)
     check_output(out, overwrite, [*recipe.input_paths(), *([src] if src is not None else [])])
-    sources, opened = open_statistics(recipe, spec, stats, compute_stats)
-    try:
-        plan = _merge_files(recipe, spec, kwargs, out, sources, dev, allow_nonfinite, size, overwrite, quiet)
-    finally:
-        close_statistics(opened)
+
+    def statistics(names: Sequence[str]) -> tuple[Sequence[Any] | None, list[Any]]:
+        return open_statistics(recipe, spec, stats, compute_stats, names)
+
+    plan = _merge_files(recipe, spec, kwargs, out, statistics, dev, allow_nonfinite, size, overwrite, quiet)
     return MergeReport(
         out=out, method=spec.name, tasks=list(recipe.task_names), n_merged=len(plan.merged),
         n_copied=len(plan.from_base), seconds=time.perf_counter() - t0, notes=list(recipe.notes),
@@ -159,18 +160,20 @@ def _merge_files(
     spec: MethodSpec,
     kwargs: dict[str, Any],
     out: Path,
-    sources: Sequence[Any] | None,
+    statistics: Callable[[Sequence[str]], tuple[Sequence[Any] | None, list[Any]]],
     device: Any,
     allow_nonfinite: bool,
     size: int,
     overwrite: bool,
     quiet: bool,
 ) -> Plan:
-    """Open the inputs, plan, and run the merge loop into a model or bundle sink; the plan it ran."""
+    """Open the inputs, plan, open the statistics of the merged tensors (`statistics(names)`: the sources,
+    those to close), and run the merge loop into a model or bundle sink; the plan it ran."""
     from ..io.checks import check_inputs
 
     task_names = recipe.task_names
     base, experts = open_inputs(recipe, spec)
+    opened: list[Any] = []
     try:
         # a data-aware merge reads statistics only where some adapter acts (Fisher and RegMean of T equal
         # tensors are that tensor); a data-free one merges every tensor, as mergekit does
@@ -180,6 +183,7 @@ def _merge_files(
         )
         feed = None
         if spec.statistics:
+            sources, opened = statistics(plan.merged)
             feed = StatsFeed(spec, sources or [], plan.merged, task_names)
             feed.examples(kwargs, spec, recipe)
         streamer = Streamer(
@@ -192,6 +196,7 @@ def _merge_files(
             run_merge(streamer, plan.merged, sink or ModelSink(w, recipe, plan, streamer), quiet)
         return plan
     finally:
+        close_statistics(opened)
         for r in [base, *experts]:
             if r is not None:
                 r.close()

@@ -20,16 +20,17 @@ from ..registry import MethodSpec
 if TYPE_CHECKING:
     from ..stats import _StatsSource
 
-ComputeStats = Callable[[ModelEntry, int, frozenset[str]], "str | Path"]
+# compute(entry, examples, kinds, names) -> the folder of a statistics store over at least `names`
+ComputeStats = Callable[[ModelEntry, int, frozenset[str], Sequence[str]], "str | Path"]
 
 
 def recipe_statistics(
-    recipe: Recipe, spec: MethodSpec, *, compute: ComputeStats | None = None
+    recipe: Recipe, spec: MethodSpec, *, compute: ComputeStats | None = None, names: Sequence[str] = ()
 ) -> list[_StatsSource]:
     """One statistics source per model of the recipe, in its order, for a data-aware method.
 
-    `stats:` is opened as it is; `data:` goes through compute(entry, examples, kinds), which returns the
-    folder of a statistics store (`sefusion merge` passes sefusion.models.statistics.statistics_for);
+    `stats:` is opened as it is; `data:` goes through compute(entry, examples, kinds, names), which returns
+    the folder of a statistics store covering `names`, the merged tensors (`sefusion merge` passes one);
     `examples` is the model's `examples:` (else the method's `examples` parameter). A model with neither,
     or with `data:` and no `compute`, is a StatisticsError naming it. The caller closes what is returned.
     """
@@ -57,7 +58,7 @@ def recipe_statistics(
                     folder: str | Path = m.stats
                 else:
                     examples = recipe.entry_examples(i) or default
-                    folder = compute(m, examples, kinds)  # type: ignore[misc]
+                    folder = compute(m, examples, kinds, names)  # type: ignore[misc]
                 out.append(open_stats(folder))
             except SefusionError as exc:
                 raise StatisticsError(f"statistics of {who}: {exc}") from None
@@ -145,11 +146,16 @@ class StatsFeed:
 
 
 def open_statistics(
-    recipe: Recipe, spec: MethodSpec, stats: Sequence[Any] | None, compute: ComputeStats | None
+    recipe: Recipe,
+    spec: MethodSpec,
+    stats: Sequence[Any] | None,
+    compute: ComputeStats | None,
+    names: Sequence[str],
 ) -> tuple[Sequence[Any] | None, list[Any]]:
     """(the sources to read, the ones opened here that the caller closes): `stats` as given, else the
-    recipe's (`stats:` folders, `data:` through `compute`); nothing for a method that reads none."""
+    recipe's (`stats:` folders, `data:` through `compute` over `names`, the merged tensors); nothing for a
+    method that reads none."""
     if not spec.statistics or stats is not None:
         return stats, []
-    opened = recipe_statistics(recipe, spec, compute=compute)
+    opened = recipe_statistics(recipe, spec, compute=compute, names=names)
     return opened, opened

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,23 +375,31 @@ class LoraReader(ModelReader):
         self._adapter.close()  # the base belongs to whoever opened it
 
 
-def saved_copies(adapter: str | Path, base: str | Path) -> dict[str, torch.Tensor]:
-    """{tensor name: its copy (float32)} of every whole tensor a LoRA adapter folder saved
-    (`modules_to_save`, trained biases), which replaces the base's."""
+@contextmanager
+def _opened(adapter: str | Path, base: str | Path) -> Iterator[LoraReader]:
     with open_model(Path(base)) as base_reader:
         reader = LoraReader(Path(adapter), base_reader)
         try:
-            return {n: reader.get(n).float() for n in reader.saved()}
+            yield reader
         finally:
             reader.close()
+
+
+def _updates(reader: LoraReader) -> dict[str, torch.Tensor]:
+    return {n: d for n in reader.adapted() if (d := reader.delta(n)) is not None}
 
 
 def dense_updates(adapter: str | Path, base: str | Path) -> dict[str, torch.Tensor]:
     """{base tensor name: ΔW (float32)} of every tensor a LoRA adapter folder changes on `base` (an adapter
     of another base is refused)."""
-    with open_model(Path(base)) as base_reader:
-        reader = LoraReader(Path(adapter), base_reader)
-        try:
-            return {n: d for n in reader.adapted() if (d := reader.delta(n)) is not None}
-        finally:
-            reader.close()
+    with _opened(adapter, base) as reader:
+        return _updates(reader)
+
+
+def adapter_changes(
+    adapter: str | Path, base: str | Path
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(`dense_updates`, {tensor name: its copy (float32)} of every whole tensor the adapter saved
+    (`modules_to_save`, trained biases), which replaces the base's): the adapter opened once."""
+    with _opened(adapter, base) as reader:
+        return _updates(reader), {n: reader.get(n).float() for n in reader.saved()}

@@ -175,11 +175,11 @@ def _expert_model(base: Path, adapter: Path) -> tuple[Any, Any, list[str]]:
     its tokenizer; the names of the tensors the adapter changes)."""
     import torch
 
-    from ..io.lora import dense_updates, saved_copies
+    from ..io.lora import adapter_changes
     from .causal import load_causal
 
     lm, tok = load_causal(base, dtype=torch.float32)
-    delta, saved = dense_updates(adapter, base), saved_copies(adapter, base)
+    delta, saved = adapter_changes(adapter, base)
     params = dict(lm.named_parameters())
     changed = sorted({*delta, *saved})
     missing = [n for n in changed if n not in params]
