@@ -339,6 +339,15 @@ def _plain(model, tok, prompt, n):
         ("\n\n", ("\n\n",), "\n\n"),  # nothing but whitespace: not ended
         ("a\nb\n\nc\ndef", ("\ndef", "\n\n"), "a\nb"),  # the earliest stop wins
         ("no stop here", ("\n",), "no stop here"),
+        # a fenced reply ends at its closing fence, whatever other stops it holds
+        (
+            "```python\nimport m\n\ndef f():\n    pass\n```\ndef g",
+            ("\n```", "\ndef "),
+            "```python\nimport m\n\ndef f():\n    pass",
+        ),
+        ("  ```\ndef f():\n```", ("\n```", "\ndef "), "  ```\ndef f():"),
+        ("```\ndef f():\n\nx", ("\ndef ", "\n\n"), "```"),  # no fence stop: the others apply
+        ("x\n```\ndef f():", ("\n```", "\ndef "), "x"),  # a bare reply: the earliest stop
     ],
 )
 def test_cut_at_stop_by_hand(text, stop, want):

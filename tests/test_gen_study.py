@@ -324,6 +324,31 @@ def test_the_pretrained_row_asks_a_base_through_its_chat_template_where_it_has_o
         assert a["test"] == b["test"] and a["params"] == b["params"]
 
 
+def test_a_record_scored_before_fenced_replies_ran_whole_is_scored_again(study, tmp_path):
+    """Records made before reply scoring 2 (no "reply_scoring") are read, except a generate-* one with a
+    reply that holds a code fence (scored otherwise since): that one evaluation alone is scored again."""
+    cfg, results = study
+    out = tmp_path / "out"
+    shutil.copytree(cfg.out, out)
+    lines, fenced = [], None
+    for line in (out / "records.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        result = rec.get("result", {})
+        result.pop("reply_scoring", None)
+        if fenced is None and rec.get("key", "").endswith("|generate-python|test"):
+            replied = [e for e in result["examples"] if "reply" in e]
+            replied[0]["reply"], fenced = "```python\n" + replied[0]["reply"], rec["key"]
+        lines.append(json.dumps(rec) + "\n")
+    assert fenced is not None and sum("reply_scoring" in x for x in lines) == 0
+    (out / "records.jsonl").write_text("".join(lines))
+    with one_thread():
+        again = GenStudy(replace(cfg, out=out), builder=builder).run()
+    assert again["trained_this_run"] == [] and again["evaluations_this_run"] == 1
+    assert json.dumps(again["rows"], sort_keys=True) == json.dumps(results["rows"], sort_keys=True)
+    last = json.loads((out / "records.jsonl").read_text().splitlines()[-1])
+    assert last["key"] == fenced and last["result"]["reply_scoring"] == 2
+
+
 def test_selection_reads_validation_only(study, tiny, tmp_path):
     """Candidates are scored on validation; test holds only the chosen one's scores. With other test
     data (same train and validation), every method chooses the same parameters."""

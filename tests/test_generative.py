@@ -280,6 +280,14 @@ def test_pass_at_1_executes_doctests(problems):
         (p["area"], "value = math.pi * r * r\nreturn value", 1.0),  # unindented body: indented again
         (p["double"], "    return self.n * 3", 0.0),
         (p["twice"], "```python\ndef twice(v):\n    return v + v\n```", 1.0),  # a whole def, fenced
+        # the reply's own def after its imports; a statement after it (here one that would undo it) is not run
+        (
+            p["area"],
+            "```python\nimport math\n\ndef area(r):\n    return math.pi * r * r\narea = None\n```",
+            1.0,
+        ),
+        (p["double"], "```python\nclass Box:\n    def double(self):\n        return self.n * 2\n```", 1.0),
+        (p["double"], "```python\nclass Box:\n    def double(self):\n        return self.n\n```", 0.0),
         (p["area"], "    return ((", 0.0),
         (p["area"], "", 0.0),
         (p["area"], "def area(r):\n    return 0\nimport sys\nsys.exit(0)", 0.0),  # exits 0 before any test

@@ -387,10 +387,18 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
+FENCE_END = "\n```"
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to (not including) the earliest stop string that starts after the text's leading
-    whitespace: a reply that opens with a blank line ("\n\nThis function ...") has not ended yet."""
+    whitespace: a reply that opens with a blank line ("\n\nThis function ...") has not ended yet.
+
+    A reply that opens with a code fence ends at its closing fence when that is a stop: the other stops
+    mark where a bare reply ends (a new top-level `def`), and would cut the fenced code itself."""
     start = len(text) - len(text.lstrip())
+    if FENCE_END in stop and text.startswith("```", start):
+        stop = (FENCE_END,)
     cuts = [i for i in (text.find(s, start) for s in stop) if i >= 0]
     return text[: min(cuts)] if cuts else text
 

@@ -351,6 +351,23 @@ def _delta(state: Loaded, inputs: GenInputs, folder: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- scoring
 
+# generate-* replies are scored by version 2 since a reply that opens with a code fence runs to its closing
+# fence and a fenced reply's own def is what runs (before, a whole function's first line cut the reply);
+# a record from before (no "reply_scoring") scores otherwise only where a reply holds a fence
+REPLY_SCORING = 2
+
+
+def outdated(record: Mapping[str, Any], task: str) -> bool:
+    """Whether a kept evaluation record would score otherwise now: a generate-* record made before reply
+    scoring 2 with a reply that holds a code fence."""
+    from ..tasks.generative import get_generative
+
+    if task == "humaneval" or record.get("reply_scoring", 1) >= REPLY_SCORING:
+        return False
+    if get_generative(task)[0].kind != "generate":
+        return False
+    return any("```" in str(e.get("reply", "")) for e in record.get("examples", ()))
+
 
 def score(
     row: str, params: Mapping[str, Any], spec: tuple[Any, ...], jobs: Sequence[tuple[str, str]], inputs: GenInputs,
@@ -369,7 +386,9 @@ def score(
         lm, tok = model(task)
         t1 = time.perf_counter()
         result = evaluate(inputs, lm, tok, task, split, chat)
-        records[EvalRecords.key(row, params, task, split)] = {**result, "torch_threads": threads}
+        records[EvalRecords.key(row, params, task, split)] = {
+            **result, "torch_threads": threads, "reply_scoring": REPLY_SCORING,
+        }  # fmt: skip
         spent["humaneval_s" if task == "humaneval" else "eval_s"] += time.perf_counter() - t1
     return {"records": records, **spent, "seconds": time.perf_counter() - t0}
 

@@ -349,8 +349,10 @@ class GenStudy(TimedSteps):
         """Whether the records hold multitask_full's bytes and every evaluation of it: on a fresh clone its
         row is rebuilt from them (its weights are not committed), not trained again."""
         pairs = [*((t, "validation") for t in self.tasks), *self._test_pairs()]
-        keys = [EvalRecords.key("multitask_full", self._full_params(), t, s) for t, s in pairs]
-        return "multitask_full" in self.records.sizes and all(self.records.get(k) for k in keys)
+        params = self._full_params()
+        return "multitask_full" in self.records.sizes and all(
+            self._kept("multitask_full", params, t, s) for t, s in pairs
+        )
 
     def _reused(self, folder: Path, data: Any, config: Any) -> dict[str, Any] | None:
         """`folder` when its train record names this base, data and config; None when it is not trained
@@ -537,7 +539,7 @@ class GenStudy(TimedSteps):
         """Each job's model scored, as a piece, on the evaluations the records lack (a job with none
         lacking is not run), after the prerequisites it needs; this process records what each piece
         returns as it finishes."""
-        lacking = {k: [(t, s) for t, s in pairs if self.records.get(EvalRecords.key(row, params, t, s)) is None]
+        lacking = {k: [(t, s) for t, s in pairs if self._kept(row, params, t, s) is None]
                    for k, (row, params, _, pairs) in jobs.items()}  # fmt: skip
         prereq, answers, on_demand = self._prerequisites()
         needed = {d for k, (row, *_) in jobs.items() if lacking[k] for d in self._needs(row)}
@@ -610,8 +612,13 @@ class GenStudy(TimedSteps):
             out[rec["run"]] += rec["seconds"]
         return {k: round(v, 1) for k, v in out.items()}
 
-    def _rec(self, row: str, params: Mapping[str, Any], task: str, split: str) -> dict[str, Any]:
+    def _kept(self, row: str, params: Mapping[str, Any], task: str, split: str) -> dict[str, Any] | None:
+        """The evaluation's record, None when there is none or it is outdated (gen_pieces.outdated)."""
         rec = self.records.get(EvalRecords.key(row, params, task, split))
+        return None if rec is None or gen_pieces.outdated(rec, task) else rec
+
+    def _rec(self, row: str, params: Mapping[str, Any], task: str, split: str) -> dict[str, Any]:
+        rec = self._kept(row, params, task, split)
         assert rec is not None, (row, params, task, split)  # every piece of the run has been recorded
         return rec
 

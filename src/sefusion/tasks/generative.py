@@ -408,15 +408,41 @@ def extract_code(output: str) -> str:
 
 
 def generated_function(example: GenExample, output: str) -> str:
-    """The whole function a `generate-python` reply stands for: the reply itself when it is a whole
-    def of the function, else the prompt's signature over the reply as the body (re-indented)."""
-    code = textwrap.dedent(extract_code(output))
-    name = example.meta.get("function", "")
-    if re.match(rf"(?:@.*\n)*(?:async\s+)?def\s+{re.escape(name)}\b", code):
+    """The whole function a `generate-python` reply stands for: a fenced reply's own def of the function
+    when it writes one (`_own_def`: a model answering in the prompt's form); a bare reply that starts
+    with the def, the reply; else the prompt's signature over the reply as the body (re-indented)."""
+    code, name = textwrap.dedent(extract_code(output)), example.meta.get("function", "")
+    if _FENCE.search(output):
+        own = _own_def(code, name)
+        if own is not None:
+            return own
+    elif re.match(rf"(?:@.*\n)*(?:async\s+)?def\s+{re.escape(name)}\b", code):
         return code
     indent = example.meta.get("indent") or "    "
     body = textwrap.indent(code, indent, lambda line: True) if code.strip() else ""
     return f"{example.meta['signature']}\n{body}"  # an empty reply leaves a def without a body
+
+
+def _own_def(code: str, name: str) -> str | None:
+    """A reply that writes the whole function (a model answering in the prompt's form): its def of `name`
+    (the first, top level or in a class, decorators included, dedented) after the reply's top-level
+    imports; other statements (a usage example) are left out. None when it parses to no such def."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return None
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef)
+    fn = next((n for n in ast.walk(tree) if isinstance(n, defs) and n.name == name), None)
+    if fn is None:
+        return None
+    lines = code.split("\n")
+
+    def source(node: ast.stmt) -> str:
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        return textwrap.dedent("\n".join(lines[first - 1 : node.end_lineno]))
+
+    imports = [source(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return "\n".join([*imports, source(fn)])
 
 
 def _source_of(example: GenExample) -> str:
