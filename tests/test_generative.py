@@ -288,6 +288,13 @@ def test_pass_at_1_executes_doctests(problems):
         ),
         (p["double"], "```python\nclass Box:\n    def double(self):\n        return self.n * 2\n```", 1.0),
         (p["double"], "```python\nclass Box:\n    def double(self):\n        return self.n\n```", 0.0),
+        # a method whose body holds a string at column 0 (no dedent parses it); line breaks as bare CRs
+        (
+            p["double"],
+            "```python\nclass Box:\n    def double(self):\n        s = '''\nx'''\n        return self.n * 2\n```",
+            1.0,
+        ),
+        (p["area"], "```python\nx = 1\rdef area(r):\r    return math.pi * r * r\n```", 1.0),
         (p["area"], "    return ((", 0.0),
         (p["area"], "", 0.0),
         (p["area"], "def area(r):\n    return 0\nimport sys\nsys.exit(0)", 0.0),  # exits 0 before any test

@@ -210,13 +210,13 @@ def _stats_pass(recipe: Any, quiet: bool) -> Any:
     computed once and then read from the cache (sefusion.models.statistics.statistics_for; for a LoRA
     adapter, sefusion.models.causal_statistics.causal_statistics_for over `names`, the merged tensors)."""
 
-    def compute(entry: Any, examples: int, kinds: frozenset[str], names: Sequence[str]) -> Path:
+    def compute(entry: Any, examples: int, kinds: frozenset[str], names: Sequence[str] | None) -> Path:
         from .io.reader import ADAPTER_CONFIG
         from .models.statistics import statistics_for
 
         log.info("statistics of %s on %s (%d examples)", entry.task_name, entry.data, examples)
         if (Path(entry.path) / ADAPTER_CONFIG).is_file():
-            return _adapter_stats(recipe, entry, examples, kinds, quiet, sorted(names))
+            return _adapter_stats(recipe, entry, examples, kinds, quiet, names)
         return statistics_for(
             entry.path, data=entry.data, examples=examples, kinds=kinds, base=recipe.base, cache=None,
             quiet=quiet,
@@ -226,18 +226,19 @@ def _stats_pass(recipe: Any, quiet: bool) -> Any:
 
 
 def _adapter_stats(
-    recipe: Any, entry: Any, examples: int, kinds: frozenset[str], quiet: bool, names: list[str]
+    recipe: Any, entry: Any, examples: int, kinds: frozenset[str], quiet: bool, names: Sequence[str] | None
 ) -> Path:
     """A causal LM's LoRA expert's statistics on its `data:`: a .jsonl file of {"prompt", "target"} lines
     or a generative task's name (its train split), at the length and chat template it was trained with,
-    over `names`: every tensor the recipe's adapters change, this one's or not."""
+    over `names`, the merged tensors (every tensor some adapter of the recipe changes, less `exclude`;
+    None: the ones this adapter changes)."""
     from .models.causal_cli import read_pairs, task_pairs
     from .models.causal_statistics import causal_statistics_for
 
     pairs = read_pairs(Path(entry.data)) if entry.data_is_file else task_pairs(entry.data)
     return causal_statistics_for(
         recipe.base, entry.path, pairs, task=entry.task_name, examples=examples, kinds=kinds, quiet=quiet,
-        names=names,
+        names=sorted(names) if names is not None else None,
     )  # fmt: skip
 
 

@@ -196,10 +196,12 @@ def _merge_files(
             run_merge(streamer, plan.merged, sink or ModelSink(w, recipe, plan, streamer), quiet)
         return plan
     finally:
-        close_statistics(opened)
-        for r in [base, *experts]:
-            if r is not None:
-                r.close()
+        try:
+            close_statistics(opened)
+        finally:
+            for r in [base, *experts]:
+                if r is not None:
+                    r.close()
 
 
 def merge_tensors(

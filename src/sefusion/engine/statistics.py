@@ -20,17 +20,23 @@ from ..registry import MethodSpec
 if TYPE_CHECKING:
     from ..stats import _StatsSource
 
-# compute(entry, examples, kinds, names) -> the folder of a statistics store over at least `names`
-ComputeStats = Callable[[ModelEntry, int, frozenset[str], Sequence[str]], "str | Path"]
+# compute(entry, examples, kinds, names) -> the folder of a statistics store over at least `names` (None:
+# the tensors its own model changes)
+ComputeStats = Callable[[ModelEntry, int, frozenset[str], "Sequence[str] | None"], "str | Path"]
 
 
 def recipe_statistics(
-    recipe: Recipe, spec: MethodSpec, *, compute: ComputeStats | None = None, names: Sequence[str] = ()
+    recipe: Recipe,
+    spec: MethodSpec,
+    *,
+    compute: ComputeStats | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[_StatsSource]:
     """One statistics source per model of the recipe, in its order, for a data-aware method.
 
     `stats:` is opened as it is; `data:` goes through compute(entry, examples, kinds, names), which returns
-    the folder of a statistics store covering `names`, the merged tensors (`sefusion merge` passes one);
+    the folder of a statistics store covering `names`, the merged tensors (None: each model's own; `sefusion
+    merge` passes one);
     `examples` is the model's `examples:` (else the method's `examples` parameter). A model with neither,
     or with `data:` and no `compute`, is a StatisticsError naming it. The caller closes what is returned.
     """

@@ -5,7 +5,7 @@ split by source file, sampled with a seeded random source, cached under CACHE/ta
 
 - `generate-python`: signature + docstring -> the body. Test metric: pass@1, executed: the test-split
   functions whose docstring carries doctest examples (meta "tests") run those doctests against the
-  generated body in the sandbox; a problem whose reference body fails its own doctests there is left
+  generated body (or a fenced reply's own def of the function, `generated_function`) in the sandbox; a problem whose reference body fails its own doctests there is left
   out. The test split lists those functions first. Validation: target loss (no execution needed).
 - `summarize-LANG`: code (doc comment already cut out) -> the first sentence of its doc comment;
   smoothed BLEU-4 (CodeXGLUE) and ROUGE-L.
@@ -425,8 +425,11 @@ def generated_function(example: GenExample, output: str) -> str:
 
 def _own_def(code: str, name: str) -> str | None:
     """A reply that writes the whole function (a model answering in the prompt's form): its def of `name`
-    (the first, top level or in a class, decorators included, dedented) after the reply's top-level
-    imports; other statements (a usage example) are left out. None when it parses to no such def."""
+    (the shallowest one: top level, else in a class; decorators included, dedented) after the reply's
+    top-level imports. Other statements (a usage example) are left out: the def runs with its module's
+    names as globals (`doctest_program`), where the reply's own helpers would not be seen anyway.
+    None when the reply parses to no such def."""
+    code = code.replace("\r\n", "\n").replace("\r", "\n")  # the line breaks ast counts
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError):
@@ -435,14 +438,21 @@ def _own_def(code: str, name: str) -> str | None:
     fn = next((n for n in ast.walk(tree) if isinstance(n, defs) and n.name == name), None)
     if fn is None:
         return None
+    imports = [_segment(code, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return "\n".join([*imports, _segment(code, fn)])
+
+
+def _segment(code: str, node: ast.stmt) -> str:
+    """A statement's source, decorators included, dedented; re-written from its tree when dedenting cannot
+    make it parse alone (a method whose body holds a string at column 0)."""
     lines = code.split("\n")
-
-    def source(node: ast.stmt) -> str:
-        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        return textwrap.dedent("\n".join(lines[first - 1 : node.end_lineno]))
-
-    imports = [source(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    return "\n".join([*imports, source(fn)])
+    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    text = textwrap.dedent("\n".join(lines[first - 1 : node.end_lineno]))
+    try:
+        ast.parse(text)
+    except SyntaxError:
+        return ast.unparse(node)
+    return text
 
 
 def _source_of(example: GenExample) -> str:
@@ -524,7 +534,8 @@ def _runner(runner: Runner | None) -> Runner:
 def pass_at_1(
     examples: Sequence[GenExample], outputs: Sequence[str], runner: Runner | None = None
 ) -> list[float]:
-    """Per example: 1.0 / 0.0 when its doctests pass / fail with the output as the body; NaN when it has
+    """Per example: 1.0 / 0.0 when its doctests pass / fail with the function the output stands for
+    (`generated_function`: the output as the body, or a fenced reply's own def); NaN when it has
     no doctests or when its reference body fails them in this environment (not a scorable problem)."""
     idx = [i for i, ex in enumerate(examples) if "tests" in ex.meta]
     run = _runner(runner)
