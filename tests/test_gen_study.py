@@ -583,7 +583,8 @@ def test_in_process_results_are_what_the_fixture_holds(study):
     (SEFUSION_WRITE_FIXTURE=1) only when the study's output changes on purpose (last: the generate-*
     test split kept its runnable problems beyond the cut; then the pairs against the base and
     multitask_lora, and the HumanEval differences, were added; then the pretrained row asked through the
-    base's chat template; then the budget's full_micro_batch; then the quality measures' intervals)."""
+    base's chat template; then the budget's full_micro_batch; then the quality measures' intervals; then
+    each evaluation record's reply_scoring)."""
     cfg, results = study
     got = gen_canonical(results, cfg.out)
     if os.environ.get("SEFUSION_WRITE_FIXTURE"):

@@ -387,7 +387,7 @@ def score(
         t1 = time.perf_counter()
         result = evaluate(inputs, lm, tok, task, split, chat)
         records[EvalRecords.key(row, params, task, split)] = {
-            **result, "torch_threads": threads, "reply_scoring": REPLY_SCORING,
+            **result, "reply_scoring": REPLY_SCORING, "torch_threads": threads,
         }  # fmt: skip
         spent["humaneval_s" if task == "humaneval" else "eval_s"] += time.perf_counter() - t1
     return {"records": records, **spent, "seconds": time.perf_counter() - t0}
