@@ -238,7 +238,7 @@ def _adapter_stats(
     pairs = read_pairs(Path(entry.data)) if entry.data_is_file else task_pairs(entry.data)
     return causal_statistics_for(
         recipe.base, entry.path, pairs, task=entry.task_name, examples=examples, kinds=kinds, quiet=quiet,
-        names=sorted(names) if names is not None else None,
+        names=names,
     )  # fmt: skip
 
 

@@ -5,8 +5,9 @@ split by source file, sampled with a seeded random source, cached under CACHE/ta
 
 - `generate-python`: signature + docstring -> the body. Test metric: pass@1, executed: the test-split
   functions whose docstring carries doctest examples (meta "tests") run those doctests against the
-  generated body (or a fenced reply's own def of the function, `generated_function`) in the sandbox; a problem whose reference body fails its own doctests there is left
-  out. The test split lists those functions first. Validation: target loss (no execution needed).
+  generated body (or a fenced reply's own def of the function, `generated_function`) in the sandbox;
+  a problem whose reference body fails its own doctests there is left out. The test split lists those
+  functions first. Validation: target loss (no execution needed).
 - `summarize-LANG`: code (doc comment already cut out) -> the first sentence of its doc comment;
   smoothed BLEU-4 (CodeXGLUE) and ROUGE-L.
 - `repair-LANG`: the function with one injected bug (the `defect` bug kinds) -> the original function;
