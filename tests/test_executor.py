@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -201,9 +200,7 @@ def test_random_dags_give_the_reference_results_whatever_the_order_and_records(d
     pieces, deps, recorded = dag
     ref = reference(deps)
     ran: list[str] = []
-    # the heap trim after each piece has its own test; here it would cost a gc pass per piece
-    with mock.patch("sefusion.study.executor.release_freed_memory", lambda: None):
-        out = run_local(pieces, done={k: ref[k] for k in recorded}.get, on_done=lambda k, r: ran.append(k))
+    out = run_local(pieces, done={k: ref[k] for k in recorded}.get, on_done=lambda k, r: ran.append(k))
     assert list(out) == [p.key for p in pieces]
     assert out == ref
     assert sorted(ran) == sorted(set(ref) - set(recorded))
@@ -231,16 +228,51 @@ def test_plan_in_any_completion_order_starts_pieces_only_after_their_inputs(dag,
     assert plan.ordered() == {p.key: ref[p.key] for p in pieces}
 
 
-def test_the_heap_is_trimmed_after_each_piece_before_the_next_starts(monkeypatch):
+def test_the_heap_is_trimmed_after_a_piece_that_grew_the_process_before_the_next_starts(monkeypatch):
     from sefusion.study import executor
 
+    mb = 1 << 20
     events: list[str] = []
+    sizes = iter([None, 1000 * mb, 1200 * mb, 900 * mb, 1500 * mb, 300 * mb])
+    monkeypatch.setattr(executor, "resident_bytes", lambda: next(sizes))
     monkeypatch.setattr(executor, "release_freed_memory", lambda: events.append("trim"))
+    monkeypatch.setattr(executor, "after_piece", executor._HeapTrim())
+    monkeypatch.setattr(executor, "TRIM_GROWTH", 512 * mb)
 
     def note(key, *deps):
         events.append(key)
         return key
 
-    run_local([Piece("a", note, ("a",)), Piece("b", note, ("b",), deps=("a",))])
+    # a trims (nothing measured yet; the floor is then 1000 MB); b grew less than 512 MB; c shrank (the
+    # floor follows it down to 900 MB), so d, 600 MB above c but not above a, trims
+    pieces = [Piece("a", note, ("a",)), Piece("b", note, ("b",), deps=("a",)), Piece("c", note, ("c",))]
+    run_local(pieces)
+    assert events == ["a", "trim", "b", "c"]
+    assert executor._call(note, ("d",), {}) == "d" and events[-2:] == ["d", "trim"]  # a Ray worker's piece
+
+
+def test_a_trim_happens_after_every_piece_where_resident_memory_is_unknown(monkeypatch):
+    from sefusion.study import executor
+
+    events: list[str] = []
+    monkeypatch.setattr(executor, "resident_bytes", lambda: None)
+    monkeypatch.setattr(executor, "release_freed_memory", lambda: events.append("trim"))
+    monkeypatch.setattr(executor, "after_piece", executor._HeapTrim())
+
+    def note(key):
+        events.append(key)
+        return key
+
+    run_local([Piece("a", note, ("a",)), Piece("b", note, ("b",))])
     assert events == ["a", "trim", "b", "trim"]
-    assert executor._call(note, ("c",), {}) == "c" and events[-2:] == ["c", "trim"]  # a Ray worker's piece
+
+
+def test_resident_bytes_reads_this_process():
+    from sefusion.study import executor
+
+    before = executor.resident_bytes()
+    if before is None:
+        pytest.skip("no /proc/self/statm here")
+    block = bytearray(64 << 20)  # touched: zero-filled pages become resident
+    assert executor.resident_bytes() >= before + (60 << 20)
+    del block
