@@ -265,14 +265,3 @@ def test_a_trim_happens_after_every_piece_where_resident_memory_is_unknown(monke
 
     run_local([Piece("a", note, ("a",)), Piece("b", note, ("b",))])
     assert events == ["a", "trim", "b", "trim"]
-
-
-def test_resident_bytes_reads_this_process():
-    from sefusion.study import executor
-
-    before = executor.resident_bytes()
-    if before is None:
-        pytest.skip("no /proc/self/statm here")
-    block = bytearray(64 << 20)  # touched: zero-filled pages become resident
-    assert executor.resident_bytes() >= before + (60 << 20)
-    del block

@@ -19,6 +19,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import SefusionError
+from .heap import keep_freed_memory
 
 log = logging.getLogger("sefusion")
 
@@ -183,28 +184,6 @@ def _add_eval_table_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
-def _keep_freed_memory() -> None:
-    """glibc only: keep freed heap memory for reuse instead of handing the heap top back to the kernel.
-
-    The engine frees its chunk temporaries (tens of MB) after every chunk; glibc's default trims the
-    heap top whenever more than twice its largest recent block is free, and the next chunk faults the
-    pages back in, zeroed: on a 0.2B Consensus merge that was 8 s of system time out of 14. A trim
-    threshold of 256 MB keeps them; the mmap threshold is pinned at 32 MB because setting one turns
-    off glibc's adjustment of both. Done by the command only, not by library calls: a process that
-    imports sefusion keeps its allocator as it was.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only (not musl, not macOS)
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 256 << 20)
-
-
 def _stats_pass(recipe: Any, quiet: bool) -> Any:
     """compute(entry, examples, kinds, names) for `recipe_statistics`: a model's statistics on its `data:`,
     computed once and then read from the cache (sefusion.models.statistics.statistics_for; for a LoRA
@@ -246,7 +225,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .engine import check_output, merge
     from .recipe import load_recipe
 
-    _keep_freed_memory()
+    keep_freed_memory()
     recipe = load_recipe(args.recipe)
     # OUT apart from the recipe and every input before any work (merge checks it again)
     check_output(args.out, args.overwrite, [args.recipe, *recipe.input_paths()])
@@ -277,7 +256,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from .bundle import extract
 
-    _keep_freed_memory()
+    keep_freed_memory()
     out = extract(
         args.bundle,
         args.task,

@@ -22,12 +22,8 @@ Ray is imported by RayExecutor only: without it nothing here needs more than the
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import heapq
 import logging
-import os
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from ..errors import SefusionError
+from ..heap import release_freed_memory, resident_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +39,7 @@ Done = Callable[[str], Any]
 OnDone = Callable[[str, Any], None]
 
 
-def release_freed_memory() -> None:
-    """Return the heap's freed pages to the system (glibc's malloc_trim; a no-op elsewhere). `sefusion`
-    raises glibc's trim threshold so that a merge keeps its freed pages for its next chunk; between pieces
-    that keeps the last piece's peak in the process: freed 1-8 MB tensors stayed resident (13.3 GB of
-    them, 0.4 GB after a trim, measured), and a statistics pass after a LoRA training started 9 GB higher
-    than alone."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS)
-        ctypes.CDLL(None).malloc_trim(0)
-
-
 TRIM_GROWTH = 512 << 20  # bytes: a process grown by less since its last trim is not worth a gc pass
-
-
-def resident_bytes() -> int | None:
-    """This process's resident memory (Linux's /proc; None elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class _HeapTrim:
