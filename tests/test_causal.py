@@ -354,6 +354,31 @@ def test_cut_at_stop_by_hand(text, stop, want):
     assert causal.cut_at_stop(text, stop) == want
 
 
+class _Pieces:
+    """A tokenizer whose token i is the string PIECES[i]: decode joins them."""
+
+    PIECES = ("```python", "\n", "import m", "\n\ndef ", "f():", "\n    pass", "\n```", "\ndef ", "<eos>")
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids if not (skip_special_tokens and self.PIECES[i] == "<eos>"))
+
+
+@pytest.mark.parametrize(
+    ("new", "want"),
+    [
+        ([0, 1, 2, 3], False),  # fenced: the "\ndef " inside the fence does not end it
+        ([0, 1, 2, 3, 4, 5], False),
+        ([0, 1, 2, 3, 4, 5, 6], True),  # its closing fence does
+        ([2, 3], True),  # bare: the new def ends it
+        ([2, 5, 7], True),
+        ([2, 5], False),
+    ],
+)
+def test_a_row_stops_where_cut_at_stop_cuts_a_fenced_reply_at_its_closing_fence(new, want):
+    stop = ("\n```", "\ndef ")
+    assert causal._stopped(_Pieces(), new, stop, tail=2) is want
+
+
 @pytest.mark.parametrize("shape", ["llama", "gemma"])
 def test_generate_with_row_stops_equals_plain_greedy_cut_at_the_stop(bases, shape):
     model, tok = causal.load_causal(bases[shape])

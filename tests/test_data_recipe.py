@@ -288,6 +288,27 @@ def test_missing_statistics_name_the_expert(env):
     assert not (env["root"] / "out").exists() and leftovers(env["root"]) == []
 
 
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_data_entries_are_computed_over_the_merged_tensors_without_the_excluded(env, method):
+    """compute_stats(entry, examples, kinds, names) gets the plan's merged tensors: not `classifier.*`,
+    which the recipe excludes; what it returns is what the merge reads (the same as passing stats=)."""
+    folders = [s.save(env["root"] / f"st{i}") for i, s in enumerate(env["stats"])]
+    calls = []
+
+    def compute(entry, examples, kinds, names):
+        calls.append((entry.data, examples, sorted(kinds), list(names)))
+        return folders[TASKS.index(entry.data)]
+
+    entries = {f"m{i}": {"data": TASKS[i], "examples": EXAMPLES} for i in range(2)}
+    out = env["root"] / "computed"
+    merge(recipe(env, method, **entries), out, compute_stats=compute)
+    kind = ["fisher"] if method == "fisher" else ["gram"]
+    assert calls == [(t, EXAMPLES, kind, sorted(MERGED)) for t in TASKS]
+    given = merged_output(env, method, "given")
+    for n in SHAPES:
+        torch.testing.assert_close(read_folder(out)[n], given[n], rtol=0, atol=0)
+
+
 def test_examples_are_checked_where_the_recipe_sets_them(env):
     # none set: the statistics' own count (32) is used as is
     merged_output(env, "fisher", "ok")
