@@ -8,7 +8,8 @@ whole model) and the two rows that fuse nothing (`pretrained`, `individual`; see
 fused from the committed adapters is scored again on test; fisher's and regmean's statistics (gigabytes
 an expert, not committed) are computed again from the adapters and the training pairs. Slow (minutes a row); needs the base
 (`sefusion base fetch NAME` once). SEFUSION_REBUILD=FOLDER,... checks other study folders too (e.g. a
-quick run's `--out`).
+quick run's `--out`); SEFUSION_REBUILD_ROWS=ROW,... rebuilds only those fusion rows (and multitask_lora),
+so that a scenario's check can be split across machines.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ KEEP_ROWS = (*NOT_COMMITTED, "pretrained", "individual")
 def folders() -> list[Path]:
     extra = [Path(p) for p in os.environ.get("SEFUSION_REBUILD", "").split(",") if p]
     return sorted(p.parent for p in RESULTS.glob("gen-*/results.json")) + extra
+
+
+def asked_rows() -> set[str]:
+    """SEFUSION_REBUILD_ROWS's fusion rows (empty: every one)."""
+    return {r for r in os.environ.get("SEFUSION_REBUILD_ROWS", "").split(",") if r}
 
 
 def kept(line: str) -> bool:
@@ -66,8 +72,11 @@ def rebuild(folder: Path, out: Path) -> dict:
     shutil.copy(folder / "gen-study.json", out / "gen-study.json")
     lines = (folder / "records.jsonl").read_text().splitlines()
     (out / "records.jsonl").write_text("".join(line + "\n" for line in lines if kept(line)))
-    # the committed rows only: a row added to the study since (fisher, regmean on gen-tasks) is not rebuilt
+    # the committed rows only (a row added to the study since is not rebuilt), or those asked for
     fused = [r["method"] for r in committed["rows"] if r["method"] in [*study_methods()[0], *LORA_ROWS]]
+    only = asked_rows()
+    assert only <= set(fused), (only, fused)
+    fused = [r for r in fused if r in only] if only else fused
     cfg = GenStudyConfig(
         scenario=committed["scenario"], out=out, budget=committed["budget"], base=Path(committed["base"]).name,
         seed=committed["seed"], quiet=True, methods=fused,
@@ -91,10 +100,14 @@ def test_the_committed_adapters_rebuild_every_row_on_test(folder: Path, tmp_path
         torch.set_num_threads(before)
     assert again["trained_this_run"] == []
     rows = {r["method"]: r for r in again["rows"]}
+    only = asked_rows()
     for row in committed["rows"]:
+        if only and row["method"] not in {*only, *KEEP_ROWS, "multitask_lora"}:
+            continue
         assert rows[row["method"]]["params"] == row["params"], row["method"]
         assert rows[row["method"]]["test"] == row["test"], row["method"]
-    rescored = {r["method"] for r in committed["rows"]} - set(KEEP_ROWS)
+    rescored = set(rows) - set(KEEP_ROWS)
+    assert rescored >= only
     assert again["evaluations_this_run"] == len(rescored) * len(committed["tasks"])
 
 
