@@ -375,7 +375,7 @@ class _Pieces:
     ],
 )
 def test_a_row_stops_where_cut_at_stop_cuts_a_fenced_reply_at_its_closing_fence(new, want):
-    stop = ("\n```", "\ndef ")
+    stop = (causal.FENCE_END, "\ndef ")
     assert causal._stopped(_Pieces(), new, stop, tail=2) is want
 
 

@@ -234,7 +234,7 @@ def test_the_heap_is_trimmed_after_a_piece_that_grew_the_process_before_the_next
     mb = 1 << 20
     events: list[str] = []
     sizes = iter([None, 1000 * mb, 1200 * mb, 900 * mb, 1500 * mb, 300 * mb])
-    monkeypatch.setattr(executor, "resident_bytes", lambda: next(sizes))
+    monkeypatch.setattr(executor, "private_resident_bytes", lambda: next(sizes))
     monkeypatch.setattr(executor, "release_freed_memory", lambda: events.append("trim"))
     monkeypatch.setattr(executor, "after_piece", executor._HeapTrim())
     monkeypatch.setattr(executor, "TRIM_GROWTH", 512 * mb)
@@ -251,11 +251,26 @@ def test_the_heap_is_trimmed_after_a_piece_that_grew_the_process_before_the_next
     assert executor._call(note, ("d",), {}) == "d" and events[-2:] == ["d", "trim"]  # a Ray worker's piece
 
 
+def test_pieces_that_each_grow_the_process_a_little_trim_once_they_add_up(monkeypatch):
+    from sefusion.study import executor
+
+    mb, events = 1 << 20, []
+    sizes = iter([1000 * mb, 1000 * mb, 1400 * mb, 1800 * mb, 700 * mb])
+    monkeypatch.setattr(executor, "private_resident_bytes", lambda: next(sizes))
+    monkeypatch.setattr(executor, "release_freed_memory", lambda: events.append("trim"))
+    monkeypatch.setattr(executor, "TRIM_GROWTH", 512 * mb)
+    trim = executor._HeapTrim()
+    for _ in range(3):
+        trim()
+    # the first trims (floor 1000 MB); +400 MB does not; +800 MB over the floor, in two steps, does
+    assert events == ["trim", "trim"] and trim.floor == 700 * mb
+
+
 def test_a_trim_happens_after_every_piece_where_resident_memory_is_unknown(monkeypatch):
     from sefusion.study import executor
 
     events: list[str] = []
-    monkeypatch.setattr(executor, "resident_bytes", lambda: None)
+    monkeypatch.setattr(executor, "private_resident_bytes", lambda: None)
     monkeypatch.setattr(executor, "release_freed_memory", lambda: events.append("trim"))
     monkeypatch.setattr(executor, "after_piece", executor._HeapTrim())
 

@@ -1,20 +1,23 @@
-"""The process's heap, through glibc where it is glibc (elsewhere each call does nothing): how freed memory
-is kept for reuse, handed back, and how much is resident."""
+"""The process's heap: freed memory kept for reuse or handed back (glibc's mallopt and malloc_trim; where
+the C library is not glibc only the gc pass remains), and how much of it is resident (Linux's /proc)."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 from typing import Any
 
 
+@functools.cache
 def glibc() -> Any | None:
-    """The C library when it is glibc (mallopt and malloc_trim are glibc's); None on musl or macOS."""
+    """The C library when it is glibc (mallopt and malloc_trim are glibc's); None on musl, macOS or Windows
+    (where CDLL(None) is a TypeError)."""
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     return libc
 
@@ -38,20 +41,24 @@ def keep_freed_memory() -> None:
 
 
 def release_freed_memory() -> None:
-    """Return the heap's freed pages to the system. Under `keep_freed_memory` a study would otherwise keep
-    the last piece's peak: freed 1-8 MB tensors stayed resident (13.3 GB of them, 0.4 GB after a trim,
-    measured), and a statistics pass after a LoRA training started 9 GB higher than alone. The gc pass
-    first frees what only reference cycles hold."""
+    """Return the heap's freed pages to the system. glibc hands back only the free memory at the top of its
+    heap, so freed blocks below a live one stay resident: between a study's pieces that kept the last
+    piece's peak (freed 1-8 MB tensors, 13.3 GB of them, 0.4 GB after a trim, measured), and a statistics
+    pass after a LoRA training started 9 GB higher than alone. The gc pass first frees what only reference
+    cycles hold."""
     gc.collect()
     libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
 
 
-def resident_bytes() -> int | None:
-    """This process's resident memory (Linux's /proc; None elsewhere)."""
+def private_resident_bytes() -> int | None:
+    """This process's resident memory that no file or shared memory backs (Linux's /proc; None elsewhere):
+    where the heap lives, and all a trim can hand back (mapped files, such as a study's file-backed expert
+    bodies, come and go without one)."""
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+            resident, shared = (int(v) for v in f.read().split()[1:3])
+    except (OSError, ValueError):
         return None
+    return (resident - shared) * os.sysconf("SC_PAGE_SIZE")

@@ -13,9 +13,9 @@ executors share one contract:
 - `run()` returns every piece's result (the skipped ones included) in the order the pieces were given, so
   the results do not depend on the executor or on the order pieces happened to finish.
 - A piece that raises fails the run with that exception, on Ray as in process (not a Ray stack dump).
-- The heap's freed pages go back to the system after a piece that left the process larger by
-  `TRIM_GROWTH` (`after_piece`), so a piece starts from what the process still holds, not from the peak
-  of the one before.
+- The heap's freed pages go back to the system after a piece that left the process's private memory
+  `TRIM_GROWTH` above the smallest it has been since the last trim (`after_piece`), so a piece starts
+  within that of what the process still holds, not from the peak of the one before.
 
 Ray is imported by RayExecutor only: without it nothing here needs more than the standard library and tqdm.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from ..errors import SefusionError
-from ..heap import release_freed_memory, resident_bytes
+from ..heap import private_resident_bytes, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +39,25 @@ Done = Callable[[str], Any]
 OnDone = Callable[[str, Any], None]
 
 
-TRIM_GROWTH = 512 << 20  # bytes: a process grown by less since its last trim is not worth a gc pass
+TRIM_GROWTH = 512 << 20  # bytes: a process grown by less is not worth a gc pass
 
 
 class _HeapTrim:
-    """Trims the heap after a piece that grew the process by TRIM_GROWTH since the last trim. The gc pass
-    of a trim walks every live object: about 0.1 s in a test process, paid by each of a study's hundreds
+    """Trims the heap after a piece that left the process's private memory TRIM_GROWTH above the smallest
+    it has been since the last trim. The gc pass of a trim walks every live object: about 0.1 s in a test process, paid by each of a study's hundreds
     of small pieces, it made the study tests 4 times slower; the pieces that leave gigabytes behind (a
     LoRA training, a statistics pass) are the ones the trim is for."""
 
     def __init__(self) -> None:
-        self.floor: int | None = None  # resident bytes after the last trim
+        self.floor: int | None = None  # private resident bytes: after the last trim, or the least since
 
     def __call__(self) -> None:
-        now = resident_bytes()
+        now = private_resident_bytes()
         if now is not None and self.floor is not None and now < self.floor + TRIM_GROWTH:
-            self.floor = min(self.floor, now)  # growth counts from the smallest the process has been since
+            self.floor = min(self.floor, now)
             return
         release_freed_memory()
-        self.floor = resident_bytes()
+        self.floor = private_resident_bytes()
 
 
 after_piece = _HeapTrim()
