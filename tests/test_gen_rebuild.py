@@ -6,10 +6,10 @@ What is kept of the committed records: validation (the selection, so the same ca
 HumanEval (164 generations a row: hours), the rows whose model is not committed (`multitask_full`, a
 whole model) and the two rows that fuse nothing (`pretrained`, `individual`; see KEEP_ROWS). Every row
 fused from the committed adapters is scored again on test; fisher's and regmean's statistics (gigabytes
-an expert, not committed) are computed again from the adapters and the training pairs. Slow (minutes a row); needs the base
-(`sefusion base fetch NAME` once). SEFUSION_REBUILD=FOLDER,... checks other study folders too (e.g. a
-quick run's `--out`); SEFUSION_REBUILD_ROWS=ROW,... rebuilds only those fusion rows (and multitask_lora),
-so that a scenario's check can be split across machines.
+an expert, not committed) are computed again from the adapters and the training pairs. Slow (minutes a
+row); needs the base (`sefusion base fetch NAME` once). SEFUSION_REBUILD=FOLDER,... checks other study
+folders too (e.g. a quick run's `--out`); SEFUSION_REBUILD_ROWS=ROW,... rebuilds only those fusion rows
+(and multitask_lora), so that a scenario's check can be split across machines.
 """
 
 from __future__ import annotations

@@ -44,9 +44,10 @@ TRIM_GROWTH = 512 << 20  # bytes: a process grown by less is not worth a gc pass
 
 class _HeapTrim:
     """Trims the heap after a piece that left the process's private memory TRIM_GROWTH above the smallest
-    it has been since the last trim. The gc pass of a trim walks every live object: about 0.1 s in a test process, paid by each of a study's hundreds
-    of small pieces, it made the study tests 4 times slower; the pieces that leave gigabytes behind (a
-    LoRA training, a statistics pass) are the ones the trim is for."""
+    it has been since the last trim. The gc pass of a trim walks every live object: about 0.1 s in a test
+    process, paid by each of a study's hundreds of small pieces, it made the study tests 4 times slower;
+    the pieces that leave gigabytes behind (a LoRA training, a statistics pass) are the ones the trim is
+    for."""
 
     def __init__(self) -> None:
         self.floor: int | None = None  # private resident bytes: after the last trim, or the least since
