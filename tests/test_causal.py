@@ -25,6 +25,7 @@ from sefusion.models.causal_train import (
     CausalTrainConfig,
     check_adapter_base,
     collate,
+    cpu_kind,
     encode_pair,
     mix_schedule,
     target_loss,
@@ -126,6 +127,23 @@ def test_mixing_gives_each_task_exactly_its_single_task_examples(sizes, steps, b
 # -- training ------------------------------------------------------------------------------------------
 
 FAST = dict(steps=4, batch=4, micro_batch=2, max_len=48, save_every=2, lr=1e-2, precision="fp32")
+
+
+def test_cpu_kind_names_the_model_and_the_bf16_instructions_the_kernel_reports():
+    """The kind of CPU an evaluation record names agrees with /proc/cpuinfo (model name, flags)."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    lines = info.read_text().splitlines()
+    model = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    flags = set(next(ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")).split())
+    kind = cpu_kind()
+    isa = kind["cpu_isa"].split()
+    assert kind["cpu"] == model
+    assert ("avx512_bf16" in isa) == ("avx512_bf16" in flags)
+    assert ("amx" in isa) == ("amx_tile" in flags)
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags  # what torch's AVX512 kernels need
+    assert isa[0] == ("AVX512" if avx512 else "AVX2" if "avx2" in flags else isa[0])
 
 
 def test_lora_adapter_loads_in_peft_and_merges_like_peft(bases, tmp_path):

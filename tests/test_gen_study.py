@@ -531,17 +531,19 @@ def gen_canonical(results: dict, out: Path) -> str:
                        for t, e in results["experts"].items()}  # fmt: skip
     kept["scores.json"] = json.loads((out / "scores.json").read_text())
     kept["records.jsonl"] = sorted(
-        _without_threads(x) for x in (out / "records.jsonl").read_text().splitlines()
+        _without_machine(x) for x in (out / "records.jsonl").read_text().splitlines()
     )
     kept["adapters"] = sorted(str(p.relative_to(out)) for p in (out / "adapters").rglob("*"))
     return json.dumps(kept, sort_keys=True, indent=1) + "\n"
 
 
-def _without_threads(line: str) -> str:
-    """A records line less its torch thread count (the machine's), which every evaluation record has."""
+def _without_machine(line: str) -> str:
+    """A records line less its CPU and torch thread count (the machine's), which every evaluation record
+    has."""
+    machine = r', "cpu": "[^"]*", "cpu_isa": "[A-Za-z0-9_ ]*", "torch_threads": [0-9]+\}\}$'
     if '"result": ' in line:
-        assert re.search(r', "torch_threads": [1-9][0-9]*\}\}$', line), line[:120]
-    return re.sub(r', "torch_threads": [0-9]+\}\}$', "}}", line)
+        assert re.search(machine.replace("[0-9]+", "[1-9][0-9]*"), line), line[-160:]
+    return re.sub(machine, "}}", line)
 
 
 def assert_same(got: object, want: object, where: str = "") -> None:

@@ -525,8 +525,9 @@ def _save(model: Any, tok: Any, meta: Mapping[str, Any], out: Path, overwrite: b
     tmp.rename(out)
 
 
-def hardware_info(device: str = "cpu") -> dict[str, Any]:
-    """CPU model, cores, memory and the CUDA device, for the record of a run."""
+def cpu_kind() -> dict[str, str]:
+    """The CPU's model name and the instruction sets torch's kernels choose by ("cpu", "cpu_isa"): greedy
+    bf16 generation on another kind of CPU rounds apart and may pick other tokens."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -535,8 +536,18 @@ def hardware_info(device: str = "cpu") -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
+    isa = [torch.backends.cpu.get_cpu_capability()]
+    isa += [n for n, has in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported),
+                             ("amx", torch.cpu._is_amx_tile_supported)) if has()]  # fmt: skip
+    return {"cpu": cpu, "cpu_isa": " ".join(isa)}
+
+
+def hardware_info(device: str = "cpu") -> dict[str, Any]:
+    """CPU model, cores, memory and the CUDA device, for the record of a run."""
+    import torch
+
     info: dict[str, Any] = {
-        "cpu": cpu,
+        **cpu_kind(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,

@@ -376,8 +376,11 @@ def score(
     """One model (`spec`, see model_of) scored on each (task, split) of `jobs` ("humaneval", "test":
     HumanEval pass@1): {"records": {record key: record}, seconds spent}. `after`: the results of the
     pieces it waits for (a combined LoRA folder), not read."""
-    # greedy bf16 generation on the CPU changes with the thread count: each record says how it was made
-    threads = use_threads(inputs.threads)
+    from ..models.causal_train import cpu_kind
+
+    # greedy bf16 generation on the CPU changes with the thread count and the kind of CPU: each record says
+    # how it was made
+    threads, machine = use_threads(inputs.threads), cpu_kind()
     t0 = time.perf_counter()
     model = model_of(inputs, spec)
     chat = spec[0] == "base" and bool(spec[1])  # the base asked with its chat template
@@ -387,7 +390,7 @@ def score(
         t1 = time.perf_counter()
         result = evaluate(inputs, lm, tok, task, split, chat)
         records[EvalRecords.key(row, params, task, split)] = {
-            **result, "reply_scoring": REPLY_SCORING, "torch_threads": threads,
+            **result, "reply_scoring": REPLY_SCORING, **machine, "torch_threads": threads,
         }  # fmt: skip
         spent["humaneval_s" if task == "humaneval" else "eval_s"] += time.perf_counter() - t1
     return {"records": records, **spent, "seconds": time.perf_counter() - t0}
