@@ -74,39 +74,60 @@ def scored_threads(folder: Path) -> int:
 
 def committed_cpu(folder: Path) -> tuple[str, str | None]:
     """The kind of CPU that scored the committed fused rows on test (cpu, cpu_isa): their records say;
-    records made before those fields were scored where the adapters were trained (the adapters' run
-    records name the CPU model, not its instruction sets)."""
+    records made before those fields are counted as made where the adapters were trained (the adapters'
+    run records name the CPU model, not its instruction sets)."""
+    runs = (folder / "adapters").glob("*/sefusion-train.json")
+    trained = {(json.loads(r.read_text())["hardware"]["cpu"], None) for r in runs}
     lines = (folder / "records.jsonl").read_text().splitlines()
     rescored = [json.loads(x)["result"] for x in lines if not kept(x)]
     kinds = {(r["cpu"], r["cpu_isa"]) for r in rescored if isinstance(r, dict) and "cpu" in r}
-    if not kinds:
-        runs = (folder / "adapters").glob("*/sefusion-train.json")
-        kinds = {(json.loads(r.read_text())["hardware"]["cpu"], None) for r in runs}
+    if any(not isinstance(r, dict) or "cpu" not in r for r in rescored):
+        kinds |= trained
     assert len(kinds) == 1, (folder, kinds)  # one kind of CPU for every rescored record
     return kinds.pop()
 
 
 def same_cpu(committed: tuple[str, str | None], here: dict[str, str]) -> bool:
-    """Whether this machine is the kind of CPU the committed scores were made on (as far as it is known)."""
+    """Whether this machine is the kind of CPU the committed scores were made on, as far as it is known
+    (a model name alone, such as a VM's "Intel(R) Xeon(R) Processor", may hide other instruction sets:
+    the exact check's message names both)."""
     name, isa = committed
     return name == here["cpu"] and isa in (None, here["cpu_isa"])
 
 
-def per_example(records: Path, row: str, task: str) -> np.ndarray:
-    """A row's per-example test scores on a task (the latest record of it)."""
+def per_example(records: Path, key: str) -> np.ndarray:
+    """The per-example scores of the latest record under `key`."""
     found = [
-        rec["result"]["per_example"]
-        for rec in map(json.loads, records.read_text().splitlines())
-        if rec.get("key", "").startswith(f"{row}|") and rec["key"].endswith(f"|{task}|test")
+        r["result"]["per_example"]
+        for r in map(json.loads, records.read_text().splitlines())
+        if r.get("key") == key
     ]
+    assert found, (records, key)
     return decode_scores(found[-1])
 
 
-def agrees(committed: np.ndarray, again: np.ndarray) -> bool:
-    """Whether a row scored again on another kind of CPU agrees with its committed scores at the study's
-    uncertainty: the paired 95% interval of their difference holds 0. (Greedy bf16 generation there picks
-    other tokens on a few examples; the same model scores apart by no more than the study could tell.)"""
-    return not paired_difference(again, committed).excludes(0.0)
+def agrees(committed: np.ndarray, again: np.ndarray, clusters: list[str]) -> bool:
+    """Whether a row scored again on another kind of CPU agrees with its committed scores: the study's
+    paired 95% interval of their difference (examples clustered by file) holds 0, and at most a tenth of
+    the examples (at least 2) scored apart. Greedy bf16 generation there picks other tokens on a few
+    replies: 1 to 4 a row of 19 or 40, measured once (gen-tasks, an AMD EPYC against an Intel Xeon)."""
+    apart = int((committed != again).sum())
+    return apart <= max(2, committed.size // 10) and not paired_difference(
+        again, committed, clusters
+    ).excludes(0.0)
+
+
+def check_within_intervals(folder: Path, out: Path, row: dict, tasks: list[str]) -> None:
+    """A row rescored on another kind of CPU agrees with its committed scores on every task (`agrees`)."""
+    from sefusion.study.runner import EvalRecords
+    from sefusion.study.scores import decode_clusters
+
+    clusters = json.loads((folder / "scores.json").read_text())["tasks"]
+    for task in tasks:
+        key = EvalRecords.key(row["method"], row["params"], task, "test")
+        was, now = (per_example(f / "records.jsonl", key) for f in (folder, out))
+        print(f"{folder.name} {row['method']} {task}: {int((was != now).sum())} of {was.size} examples apart")
+        assert agrees(was, now, decode_clusters(clusters[task]["clusters"])), (key, was.mean(), now.mean())
 
 
 def rebuild(folder: Path, out: Path) -> dict:
@@ -153,21 +174,17 @@ def test_the_committed_adapters_rebuild_every_row_on_test(folder: Path, tmp_path
         r for r in committed["rows"] if not only or r["method"] in {*only, *KEEP_ROWS, "multitask_lora"}
     ]
     assert set(rows) == {r["method"] for r in expected}
-    exact = same_cpu(committed_cpu(folder), cpu_kind())
+    scored_on, here = committed_cpu(folder), cpu_kind()
+    exact = same_cpu(scored_on, here)
     for row in expected:
         name = row["method"]
         assert rows[name]["params"] == row["params"], name
         if exact or name in KEEP_ROWS:
-            assert rows[name]["test"] == row["test"], name
-            continue
-        for task in committed["tasks"]:
-            was, now = (per_example(f / "records.jsonl", name, task) for f in (folder, tmp_path / "out"))
-            print(f"{folder.name} {name} {task}: {int((was != now).sum())} of {was.size} examples apart")
-            assert agrees(was, now), (name, task, was.mean(), now.mean())
+            assert rows[name]["test"] == row["test"], (name, "committed on", scored_on, "here", here)
+        else:
+            check_within_intervals(folder, tmp_path / "out", row, committed["tasks"])
     if not exact:
-        where = (
-            f"{folder.name}: scored on {cpu_kind()}, not the committed scores' CPU {committed_cpu(folder)}"
-        )
+        where = f"{folder.name}: scored on {here}, not the committed scores' CPU {scored_on}"
         warnings.warn(f"{where}: rows checked within the paired interval, not exactly", stacklevel=1)
     rescored = set(rows) - set(KEEP_ROWS)
     assert again["evaluations_this_run"] == len(rescored) * len(committed["tasks"])
@@ -204,11 +221,26 @@ def test_the_committed_scores_name_their_cpu() -> None:
 
 def test_a_row_on_another_cpu_agrees_only_within_its_interval() -> None:
     """Fast, on committed scores: multitask_lora's 40 summaries with two of them scored as another row
-    scored them (what another CPU did to this row) agree with the committed ones; the base's do not."""
-    records = RESULTS / "gen-tasks" / "records.jsonl"
-    mine = per_example(records, "multitask_lora", "summarize-python")
+    scored them (what another CPU did to this row) agree with the committed ones; the base's do not, nor
+    do five moved summaries."""
+    from sefusion.study.runner import EvalRecords
+    from sefusion.study.scores import decode_clusters
+
+    folder = RESULTS / "gen-tasks"
+    rows = {r["method"]: r for r in json.loads((folder / "results.json").read_text())["rows"]}
+
+    def scores(row: str) -> np.ndarray:
+        key = EvalRecords.key(row, rows[row]["params"], "summarize-python", "test")
+        return per_example(folder / "records.jsonl", key)
+
+    files = decode_clusters(
+        json.loads((folder / "scores.json").read_text())["tasks"]["summarize-python"]["clusters"]
+    )
+    mine, other = scores("multitask_lora"), scores("ties")
+    differ = np.nonzero(mine != other)[0]
     moved = mine.copy()
-    moved[[29, 39]] = per_example(records, "ties", "summarize-python")[[29, 39]]
-    assert (moved != mine).sum() == 2
-    assert agrees(mine, moved)
-    assert not agrees(mine, per_example(records, "pretrained", "summarize-python"))
+    moved[differ[:2]] = other[differ[:2]]
+    assert agrees(mine, moved, files)
+    moved[differ[:5]] = other[differ[:5]]
+    assert not agrees(mine, moved, files)
+    assert not agrees(mine, scores("pretrained"), files)

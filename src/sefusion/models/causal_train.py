@@ -537,8 +537,10 @@ def cpu_kind() -> dict[str, str]:
     except OSError:
         pass
     isa = [torch.backends.cpu.get_cpu_capability()]
-    isa += [n for n, has in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported),
-                             ("amx", torch.cpu._is_amx_tile_supported)) if has()]  # fmt: skip
+    for name, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx", "_is_amx_tile_supported")):
+        has = getattr(torch.cpu, probe, None)  # private, and named otherwise before torch 2.5
+        if has is not None and has():
+            isa.append(name)
     return {"cpu": cpu, "cpu_isa": " ".join(isa)}
 
 
