@@ -4,7 +4,8 @@ again on test, and each test score equals the committed one exactly. Nothing is 
 kind of CPU that made the committed scores (their records say, or the adapters' run records): on another
 kind, greedy bf16 generation picks other tokens on a few examples (an AMD EPYC with AVX512-BF16, against
 the committed Intel Xeon's, moved 2 to 4 of 40 summaries and one of 19 generated functions), and each
-rebuilt row must then agree with its committed scores within the study's paired 95% interval.
+rebuilt row must then agree with its committed scores (`agrees`: within the study's paired 95% interval,
+and few examples apart).
 
 What is kept of the committed records: validation (the selection, so the same candidate is chosen),
 HumanEval (164 generations a row: hours), the rows whose model is not committed (`multitask_full`, a
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sefusion.study.runner import EvalRecords
 from sefusion.study.scores import decode_scores
 from sefusion.study.uncertainty import paired_difference
 
@@ -95,15 +97,11 @@ def same_cpu(committed: tuple[str, str | None], here: dict[str, str]) -> bool:
     return name == here["cpu"] and isa in (None, here["cpu_isa"])
 
 
-def per_example(records: Path, key: str) -> np.ndarray:
+def per_example(records: EvalRecords, key: str) -> np.ndarray:
     """The per-example scores of the latest record under `key`."""
-    found = [
-        r["result"]["per_example"]
-        for r in map(json.loads, records.read_text().splitlines())
-        if r.get("key") == key
-    ]
-    assert found, (records, key)
-    return decode_scores(found[-1])
+    found = records.get(key)
+    assert found, (records.path, key)
+    return decode_scores(found["per_example"])
 
 
 def agrees(committed: np.ndarray, again: np.ndarray, clusters: list[str]) -> bool:
@@ -119,13 +117,13 @@ def agrees(committed: np.ndarray, again: np.ndarray, clusters: list[str]) -> boo
 
 def check_within_intervals(folder: Path, out: Path, row: dict, tasks: list[str]) -> None:
     """A row rescored on another kind of CPU agrees with its committed scores on every task (`agrees`)."""
-    from sefusion.study.runner import EvalRecords
     from sefusion.study.scores import decode_clusters
 
     clusters = json.loads((folder / "scores.json").read_text())["tasks"]
+    committed, again = (EvalRecords(f / "records.jsonl") for f in (folder, out))
     for task in tasks:
         key = EvalRecords.key(row["method"], row["params"], task, "test")
-        was, now = (per_example(f / "records.jsonl", key) for f in (folder, out))
+        was, now = per_example(committed, key), per_example(again, key)
         print(f"{folder.name} {row['method']} {task}: {int((was != now).sum())} of {was.size} examples apart")
         assert agrees(was, now, decode_clusters(clusters[task]["clusters"])), (key, was.mean(), now.mean())
 
@@ -223,15 +221,14 @@ def test_a_row_on_another_cpu_agrees_only_within_its_interval() -> None:
     """Fast, on committed scores: multitask_lora's 40 summaries with two of them scored as another row
     scored them (what another CPU did to this row) agree with the committed ones; the base's do not, nor
     do five moved summaries."""
-    from sefusion.study.runner import EvalRecords
     from sefusion.study.scores import decode_clusters
 
     folder = RESULTS / "gen-tasks"
     rows = {r["method"]: r for r in json.loads((folder / "results.json").read_text())["rows"]}
+    records = EvalRecords(folder / "records.jsonl")
 
     def scores(row: str) -> np.ndarray:
-        key = EvalRecords.key(row, rows[row]["params"], "summarize-python", "test")
-        return per_example(folder / "records.jsonl", key)
+        return per_example(records, EvalRecords.key(row, rows[row]["params"], "summarize-python", "test"))
 
     files = decode_clusters(
         json.loads((folder / "scores.json").read_text())["tasks"]["summarize-python"]["clusters"]
